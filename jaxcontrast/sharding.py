@@ -1,0 +1,61 @@
+"""Device mesh, shardings, and host-local -> global arrays.
+
+One mesh axis, `data`, splits the batch (and, in `sharded` queue mode, the queue rows). Meshes use
+`AxisType.Auto`: the default Explicit axes of recent JAX break host-side indexing of arrays.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None, devices=None) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (all by default), axis `data`."""
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over `data`; the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def global_batch_from_local(mesh: Mesh, local_batch):
+  """Host-local numpy batch (this process's rows) -> global arrays split on `data`.
+
+  On one process this is a device_put; on many, each process contributes its own rows
+  (`jax.make_array_from_process_local_data`), so the global batch is the concatenation of the
+  processes' batches in process order.
+  """
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` when running as one of several processes.
+
+  With no arguments, JAX auto-detects TPU pod workers and SLURM tasks; on a single plain process
+  (nothing to detect) this is a no-op.
+  """
+  if coordinator_address is not None:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError):
+    pass  # Single process: nothing to coordinate with.

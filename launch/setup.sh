@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a .venv at the repository root with the package (editable) and its test
+# extras, plus the embedded Fashion-MNIST from Debian. Re-running is a no-op unless setup.cfg or
+# pyproject.toml changed (a stamp in .venv records their hash). Source it or run it.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python3}"
+stamp=.venv/.jaxcontrast-installed
+want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing jaxcontrast into .venv (first run takes about 2 minutes)" >&2
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+# The offline default dataset: original Fashion-MNIST idx files from Debian.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing dataset-fashion-mnist" >&2
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+      (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) ||
+      echo "[setup] warning: could not install dataset-fashion-mnist" >&2
+  else
+    echo "[setup] warning: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist" >&2
+  fi
+fi

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite on CPU with 8 simulated devices
+# (tests/conftest.py sets XLA_FLAGS). Extra arguments go to pytest.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/launch/setup.sh" || exit 1
+cd "$root"
+.venv/bin/python -m pytest "$@"
+rc=$?
+# pytest exits 5 when it collected nothing: say so loudly, but that alone is not a failure.
+if [ "$rc" = 5 ]; then echo "[test] warning: pytest collected no tests" >&2; exit 0; fi
+exit "$rc"
