@@ -1,0 +1,30 @@
+"""Pure-function contrastive losses: jax.numpy only (no Flax, no TensorFlow).
+
+Every function takes arrays and keyword-only hyper-parameters and returns `(loss, metrics)`, with
+`metrics` a dict of scalar arrays. Functions normalise `query`/`key` themselves, stop gradients
+through keys, queues and support views themselves, and compute softmaxes in float32. With
+`axis_name` they run inside `jax.shard_map` with the batch and the queue split over that mesh axis
+and return the same loss and gradients as the unsharded call on the concatenated arrays.
+
+| function                      | method                 | source / status          |
+|-------------------------------|------------------------|--------------------------|
+| moco_infonce                  | MoCo v2                | official code (exact)    |
+| sce                           | SCE                    | official code (exact)    |
+| co2_consistency               | CO2 regulariser        | paper; tau, alpha unverified |
+| xmoco_cross_consistency       | XMoCo (a)              | interpretation           |
+| xmoco_negative_uniformity     | XMoCo (b)              | interpretation           |
+| fnc                           | FNC on a MoCo queue    | code (detection, attraction), paper (elimination) |
+| fnc_multiview                 | FNC official form      | official code (parity)   |
+| multi_positive_infonce        | SePP queue ids, FNC    | known positive mask      |
+"""
+from jaxcontrast.losses._core import l2_normalize
+from jaxcontrast.losses.co2 import co2_consistency
+from jaxcontrast.losses.fnc import fnc, fnc_multiview
+from jaxcontrast.losses.infonce import moco_infonce, multi_positive_infonce
+from jaxcontrast.losses.sce import sce
+from jaxcontrast.losses.xmoco import xmoco_cross_consistency, xmoco_negative_uniformity
+
+__all__ = [
+    "l2_normalize", "moco_infonce", "multi_positive_infonce", "sce", "co2_consistency",
+    "xmoco_cross_consistency", "xmoco_negative_uniformity", "fnc", "fnc_multiview",
+]

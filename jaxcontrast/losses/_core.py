@@ -1,0 +1,219 @@
+"""Shared machinery of the losses: input checks, normalisation, and reductions over columns that
+may be split across devices.
+
+Layout of the logits in every queue-based loss. Rows are the *global* batch (on one device that is
+just the batch). Columns come in two parts:
+  * a `head` of columns every device can compute itself (the positive logit, in-batch keys), and
+  * a `block` of queue columns: the whole queue on one device, or this device's K/n rows of it
+    when the loss runs inside `jax.shard_map` with `axis_name` (the K-sharded queue).
+Reductions over columns (log-sum-exp, sums, maxima, top-k) therefore combine a local part over the
+head with a collective over the blocks; nothing of size K x D ever moves between devices.
+
+Why every device computes all Bg rows: the block needs every query (Bg x D, small), and the head
+is cheap. The final mean over the batch then takes only this device's own rows and `psum`s them,
+which (a) makes the result replicated, and (b) routes each row's gradient back exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def l2_normalize(x: Array, *, axis: int = -1, eps: float = 1e-12) -> Array:
+  """Row-wise L2 normalisation, `x / max(||x||_2, eps)` (as torch.nn.functional.normalize)."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def as_float(x: Array) -> Array:
+  """Promote low-precision floats (bfloat16, float16) to float32; softmaxes stay in float32."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_temperature(value, name: str = "temperature") -> None:
+  """Non-positive temperatures raise; traced values (inside a jitted schedule) are not checked."""
+  if isinstance(value, (int, float)) and not value > 0:
+    raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_matrix(x, name: str) -> None:
+  if getattr(x, "ndim", None) != 2:
+    raise ValueError(f"{name} must have shape (rows, dim), got shape {getattr(x, 'shape', None)}")
+
+
+def check_pair(query, key) -> None:
+  check_matrix(query, "query")
+  check_matrix(key, "key")
+  if query.shape != key.shape:
+    raise ValueError(f"query and key must have the same shape, got query {query.shape} and key "
+                     f"{key.shape}")
+
+
+def check_queue(queue, dim: int) -> None:
+  check_matrix(queue, "queue")
+  if queue.shape[1] != dim:
+    raise ValueError(f"queue must have shape (K, {dim}) to match the embedding dim, got "
+                     f"{queue.shape}")
+  if queue.shape[0] < 1:
+    raise ValueError("queue must have at least one row")
+
+
+def check_choice(value, name: str, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- distribution
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+  """The layout: one device (`axis_name=None`) or the batch and queue split over a mesh axis.
+
+  Under a mesh axis the functions run inside `jax.shard_map`: `local_batch` rows of the batch and
+  K/n rows of the queue live on each device.
+  """
+  axis_name: Optional[str]
+  local_batch: int
+
+  @property
+  def size(self) -> int:
+    return 1 if self.axis_name is None else lax.axis_size(self.axis_name)
+
+  @property
+  def global_batch(self) -> int:
+    return self.local_batch * self.size
+
+  def psum(self, x):
+    return x if self.axis_name is None else lax.psum(x, self.axis_name)
+
+  def pmax(self, x):
+    return x if self.axis_name is None else lax.pmax(x, self.axis_name)
+
+  def gather(self, x: Array, axis: int = 0) -> Array:
+    """The global batch from each device's rows, concatenated in device order."""
+    if self.axis_name is None:
+      return x
+    return lax.all_gather(x, self.axis_name, axis=axis, tiled=True)
+
+  def row_offset(self):
+    """Index in the global batch of this device's first row."""
+    if self.axis_name is None:
+      return 0
+    return lax.axis_index(self.axis_name) * self.local_batch
+
+  def batch_mean(self, per_row: Array) -> Array:
+    """Mean over the global batch of a per-row quantity computed for all Bg rows.
+
+    Only this device's own rows enter its partial sum, so the psum counts each row once and the
+    gradient of each row flows back once (not n times).
+    """
+    if self.axis_name is None:
+      return jnp.mean(per_row)
+    mine = lax.dynamic_slice_in_dim(per_row, self.row_offset(), self.local_batch, axis=0)
+    return lax.psum(jnp.sum(mine), self.axis_name) / self.global_batch
+
+
+def split_logsumexp(head: Optional[Array], block: Optional[Array], dist: Dist) -> Array:
+  """Row-wise log-sum-exp over the columns `[head | block_0 | ... | block_{n-1}]`.
+
+  Distributed log-sum-exp: the shift `m` is the global row maximum (pmax of a stop-gradient
+  value, so it carries no gradient and needs none), then one psum of the shifted exponentials.
+  Columns equal to -inf contribute nothing; at least one column of each row must be finite.
+  """
+  shift = None
+  if block is not None:
+    shift = dist.pmax(lax.stop_gradient(jnp.max(block, axis=-1)))
+  if head is not None:
+    head_max = lax.stop_gradient(jnp.max(head, axis=-1))
+    shift = head_max if shift is None else jnp.maximum(shift, head_max)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  total = 0.0
+  if block is not None:
+    total = dist.psum(jnp.sum(jnp.exp(block - shift[:, None]), axis=-1))
+  if head is not None:
+    total = total + jnp.sum(jnp.exp(head - shift[:, None]), axis=-1)
+  return shift + jnp.log(total)
+
+
+def split_sum(head: Optional[Array], block: Optional[Array], dist: Dist) -> Array:
+  """Row-wise sum over `[head | all blocks]`."""
+  total = 0.0
+  if block is not None:
+    total = dist.psum(jnp.sum(block, axis=-1))
+  if head is not None:
+    total = total + jnp.sum(head, axis=-1)
+  return total
+
+
+def split_max(head: Optional[Array], block: Optional[Array], dist: Dist) -> Array:
+  """Row-wise maximum over `[head | all blocks]` (no gradient: used for metrics and top-k)."""
+  out = None
+  if block is not None:
+    out = dist.pmax(lax.stop_gradient(jnp.max(block, axis=-1)))
+  if head is not None:
+    head_max = lax.stop_gradient(jnp.max(head, axis=-1))
+    out = head_max if out is None else jnp.maximum(out, head_max)
+  return out
+
+
+def split_kth_largest(head: Optional[Array], block: Optional[Array], k: int, dist: Dist) -> Array:
+  """Row-wise k-th largest value over `[head | all blocks]` (k clipped to the column count).
+
+  Sharded top-k: a local top-k of each block, gathered (n * k values per row), then a final
+  top-k. No gradient.
+  """
+  parts = []
+  if block is not None:
+    local_k = min(k, block.shape[-1])
+    values, _ = lax.top_k(lax.stop_gradient(block), local_k)
+    parts.append(dist.gather(values, axis=1))
+  if head is not None:
+    parts.append(lax.stop_gradient(head))
+  candidates = jnp.concatenate(parts, axis=-1)
+  values, _ = lax.top_k(candidates, min(k, candidates.shape[-1]))
+  return values[:, -1]
+
+
+def infonce_metrics(pos: Array, neg_sum: Array, neg_count: int, neg_max: Array,
+                    dist: Dist) -> dict:
+  """Mean positive logit, mean negative logit, and the fraction of rows whose positive is ranked
+  first (positive >= every negative). All arguments are per-row over the global batch."""
+  metrics = {"pos_logit": dist.batch_mean(lax.stop_gradient(pos))}
+  if neg_count > 0:
+    metrics["neg_logit"] = dist.batch_mean(lax.stop_gradient(neg_sum) / neg_count)
+    metrics["acc"] = dist.batch_mean((lax.stop_gradient(pos) >= neg_max).astype(jnp.float32))
+  else:  # A global batch of one with in-batch negatives: nothing to rank against.
+    metrics["neg_logit"] = jnp.zeros((), pos.dtype)
+    metrics["acc"] = jnp.ones((), pos.dtype)
+  return metrics
+
+
+def prepare(query: Array, key: Optional[Array], dist: Dist):
+  """Normalised float32 query (with gradient) and key (without), gathered to the global batch."""
+  q = dist.gather(l2_normalize(as_float(query)))
+  if key is None:
+    return q, None
+  k = dist.gather(lax.stop_gradient(l2_normalize(as_float(key))))
+  return q, k
+
+
+def queue_block(queue: Array) -> Array:
+  """The (local rows of the) queue as float32, without gradient. Rows are stored normalised."""
+  return lax.stop_gradient(as_float(queue))
+
+
+def off_diagonal(x: Array) -> Array:
+  """(N, N) -> (N, N-1): each row without its diagonal element."""
+  n = x.shape[0]
+  return x.reshape(-1)[1:].reshape(n - 1, n + 1)[:, :-1].reshape(n, n - 1)

@@ -1,0 +1,52 @@
+"""CO2: consistency contrast (Wei et al., ICLR 2021)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxcontrast.losses import _core
+
+
+def co2_consistency(query: jax.Array, key: jax.Array, queue: jax.Array, *,
+                    temperature: float = 0.04, include_positive: bool = False,
+                    axis_name: Optional[str] = None):
+  """CO2 consistency regulariser: symmetric KL between the query's and the key's similarity
+  distributions over the same negatives (the key's acts as a pseudo-label).
+
+      q = n(query); k = sg(n(key)); Q = sg(queue)
+      log_p = log_softmax(q @ Q.T / tau_con)          # query vs the negatives, K-way
+      log_r = log_softmax(k @ Q.T / tau_con)          # key vs the same negatives
+      reg   = mean_i(0.5 KL(p_i || r_i) + 0.5 KL(r_i || p_i))
+            = mean_i(0.5 sum_j (p_ij - r_ij)(log p_ij - log r_ij))
+
+  `include_positive=True` reproduces lightly's `CO2Regularizer`: (1+K)-way distributions whose
+  column 0 is the positive logit q.k in both (`[q.k, q@Q.T]` and `[q.k, k@Q.T]`, each / tau_con).
+  That column depends on the query, so it carries gradient in both distributions. Unlike
+  lightly's implementation (which wraps the value in `torch.tensor`, detaching it) this one has a
+  gradient.
+
+  The value returned is unweighted: the objective multiplies it by alpha. tau_con (0.04) and
+  alpha (10 on MoCo v1) come from the paper's text and are *unverified* (no official code).
+
+  Returns:
+    (reg, metrics) with metrics `symmetric_kl` (the same value, for logging).
+  """
+  _core.check_pair(query, key)
+  _core.check_queue(queue, query.shape[1])
+  _core.check_temperature(temperature)
+  dist = _core.Dist(axis_name, query.shape[0])
+  q, k = _core.prepare(query, key, dist)
+  block = _core.queue_block(queue)
+  lp = q @ block.T / temperature
+  lr = k @ block.T / temperature
+  head = jnp.sum(q * k, axis=-1, keepdims=True) / temperature if include_positive else None
+  lse_p = _core.split_logsumexp(head, lp, dist)[:, None]
+  lse_r = _core.split_logsumexp(head, lr, dist)[:, None]
+  # (p - r)(log p - log r), summed over columns, is KL(p||r) + KL(r||p).
+  sym = lambda log_a, log_b: (jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b)
+  head_terms = sym(head - lse_p, head - lse_r) if include_positive else None
+  per_row = 0.5 * _core.split_sum(head_terms, sym(lp - lse_p, lr - lse_r), dist)
+  reg = dist.batch_mean(per_row)
+  return reg, {"symmetric_kl": jax.lax.stop_gradient(reg)}

@@ -1,0 +1,203 @@
+"""FNC: false negative cancellation with support views (Huynh et al., WACV 2022)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcontrast.losses import _core
+from jaxcontrast.losses.infonce import _multi_positive_from_logits
+
+
+def _max_similarity(views: jax.Array, block: jax.Array) -> jax.Array:
+  """max over views v of views[:, v] @ block.T, one view at a time: (Bg, V, D) x (K, D) ->
+  (Bg, K) without materialising (Bg, V, K)."""
+  sims = views[:, 0] @ block.T
+  for v in range(1, views.shape[1]):
+    sims = jnp.maximum(sims, views[:, v] @ block.T)
+  return sims
+
+
+def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshold: float,
+                           top_k: int, dist: _core.Dist, head_similarity=None):
+  """FNC detection (official code): the max cosine similarity of each candidate to any of the
+  anchor's target views, kept when above `threshold` and within the row's `top_k`.
+
+      s  = max_v views[:, v] @ candidates.T
+      fn = (s > threshold) & in_top_k(s, top_k)
+
+  `in_top_k` follows TensorFlow: s is in the top k iff s >= the k-th largest value of its row, so
+  ties at the boundary all count. Returns (fn_head, fn_block) boolean masks (no gradient).
+  """
+  s_block = _max_similarity(views, queue_block)
+  kth = _core.split_kth_largest(head_similarity, s_block, top_k, dist)[:, None]
+  fn_block = (s_block > threshold) & (s_block >= kth)
+  fn_head = None
+  if head_similarity is not None:
+    fn_head = (head_similarity > threshold) & (head_similarity >= kth)
+  return fn_head, fn_block
+
+
+def _check_fnc_args(temperature, threshold, top_k, mode=None):
+  _core.check_temperature(temperature)
+  if not isinstance(top_k, int) or top_k < 1:
+    raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+  if isinstance(threshold, (int, float)) and threshold != threshold:
+    raise ValueError("threshold must not be NaN")
+  if mode is not None:
+    _core.check_choice(mode, "mode", {"attraction", "elimination"})
+
+
+def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Optional[jax.Array],
+        temperature: float = 0.1, threshold: float = 0.7, top_k: int = 10,
+        mode: str = "attraction", axis_name: Optional[str] = None):
+  """FNC on a MoCo queue: detect false negatives among the queue with support views, then attract
+  them (extra positives) or eliminate them (drop from the denominator).
+
+      views  = sg(n([key, support_1..S]))                            # (B, 1+S, D)
+      s      = max_v views_v @ sg(queue).T                            # (B, K)
+      fn     = (s > threshold) & in_top_k(s, top_k)
+      logits = [q.k, q @ sg(queue).T] / temperature                   # (B, 1+K)
+      attraction:  loss_i = logsumexp(logits_i) - mean_{c in {0} U fn_i} logits_i[c]
+      elimination: loss_i = logsumexp(logits_i[{0} U (neg \\ fn_i)]) - logits_i[0]
+
+  Detection is the official code's (google-research/fnc); the official release implements only
+  attraction, in a multi-view form (`fnc_multiview`). Elimination follows the paper's text.
+  With `threshold` above 1 nothing is detected and both modes equal `moco_infonce`.
+
+  Args:
+    query, key, queue, temperature, axis_name: as `moco_infonce` (queue required).
+    support_keys: (B, S, D) target-encoder embeddings of S extra views of each anchor (or None
+      for S = 0: detection by the key view alone). Normalised here; no gradient.
+    threshold: cosine-similarity threshold of detection.
+    top_k: at most this many candidates per anchor (ties at the k-th value all count).
+    mode: "attraction" or "elimination".
+
+  Returns:
+    (loss, metrics): `pos_logit`, `neg_logit`, `acc` (over the whole queue) and
+    `num_false_negatives` (mean detected per anchor).
+  """
+  _core.check_pair(query, key)
+  _core.check_queue(queue, query.shape[1])
+  _check_fnc_args(temperature, threshold, top_k, mode)
+  b, d = query.shape
+  if support_keys is not None and (getattr(support_keys, "ndim", None) != 3 or
+                                   support_keys.shape[0] != b or support_keys.shape[2] != d):
+    raise ValueError(f"support_keys must have shape ({b}, S, {d}), got "
+                     f"{getattr(support_keys, 'shape', None)}")
+  dist = _core.Dist(axis_name, b)
+  q, k = _core.prepare(query, key, dist)
+  views = k[:, None]
+  if support_keys is not None and support_keys.shape[1] > 0:
+    support = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(support_keys))))
+    views = jnp.concatenate([views, support], axis=1)
+  block = _core.queue_block(queue)
+  _, fn = detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist)
+  pos = jnp.sum(q * k, axis=-1) / temperature
+  neg = q @ block.T / temperature
+  num_fn = dist.batch_mean(_core.split_sum(None, fn.astype(neg.dtype), dist))
+  if mode == "attraction":
+    loss, metrics = _multi_positive_from_logits(pos, neg, fn, dist)
+    del metrics["num_positives"]
+  else:
+    lse = _core.split_logsumexp(pos[:, None], jnp.where(fn, -jnp.inf, neg), dist)
+    loss = dist.batch_mean(lse - pos)
+    num_neg = neg.shape[1] * dist.size
+    metrics = _core.infonce_metrics(pos, _core.split_sum(None, neg, dist), num_neg,
+                                    _core.split_max(None, neg, dist), dist)
+  metrics["num_false_negatives"] = num_fn
+  return loss, metrics
+
+
+def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax.Array], *,
+                  temperature: float = 0.1, threshold: float = 0.7, top_k: int = 10,
+                  axis_name: Optional[str] = None):
+  """FNC attraction in the official multi-view form (google-research/fnc `objective.py`), for
+  parity with the TF1 release.
+
+  Every one of V views is an anchor; the other V-1 views of the same image are its positives;
+  detected false negatives join them; positives stay in the denominator; only the anchor's own
+  key leaves it. The memory is this step's target keys, view-major, followed by the queue:
+
+      Z = n(views), E = sg(n(target_views))            # (V, B, D)
+      mem = [E.reshape(V*B, D); sg(queue)]             # row v*B + b is view v of image b
+      s[b, m] = max_v E[v, b] . mem[m];  s[b, v*B + b] = -inf for every v (own views)
+      fn[b] = (s[b] > threshold) & in_top_k(s[b], top_k)
+      for each anchor view a:
+        logits = Z[a] @ mem.T / tau                    # (B, M)
+        den    = logits without column a*B + b
+        P_b    = {v*B + b : v != a} U fn[b]
+        loss_a = mean_b(logsumexp(den_b) - mean_{c in P_b} logits[b, c])
+      loss = (2 / V) * sum_a loss_a
+
+  Args:
+    views: (V, B, D) online embeddings, V >= 2. With `axis_name`, split on axis 1.
+    target_views: (V, B, D) target (EMA) embeddings of the same views; no gradient.
+    queue: (M, D) older memory rows (normalised), or None for none (SimCLR-style in-batch).
+    temperature, threshold, top_k, axis_name: as `fnc`.
+
+  Returns:
+    (loss, metrics): `pos_logit` (mean logit of the other views), `neg_logit` (mean logit of
+    every other memory row), `acc` (the best other view beats every other row),
+    `num_false_negatives`.
+  """
+  for name, x in (("views", views), ("target_views", target_views)):
+    if getattr(x, "ndim", None) != 3:
+      raise ValueError(f"{name} must have shape (V, B, D), got {getattr(x, 'shape', None)}")
+  if views.shape != target_views.shape:
+    raise ValueError(f"views and target_views must have the same shape, got {views.shape} and "
+                     f"{target_views.shape}")
+  num_views, b, d = views.shape
+  if num_views < 2:
+    raise ValueError(f"views must hold at least 2 views (V >= 2), got V={num_views}")
+  if queue is not None:
+    _core.check_queue(queue, d)
+  _check_fnc_args(temperature, threshold, top_k)
+  dist = _core.Dist(axis_name, b)
+  z = dist.gather(_core.l2_normalize(_core.as_float(views)), axis=1)          # (V, Bg, D)
+  e = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(target_views))), axis=1)
+  bg = z.shape[1]
+  memory_head = e.reshape(num_views * bg, d)
+  block = None if queue is None else _core.queue_block(queue)
+  rows = jnp.arange(bg)
+  column_image = jnp.arange(num_views * bg) % bg
+  own = column_image[None, :] == rows[:, None]                                 # (Bg, V*Bg)
+  e_by_image = jnp.swapaxes(e, 0, 1)                                           # (Bg, V, D)
+  s_head = jnp.where(own, -jnp.inf, _max_similarity(e_by_image, memory_head))
+  if block is not None:
+    fn_head, fn_block = detect_false_negatives(e_by_image, block, threshold=threshold,
+                                               top_k=top_k, dist=dist, head_similarity=s_head)
+  else:
+    kth = _core.split_kth_largest(s_head, None, top_k, dist)[:, None]
+    fn_head, fn_block = (s_head > threshold) & (s_head >= kth), None
+  num_fn = _core.split_sum(fn_head.astype(jnp.float32),
+                           None if fn_block is None else fn_block.astype(jnp.float32), dist)
+  total, pos_logit, neg_logit, acc = 0.0, 0.0, 0.0, 0.0
+  num_neg = (num_views - 1) * bg + (0 if block is None else block.shape[0] * dist.size)
+  for a in range(num_views):
+    head = z[a] @ memory_head.T / temperature                                  # (Bg, V*Bg)
+    lb = None if block is None else z[a] @ block.T / temperature
+    anchor_key = own & (jnp.arange(num_views * bg)[None, :] // bg == a)
+    other_views = own & ~anchor_key
+    lse = _core.split_logsumexp(jnp.where(anchor_key, -jnp.inf, head), lb, dist)
+    pos_head = other_views | fn_head
+    count = _core.split_sum(pos_head.astype(head.dtype),
+                            None if lb is None else fn_block.astype(head.dtype), dist)
+    pos_sum = _core.split_sum(jnp.where(pos_head, head, 0.0),
+                              None if lb is None else jnp.where(fn_block, lb, 0.0), dist)
+    total = total + dist.batch_mean(lse - pos_sum / count)
+    # Metrics: positives are the other views; negatives every row but the image's own views.
+    view_logits = jnp.where(other_views, head, 0.0).sum(-1) / (num_views - 1)
+    best_view = jnp.max(jnp.where(other_views, head, -jnp.inf), axis=-1)
+    neg_head = jnp.where(own, -jnp.inf, head)
+    neg_sum = _core.split_sum(jnp.where(own, 0.0, head), lb, dist)
+    neg_max = _core.split_max(neg_head, lb, dist)
+    m = _core.infonce_metrics(view_logits, neg_sum, num_neg, neg_max, dist)
+    pos_logit, neg_logit = pos_logit + m["pos_logit"], neg_logit + m["neg_logit"]
+    acc = acc + dist.batch_mean((lax.stop_gradient(best_view) >= neg_max).astype(jnp.float32))
+  loss = (2.0 / num_views) * total
+  metrics = {"pos_logit": pos_logit / num_views, "neg_logit": neg_logit / num_views,
+             "acc": acc / num_views, "num_false_negatives": dist.batch_mean(num_fn)}
+  return loss, metrics

@@ -1,0 +1,72 @@
+"""SCE: similarity contrastive estimation (Denize et al., WACV 2023)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxcontrast.losses import _core
+
+
+def sce(query: jax.Array, key: jax.Array, queue: jax.Array, *, temperature: float = 0.1,
+        target_temperature: float = 0.07, coeff: float = 0.5, mask_self: bool = False,
+        axis_name: Optional[str] = None):
+  """SCE loss: cross-entropy to a target mixing the one-hot positive with the key's similarities.
+
+  Exact semantics of the official code (CEA-LIST/SCE `sce.py`, eztorch `sce_loss.py`):
+
+      q = n(query); k = sg(n(key)); Q = sg(queue)
+      lq = [q.k, q @ Q.T] / temperature                        # (B, 1+K)
+      lk = [0,   k @ Q.T] / target_temperature                 # self column: logit 0 (code)
+      w  = coeff * onehot(0) + (1 - coeff) * softmax(lk)       # no gradient
+      loss = mean_i(-sum_j w_ij log_softmax(lq_i)_j)
+
+  `mask_self=True` gives the paper's variant, the self column of `lk` at -inf (so the target's
+  similarity part ignores the positive). `coeff=1` is `moco_infonce` at the same temperature.
+
+  Args:
+    query: (B, D) online predictor output of view 1.
+    key: (B, D) target projector output of view 2 (no gradient).
+    queue: (K, D) normalised negatives (with `axis_name`, this device's K/n rows).
+    temperature: online temperature tau (> 0).
+    target_temperature: target temperature tau_m (> 0).
+    coeff: weight lambda of the one-hot part, in [0, 1].
+    mask_self: paper (True) or code (False, default) treatment of the target's self column.
+    axis_name: mesh axis when called inside `jax.shard_map` (see `moco_infonce`).
+
+  Returns:
+    (loss, metrics): `pos_logit`, `neg_logit`, `acc` of the online logits, and `target_entropy`
+    (mean entropy of the target distribution over the 1+K columns).
+  """
+  _core.check_pair(query, key)
+  _core.check_queue(queue, query.shape[1])
+  _core.check_temperature(temperature)
+  _core.check_temperature(target_temperature, "target_temperature")
+  if isinstance(coeff, (int, float)) and not 0.0 <= coeff <= 1.0:
+    raise ValueError(f"coeff must be in [0, 1], got {coeff}")
+  dist = _core.Dist(axis_name, query.shape[0])
+  q, k = _core.prepare(query, key, dist)
+  block = _core.queue_block(queue)
+  lq_pos = jnp.sum(q * k, axis=-1) / temperature                   # (Bg,)
+  lq_neg = q @ block.T / temperature                               # (Bg, K_local)
+  lk_neg = k @ block.T / target_temperature
+  lk_head = None if mask_self else jnp.zeros_like(lq_pos)[:, None]
+  lse_k = _core.split_logsumexp(lk_head, lk_neg, dist)
+  p_self = jnp.zeros_like(lse_k) if mask_self else jnp.exp(-lse_k)
+  p_neg = jnp.exp(lk_neg - lse_k[:, None])
+  w_pos = jax.lax.stop_gradient(coeff + (1.0 - coeff) * p_self)
+  w_neg = jax.lax.stop_gradient((1.0 - coeff) * p_neg)
+  lse_q = _core.split_logsumexp(lq_pos[:, None], lq_neg, dist)
+  # sum_j w_j (lse - l_j) with sum_j w_j = 1.
+  per_row = lse_q - w_pos * lq_pos - _core.split_sum(None, w_neg * lq_neg, dist)
+  loss = dist.batch_mean(per_row)
+  num_neg = lq_neg.shape[1] * dist.size
+  metrics = _core.infonce_metrics(lq_pos, _core.split_sum(None, lq_neg, dist), num_neg,
+                                  _core.split_max(None, lq_neg, dist), dist)
+  log_p_neg = lk_neg - lse_k[:, None]
+  entropy = -_core.split_sum(None, jnp.where(p_neg > 0, p_neg * log_p_neg, 0.0), dist)
+  if not mask_self:
+    entropy = entropy + p_self * lse_k
+  metrics["target_entropy"] = dist.batch_mean(jax.lax.stop_gradient(entropy))
+  return loss, metrics
