@@ -1,0 +1,363 @@
+"""Image augmentations as TensorFlow ops, driven by explicit per-example parameters.
+
+Two halves, so that randomness is per example but pixel work is batched:
+
+* `sample_view_params(key, recipe, height, width)` draws every random choice of one view of one
+  example (crop box, flip, colour-jitter factors and order, grayscale, blur sigma, solarize) from
+  a stateless seed with `tf.random.stateless_*`. The pipeline derives the seed from
+  (seed, epoch, example id), so an example's views do not depend on batch composition, shuffle
+  order or the number of processes.
+* `crop_and_resize` (one example: images may differ in size before cropping) and
+  `apply_view_params` (a batch of equally sized crops) apply those choices.
+
+Pixel values are float32 in [0, 1] from the crop until `normalize`. Semantics follow torchvision
+(what MoCo, SCE and BYOL's PyTorch ports use): multiplicative brightness, contrast around the
+grayscale mean, saturation as a blend with grayscale, hue as a rotation in HSV, the four applied
+in a random order per example; ITU-R 601-2 luma grayscale; RandomResizedCrop's sampling.
+Single-channel images skip saturation, hue and grayscale, which are identities on them.
+"""
+import dataclasses
+import math
+from typing import Mapping
+
+import tensorflow as tf
+
+# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+# RandomResizedCrop tries this many (area, ratio) draws before falling back to a centre crop.
+_CROP_ATTEMPTS = 10
+# Colour-jitter ops, in the order of their index in a permutation (torchvision's order).
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewRecipe:
+  """The augmentation knobs of one view (torchvision names and ranges)."""
+  crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction range.
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range.
+  flip_prob: float = 0.5  # Horizontal flip probability.
+  jitter_prob: float = 0.8  # Probability of applying colour jitter at all.
+  brightness: float = 0.4  # Factor drawn from [max(0, 1 - b), 1 + b].
+  contrast: float = 0.4  # Factor drawn from [max(0, 1 - c), 1 + c].
+  saturation: float = 0.4  # Factor drawn from [max(0, 1 - s), 1 + s].
+  hue: float = 0.1  # Hue shift drawn from [-h, h] (fraction of the colour circle, <= 0.5).
+  grayscale_prob: float = 0.2  # Probability of converting to grayscale (channels kept).
+  blur_prob: float = 0.5  # Probability of a Gaussian blur.
+  blur_sigma: tuple[float, float] = (0.1, 2.0)  # Blur sigma range, in pixels of the crop.
+  solarize_prob: float = 0.0  # Probability of solarizing.
+  solarize_threshold: float = 0.5  # Values >= threshold (in [0, 1]) are inverted.
+
+  def __post_init__(self):
+    lo, hi = self.crop_scale
+    if not 0 < lo <= hi <= 1:
+      raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+    lo, hi = self.crop_ratio
+    if not 0 < lo <= hi:
+      raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+    if not 0 <= self.hue <= 0.5:
+      raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+    if min(self.brightness, self.contrast, self.saturation) < 0:
+      raise ValueError("brightness, contrast and saturation must be >= 0")
+    lo, hi = self.blur_sigma
+    if not 0 < lo <= hi:
+      raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Channels and crops (one example at a time).
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_channels(image: tf.Tensor, num_channels: int | None) -> tf.Tensor:
+  """Returns `image` (H, W, C) with `num_channels` channels.
+
+  None keeps the image as is; 1 -> 3 replicates the gray channel; 3 -> 1 takes the luma. Any
+  other combination is an error: statically (ValueError) when C is known, else at run time
+  (tf.errors.InvalidArgumentError) with the same message.
+  """
+  if num_channels is None:
+    return image
+  if num_channels not in (1, 3):
+    raise ValueError(f"num_channels must be None, 1 or 3, got {num_channels}")
+  channels = image.shape[-1]
+  if channels is not None:
+    if channels == num_channels:
+      return image
+    if channels == 1:
+      return tf.tile(image, [1, 1, 3])
+    if channels == 3:
+      return tf.cast(tf.round(_luma(tf.cast(image, tf.float32))), image.dtype)
+    raise ValueError(f"Image has {channels} channels; cannot convert it to {num_channels} "
+                     "(supported: 1 -> 3, 3 -> 1, or num_channels=None to keep).")
+  # Unknown static channel count: decide at run time.
+  dynamic = tf.shape(image)[-1]
+  tf.debugging.assert_equal(
+      tf.logical_or(tf.equal(dynamic, num_channels),
+                    tf.logical_or(tf.equal(dynamic, 1), tf.equal(dynamic, 3))), True,
+      message=f"Image channel count cannot be converted to {num_channels} "
+              "(supported: 1 -> 3, 3 -> 1, or num_channels=None to keep).")
+  if num_channels == 3:
+    out = tf.cond(tf.equal(dynamic, 1), lambda: tf.tile(image, [1, 1, 3]), lambda: image)
+  else:
+    out = tf.cond(tf.equal(dynamic, 3),
+                  lambda: tf.cast(tf.round(_luma(tf.cast(image, tf.float32))), image.dtype),
+                  lambda: image)
+  return tf.ensure_shape(out, [None, None, num_channels])
+
+
+def _split_keys(key: tf.Tensor, n: int) -> list[tf.Tensor]:
+  """Splits a stateless seed (shape [2]) into `n` independent seeds."""
+  return tf.unstack(tf.random.experimental.stateless_split(key, num=n))
+
+
+def sample_crop_box(key: tf.Tensor, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
+                    ) -> tf.Tensor:
+  """torchvision's RandomResizedCrop.get_params, stateless: int32 [top, left, h, w].
+
+  Up to 10 draws of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); the first one
+  that fits the image wins; otherwise a centre crop with the ratio clamped to the range.
+  """
+  height = tf.cast(height, tf.float32)
+  width = tf.cast(width, tf.float32)
+  k_area, k_ratio, k_top, k_left = _split_keys(key, 4)
+  area = height * width * tf.random.stateless_uniform(
+      [_CROP_ATTEMPTS], k_area, minval=scale[0], maxval=scale[1])
+  log_ratio = tf.random.stateless_uniform(
+      [_CROP_ATTEMPTS], k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+  aspect = tf.exp(log_ratio)
+  w = tf.round(tf.sqrt(area * aspect))
+  h = tf.round(tf.sqrt(area / aspect))
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))  # First fitting attempt (0 when none fits).
+  # Centre-crop fallback (torchvision): clamp the image's own ratio into the range.
+  in_ratio = width / height
+  fb_w = tf.where(in_ratio < ratio[0], width,
+                  tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
+  fb_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+  any_fits = tf.reduce_any(fits)
+  crop_h = tf.where(any_fits, h[first], fb_h)
+  crop_w = tf.where(any_fits, w[first], fb_w)
+  u_top = tf.random.stateless_uniform([], k_top)
+  u_left = tf.random.stateless_uniform([], k_left)
+  top = tf.minimum(tf.floor(u_top * (height - crop_h + 1)), height - crop_h)
+  left = tf.minimum(tf.floor(u_left * (width - crop_w + 1)), width - crop_w)
+  top = tf.where(any_fits, top, tf.floor((height - crop_h) / 2))
+  left = tf.where(any_fits, left, tf.floor((width - crop_w) / 2))
+  return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+
+
+def crop_and_resize(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
+  """Crops `box` = [top, left, h, w] from uint8 (H, W, C) and resizes to float (size, size, C).
+
+  Bilinear with antialiasing (as PIL when shrinking); a crop smaller than `size` is upsampled.
+  The output is float32 in [0, 1].
+  """
+  crop = tf.slice(image, [box[0], box[1], 0], [box[2], box[3], -1])
+  out = tf.image.resize(tf.cast(crop, tf.float32), [size, size], method="bilinear",
+                        antialias=True)
+  return tf.clip_by_value(out / 255.0, 0.0, 1.0)
+
+
+def resize_shorter_and_centre_crop(image: tf.Tensor, size: int, crop_ratio: float) -> tf.Tensor:
+  """Evaluation transform: shorter side -> round(size / crop_ratio), centre crop size x size.
+
+  Returns float32 in [0, 1]. Images smaller than the target are upsampled.
+  """
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  resize_to = tf.round(size / crop_ratio)
+  scale = resize_to / tf.reduce_min(shape)
+  new_hw = tf.cast(tf.maximum(tf.round(shape * scale), float(size)), tf.int32)
+  out = tf.image.resize(tf.cast(image, tf.float32), new_hw, method="bilinear", antialias=True)
+  top = (new_hw[0] - size) // 2
+  left = (new_hw[1] - size) // 2
+  out = tf.slice(out, [top, left, 0], [size, size, -1])
+  out = tf.ensure_shape(out, [size, size, image.shape[-1]])
+  return tf.clip_by_value(out / 255.0, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters of one view of one example.
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_view_params(key: tf.Tensor, recipe: ViewRecipe, height, width
+                       ) -> dict[str, tf.Tensor]:
+  """Draws every random choice of one view, from stateless seed `key` (shape [2]).
+
+  Returns scalars (and `box`, `order`): box int32 [4]; flip, jitter, grayscale, solarize bool;
+  brightness, contrast, saturation, hue float32; order int32 [4] (a permutation of JITTER_OPS);
+  blur_sigma float32 (0 = no blur).
+  """
+  keys = _split_keys(key, 12)
+  bern = lambda k, p: tf.random.stateless_uniform([], k) < p
+  factor = lambda k, s: tf.random.stateless_uniform([], k, minval=max(0.0, 1.0 - s),
+                                                    maxval=1.0 + s)
+  blur = bern(keys[9], recipe.blur_prob)
+  sigma = tf.random.stateless_uniform([], keys[10], minval=recipe.blur_sigma[0],
+                                      maxval=recipe.blur_sigma[1])
+  return {
+      "box": sample_crop_box(keys[0], height, width, recipe.crop_scale, recipe.crop_ratio),
+      "flip": bern(keys[1], recipe.flip_prob),
+      "jitter": bern(keys[2], recipe.jitter_prob),
+      "brightness": factor(keys[3], recipe.brightness),
+      "contrast": factor(keys[4], recipe.contrast),
+      "saturation": factor(keys[5], recipe.saturation),
+      "hue": tf.random.stateless_uniform([], keys[6], minval=-recipe.hue, maxval=recipe.hue),
+      "order": tf.cast(tf.argsort(tf.random.stateless_uniform([4], keys[7])), tf.int32),
+      "grayscale": bern(keys[8], recipe.grayscale_prob),
+      "blur_sigma": tf.where(blur, sigma, 0.0),
+      "solarize": bern(keys[11], recipe.solarize_prob),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched pixel ops: images (B, H, W, C) float32 in [0, 1], per-example parameters (B,).
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_example(x: tf.Tensor) -> tf.Tensor:
+  """(B,) -> (B, 1, 1, 1) for broadcasting against images."""
+  return tf.reshape(tf.cast(x, tf.float32), [-1, 1, 1, 1])
+
+
+def _luma(images: tf.Tensor) -> tf.Tensor:
+  """Grayscale with one channel: (..., 3) -> (..., 1)."""
+  return tf.reduce_sum(images * tf.constant(_LUMA, images.dtype), axis=-1, keepdims=True)
+
+
+def adjust_brightness(images, factor):
+  """torchvision: x * factor, clipped (multiplicative, unlike tf.image.adjust_brightness)."""
+  return tf.clip_by_value(images * _per_example(factor), 0.0, 1.0)
+
+
+def adjust_contrast(images, factor):
+  """torchvision: blend with the mean of the image's grayscale (one scalar per image)."""
+  gray = _luma(images) if images.shape[-1] == 3 else images
+  mean = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
+  f = _per_example(factor)
+  return tf.clip_by_value(images * f + mean * (1.0 - f), 0.0, 1.0)
+
+
+def adjust_saturation(images, factor):
+  """torchvision: blend with the grayscale image; identity on 1-channel images."""
+  if images.shape[-1] != 3:
+    return images
+  f = _per_example(factor)
+  return tf.clip_by_value(images * f + _luma(images) * (1.0 - f), 0.0, 1.0)
+
+
+def adjust_hue(images, delta):
+  """Rotates the hue by `delta` (fraction of the circle) per image; identity on 1 channel."""
+  if images.shape[-1] != 3:
+    return images
+  hsv = tf.image.rgb_to_hsv(images)
+  hue = tf.math.floormod(hsv[..., :1] + _per_example(delta), 1.0)
+  return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)), 0.0, 1.0)
+
+
+def color_jitter(images, params: Mapping[str, tf.Tensor]) -> tf.Tensor:
+  """Brightness, contrast, saturation and hue in each example's own random order.
+
+  `params["order"]` (B, 4) is a permutation of JITTER_OPS per example; examples whose
+  `params["jitter"]` is False are left untouched. At each of the 4 positions, the batch is
+  partitioned by which op comes there, each op runs on its part only, and the parts are
+  stitched back: 4 op applications per example, not 16.
+  """
+  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+  factors = [params[name] for name in JITTER_OPS]
+  static_shape = images.shape
+  index = tf.range(tf.shape(images)[0])
+  for position in range(4):
+    # Group 4 = jitter not applied to this example.
+    which = tf.where(params["jitter"], params["order"][:, position], 4)
+    parts = tf.dynamic_partition(images, which, 5)
+    indices = tf.dynamic_partition(index, which, 5)
+    outs = [op(parts[j], tf.gather(factors[j], indices[j])) for j, op in enumerate(ops)]
+    outs.append(parts[4])
+    images = tf.dynamic_stitch(indices, outs)
+    images.set_shape(static_shape)
+  return images
+
+
+def grayscale(images, apply) -> tf.Tensor:
+  """Replaces the selected images by their luma, replicated over the channels."""
+  if images.shape[-1] != 3:
+    return images
+  gray = tf.tile(_luma(images), [1, 1, 1, 3])
+  return tf.where(tf.reshape(apply, [-1, 1, 1, 1]), gray, images)
+
+
+def blur_kernel_size(side: int) -> int:
+  """Odd kernel size about 10% of the image side (BYOL: 23 for 224), at least 3."""
+  return max(3, int(round(0.1 * side)) | 1)
+
+
+def gaussian_blur(images, sigma, kernel_size: int | None = None) -> tf.Tensor:
+  """Separable Gaussian blur with a per-image sigma (B,); sigma <= 0 leaves the image as is.
+
+  Reflect padding, as torchvision's GaussianBlur. The per-image kernels run as one depthwise
+  convolution over a (1, H, W, B * C) tensor.
+  """
+  b, h, w, c = (tf.shape(images)[i] if images.shape[i] is None else images.shape[i]
+                for i in range(4))
+  k = kernel_size or blur_kernel_size(min(images.shape[1], images.shape[2]))
+  radius = k // 2
+  if radius >= min(images.shape[1], images.shape[2]):
+    raise ValueError(f"Blur kernel {k} too large for a {images.shape[1:3]} image")
+  sigma = tf.cast(sigma, tf.float32)
+  d = tf.range(-radius, radius + 1, dtype=tf.float32)
+  safe = tf.maximum(sigma, 1e-6)[:, None]
+  kernel = tf.exp(-0.5 * tf.square(d[None, :] / safe))
+  kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)
+  delta = tf.one_hot(radius, k, dtype=tf.float32)[None, :]
+  kernel = tf.where((sigma > 0)[:, None], kernel, delta)  # (B, k)
+  kernel = tf.reshape(tf.repeat(kernel, c, axis=0), [b * c, k])  # Row b * C + ch.
+  x = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, h, w, b * c])
+  x = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+  horizontal = tf.reshape(tf.transpose(kernel), [1, k, b * c, 1])
+  vertical = tf.reshape(tf.transpose(kernel), [k, 1, b * c, 1])
+  x = tf.nn.depthwise_conv2d(x, horizontal, [1, 1, 1, 1], "VALID")
+  x = tf.nn.depthwise_conv2d(x, vertical, [1, 1, 1, 1], "VALID")
+  out = tf.transpose(tf.reshape(x, [h, w, b, c]), [2, 0, 1, 3])
+  # Exact identity where no blur was drawn.
+  return tf.where(tf.reshape(sigma > 0, [-1, 1, 1, 1]), out, images)
+
+
+def solarize(images, apply, threshold: float = 0.5) -> tf.Tensor:
+  """Inverts values >= threshold in the selected images (torchvision's solarize)."""
+  solarized = tf.where(images >= threshold, 1.0 - images, images)
+  return tf.where(tf.reshape(apply, [-1, 1, 1, 1]), solarized, images)
+
+
+def flip_left_right(images, apply) -> tf.Tensor:
+  """Mirrors the selected images horizontally."""
+  return tf.where(tf.reshape(apply, [-1, 1, 1, 1]), tf.reverse(images, axis=[2]), images)
+
+
+def normalize(images, mean, std) -> tf.Tensor:
+  """(x - mean) / std per channel."""
+  return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def apply_view_params(images: tf.Tensor, params: Mapping[str, tf.Tensor],
+                      recipe: ViewRecipe) -> tf.Tensor:
+  """Applies a view's photometric ops to a batch of crops, in torchvision/MoCo order.
+
+  colour jitter -> grayscale -> blur -> solarize -> flip (flip commutes with the others).
+  Ops whose probability is 0 in `recipe` are skipped at trace time (less work per batch).
+  Returns float32 in [0, 1]; normalisation is separate.
+  """
+  if recipe.jitter_prob > 0:
+    images = color_jitter(images, params)
+  if recipe.grayscale_prob > 0:
+    images = grayscale(images, params["grayscale"])
+  if recipe.blur_prob > 0:
+    images = gaussian_blur(images, params["blur_sigma"])
+  if recipe.solarize_prob > 0:
+    images = solarize(images, params["solarize"], recipe.solarize_threshold)
+  if recipe.flip_prob > 0:
+    images = flip_left_right(images, params["flip"])
+  return images

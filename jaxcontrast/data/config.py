@@ -1,0 +1,81 @@
+"""The data section of a jaxcontrast config: `default_data_config()`.
+
+Keys left as placeholders (None) take a per-dataset or per-recipe default, resolved in
+`datasets.py` / `recipes.py`; they are typed placeholders so that command-line flags
+(`--config.data.image_size=64`) can still set them.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def view_overrides() -> ml_collections.ConfigDict:
+  """Per-view overrides of the recipe's knobs; None keeps the recipe's value."""
+  c = ml_collections.ConfigDict()
+  c.crop_scale = config_dict.placeholder(tuple)  # RandomResizedCrop area range, e.g. (0.2, 1.0).
+  c.crop_ratio = config_dict.placeholder(tuple)  # RandomResizedCrop aspect range (3/4, 4/3).
+  c.flip_prob = config_dict.placeholder(float)  # Horizontal flip probability.
+  c.jitter_prob = config_dict.placeholder(float)  # Probability of colour jitter.
+  c.brightness = config_dict.placeholder(float)  # Jitter brightness strength.
+  c.contrast = config_dict.placeholder(float)  # Jitter contrast strength.
+  c.saturation = config_dict.placeholder(float)  # Jitter saturation strength.
+  c.hue = config_dict.placeholder(float)  # Jitter hue strength (<= 0.5).
+  c.grayscale_prob = config_dict.placeholder(float)  # Probability of grayscale.
+  c.blur_prob = config_dict.placeholder(float)  # Probability of Gaussian blur.
+  c.blur_sigma = config_dict.placeholder(tuple)  # Blur sigma range in pixels, e.g. (0.1, 2.0).
+  c.solarize_prob = config_dict.placeholder(float)  # Probability of solarize.
+  c.solarize_threshold = config_dict.placeholder(float)  # Solarize threshold in [0, 1].
+  return c
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults: Fashion-MNIST (offline), MoCo v2 recipe, two views."""
+  c = ml_collections.ConfigDict()
+  # Dataset name: fashion_mnist (offline default), cifar10, cifar100, stl10, imagenet2012, or
+  # "tfds:<builder>" for any other prepared tfds dataset (see datasets.KNOWN_DATASETS).
+  c.dataset = "fashion_mnist"
+  # tfds data_dir (local folder or gs://bucket/path); None = tfds default ($TFDS_DATA_DIR or
+  # ~/tensorflow_datasets). Datasets other than fashion_mnist must already be prepared there.
+  c.data_dir = config_dict.placeholder(str)
+  # Pretraining split (tfds split syntax, e.g. "train[:10%]"); None = dataset default
+  # ("train"; stl10: "unlabelled").
+  c.train_split = config_dict.placeholder(str)
+  # Evaluation split; None = dataset default ("test"; imagenet2012: "validation").
+  c.eval_split = config_dict.placeholder(str)
+  # Crop size of the global views and of evaluation images; None = dataset native size
+  # (28 fashion_mnist, 32 cifar, 96 stl10, 224 imagenet2012).
+  c.image_size = config_dict.placeholder(int)
+  # Channels fed to the model: None keeps the dataset's; 3 replicates grayscale; 1 takes luma.
+  c.num_channels = config_dict.placeholder(int)
+  # Augmentation recipe: mocov2 | mocov2_cifar | sce_imagenet | sce_cifar | simclr | crop_flip.
+  c.recipe = "mocov2"
+  # Overrides of the recipe for view 1 (online/query branch); None entries keep the recipe.
+  c.view1 = view_overrides()
+  # Overrides of the recipe for view 2 (target/key branch; also used by support views).
+  c.view2 = view_overrides()
+  # FNC: number S of extra target-branch views per image ("support", (B, S, H, W, C)).
+  c.num_support_views = 0
+  # Multi-crop: sizes of the extra local crops ("local_0", ...), e.g. (96, 96); () = none.
+  c.local_crop_sizes = ()
+  # Multi-crop: RandomResizedCrop area range of the local crops.
+  c.local_crop_scale = (0.05, 0.14)
+  # SePP: path of a semantic pairs .npz (jaxcontrast.semantic_pairs); None = off.
+  c.semantic_pairs = config_dict.placeholder(str)
+  # SePP: probability that view 2 comes from a semantic partner instead of the anchor.
+  c.p_semantic = 0.5
+  # SePP: largest decoded train split (bytes) held in memory for random access by id.
+  c.in_memory_max_bytes = 4 * 2**30
+  # Shuffle buffer (examples, per process); shuffling happens before decoding.
+  c.shuffle_buffer = 10_000
+  # Batches prefetched by tf.data on the host (-1 = AUTOTUNE).
+  c.prefetch = 2
+  # Cache the decoded split in memory after the first epoch (small datasets only).
+  c.cache = False
+  # Evaluation: resize the shorter side to image_size / ratio, then centre crop; None = dataset
+  # default (1.0 for the small datasets, 0.875 for imagenet2012).
+  c.eval_crop_ratio = config_dict.placeholder(float)
+  # Normalisation mean / std per channel (in [0, 1] units); None = dataset statistics.
+  c.mean = config_dict.placeholder(tuple)
+  c.std = config_dict.placeholder(tuple)
+  # tf.data private thread pool size (big_vision: 48); 0 = the default shared pool.
+  c.threadpool_size = 48
+  return c

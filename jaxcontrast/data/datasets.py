@@ -1,0 +1,234 @@
+"""Dataset names -> tfds builders, splits per process, and examples with stable ids.
+
+Every dataset goes through tfds: the built-in `fashion_mnist` maps to our local builder
+`fashion_mnist_debian` (prepared on first use from the Debian package, no network); the others
+(cifar10, cifar100, stl10, imagenet2012, or "tfds:<name>") must already be prepared in
+`data_dir` (`tfds build <name> --data_dir <dir>`): this module never starts a download, because
+without network a download only fails after minutes of retries.
+
+Ids: `id` is the example's index within its base split (e.g. "train"), computed from tfds'
+`tfds_id` (shard file and position in it) and the split's shard lengths, so it does not depend on
+file shuffling, interleaving, sub-splits or the number of processes. Fashion-MNIST keeps the
+original file order, so its ids are the rows of `load_fashion_mnist_numpy`.
+"""
+import dataclasses
+import logging
+import math
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jaxcontrast.data import fashion_mnist
+
+logger = logging.getLogger(__name__)
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the pipeline needs to know about a dataset beyond its tfds info."""
+  tfds_name: str
+  train_split: str = "train"
+  eval_split: str = "test"
+  image_size: int | None = None  # Default crop size; None = the image feature's side.
+  mean: tuple[float, ...] = _IMAGENET_MEAN
+  std: tuple[float, ...] = _IMAGENET_STD
+  eval_crop_ratio: float = 1.0
+  unlabeled_splits: tuple[str, ...] = ()  # Splits whose labels are meaningless (-> -1).
+  local: bool = False  # Prepared automatically from local files (never downloads).
+  image_key: str = "image"
+  label_key: str = "label"
+
+
+KNOWN_DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec("fashion_mnist_debian", image_size=28, mean=(0.2860,),
+                                 std=(0.3530,), local=True),
+    # MoCo's CIFAR demo statistics.
+    "cifar10": DatasetSpec("cifar10", image_size=32, mean=(0.4914, 0.4822, 0.4465),
+                           std=(0.2023, 0.1994, 0.2010)),
+    "cifar100": DatasetSpec("cifar100", image_size=32, mean=(0.5071, 0.4865, 0.4409),
+                            std=(0.2673, 0.2564, 0.2762)),
+    "stl10": DatasetSpec("stl10", train_split="unlabelled", image_size=96,
+                         mean=(0.4408, 0.4279, 0.3867), std=(0.2682, 0.2610, 0.2686),
+                         unlabeled_splits=("unlabelled",)),
+    "imagenet2012": DatasetSpec("imagenet2012", eval_split="validation", image_size=224,
+                                eval_crop_ratio=0.875),
+}
+TFDS_PREFIX = "tfds:"
+
+
+def get_spec(name: str) -> DatasetSpec:
+  """The spec of a config dataset name; "tfds:<name>" gives ImageNet-style defaults."""
+  if name in KNOWN_DATASETS:
+    return KNOWN_DATASETS[name]
+  if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
+    return DatasetSpec(name[len(TFDS_PREFIX):], eval_crop_ratio=0.875)
+  raise ValueError(f"Unknown dataset {name!r}. Known datasets: {sorted(KNOWN_DATASETS)}; any "
+                   f"other prepared tfds dataset as '{TFDS_PREFIX}<tfds name>'.")
+
+
+def get_builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The tfds builder; local datasets are prepared here (from local files only)."""
+  if spec.local:
+    from jaxcontrast.data import fashion_mnist_tfds  # pylint: disable=g-import-not-at-top
+    del fashion_mnist_tfds  # Imported to register the builder.
+  try:
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"tfds has no dataset {spec.tfds_name!r}: {e}") from e
+  if spec.local:
+    builder.download_and_prepare()  # No-op once prepared; reads local files only.
+  return builder
+
+
+def split_names(builder) -> list[str]:
+  """Names of the splits the builder knows ([] when unknown: not prepared, or mock data)."""
+  return sorted(builder.info.splits.keys())
+
+
+def _absolute(builder, split: str):
+  """tfds absolute read instructions of `split`; checks the split exists when sizes are known."""
+  known = split_names(builder)
+  if not known:
+    return None
+  try:
+    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  except (KeyError, ValueError, AssertionError) as e:
+    raise ValueError(f"Split {split!r} does not exist in {builder.name} (or is malformed): "
+                     f"available splits: {known}. ({e})") from e
+  bases = {inst.splitname for inst in instructions}
+  if len(bases) > 1:
+    raise ValueError(f"Split {split!r} mixes base splits {sorted(bases)}; ids are indices within "
+                     "one base split, so use one base split (sub-splits are fine).")
+  return instructions
+
+
+def split_size(builder, split: str) -> int | None:
+  """Number of examples of `split`, or None when tfds does not know (mock data)."""
+  instructions = _absolute(builder, split)
+  if instructions is None:
+    return None
+  total = builder.info.splits[instructions[0].splitname].num_examples
+  return sum((i.to if i.to is not None else total) - (i.from_ or 0) for i in instructions)
+
+
+def process_split(split: str, process_index: int, process_count: int):
+  """This process's part of `split` (`tfds.split_for_jax_process` semantics)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def process_sizes(builder, split: str, process_count: int) -> list[int] | None:
+  """Examples per process under `process_split` (None when sizes are unknown)."""
+  if _absolute(builder, split) is None:
+    return None
+  return [split_size(builder, tfds.even_splits(split, n=process_count)[i])
+          for i in range(process_count)]
+
+
+def _shard_offsets(builder, split: str) -> tuple[int, ...]:
+  """Index of the first example of every shard file of the base split of `split`."""
+  instructions = _absolute(builder, split)
+  if instructions is None:
+    return (0,)
+  lengths = builder.info.splits[instructions[0].splitname].shard_lengths or [0]
+  offsets, total = [], 0
+  for n in lengths:
+    offsets.append(total)
+    total += n
+  return tuple(offsets)
+
+
+def _id_from_tfds_id(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
+  """"<name>-<split>.<format>-00012-of-01024__345" -> offsets[12] + 345 (int32)."""
+  pattern = r".*-(\d+)-of-\d+__(\d+)$"
+  tf.debugging.assert_equal(tf.strings.regex_full_match(tfds_id, pattern), True,
+                            message="Unexpected tfds_id format (expected <file>-NNNNN-of-NNNNN__i)")
+  shard = tf.strings.to_number(tf.strings.regex_replace(tfds_id, pattern, r"\1"), tf.int32)
+  index = tf.strings.to_number(tf.strings.regex_replace(tfds_id, pattern, r"\2"), tf.int32)
+  return tf.gather(offsets, shard) + index
+
+
+def image_feature(builder, spec: DatasetSpec):
+  """The tfds Image feature of the dataset (with a clear error when there is none)."""
+  features = builder.info.features
+  if spec.image_key not in features:
+    raise ValueError(f"{builder.name} has no {spec.image_key!r} feature: {list(features)}")
+  return features[spec.image_key]
+
+
+def num_classes(builder, spec: DatasetSpec) -> int | None:
+  """Number of classes of the label feature (None without one)."""
+  features = builder.info.features
+  if spec.label_key in features and hasattr(features[spec.label_key], "num_classes"):
+    return int(features[spec.label_key].num_classes)
+  return None
+
+
+def read_split(builder, spec: DatasetSpec, split, *, base_split: str, shuffle_files: bool = False,
+               seed: int | None = None, decode: bool = True,
+               options: tf.data.Options | None = None) -> tf.data.Dataset:
+  """Examples {"image", "label", "id"} of `split` (a process's part of `base_split`).
+
+  Args:
+    builder: the tfds builder.
+    spec: its DatasetSpec.
+    split: what to read (a split string or a `tfds.even_splits` element).
+    base_split: the config split `split` was cut from (for ids and unlabelled splits).
+    shuffle_files: shuffle the shard files (ids do not change).
+    seed: file shuffling seed.
+    decode: decode images now; False keeps the encoded bytes (decode later with
+      `decode_image`, e.g. after the shuffle buffer, which then holds small byte strings).
+    options: tf.data options applied by tfds' reader.
+
+  Returns:
+    image uint8 (H, W, C) (or a string when decode=False), label int32 (-1 when the split has
+    no labels), id int32.
+  """
+  image_feature(builder, spec)  # Clear error if there is no image.
+  decoders = None if decode else {spec.image_key: tfds.decode.SkipDecoding()}
+  read_config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed, try_autocache=False,
+                                skip_prefetch=True, options=options)
+  if builder.info.disable_shuffling:  # tfds refuses to shuffle the files of ordered datasets.
+    shuffle_files = False
+  try:
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders,
+                            read_config=read_config)
+  except AssertionError as e:  # tfds' "could not find data" when the dataset is not prepared.
+    raise FileNotFoundError(
+        f"Dataset {builder.name} is not prepared in data_dir {builder.data_dir!r}. Prepare it "
+        f"first (for example `tfds build {builder.name} --data_dir <data_dir>`; imagenet2012 "
+        f"needs the manual download). Nothing is downloaded automatically. ({e})") from e
+  offsets = tf.constant(_shard_offsets(builder, base_split), tf.int32)
+  has_labels = (spec.label_key in builder.info.features
+                and not set(base_split_names(base_split)) & set(spec.unlabeled_splits))
+
+  @tf.autograph.experimental.do_not_convert
+  def _select(ex):
+    label = tf.cast(ex[spec.label_key], tf.int32) if has_labels else tf.constant(-1, tf.int32)
+    return {"image": ex[spec.image_key], "label": label,
+            "id": _id_from_tfds_id(ex["tfds_id"], offsets)}
+
+  return ds.map(_select, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def base_split_names(split: str) -> list[str]:
+  """"train[:10%]+test" -> ["train", "test"]."""
+  return [part.split("[")[0].strip() for part in str(split).split("+")]
+
+
+def decode_image(builder, spec: DatasetSpec, encoded: tf.Tensor) -> tf.Tensor:
+  """Decodes bytes kept by `read_split(decode=False)` into uint8 (H, W, C)."""
+  return image_feature(builder, spec).decode_example(encoded)
+
+
+def image_bytes(builder, spec: DatasetSpec, split: str, num_channels: int | None) -> int | None:
+  """Decoded size of `split` in bytes (None if images vary in size or the size is unknown)."""
+  shape = image_feature(builder, spec).shape
+  n = split_size(builder, split)
+  if n is None or any(d is None for d in shape):
+    return None
+  return n * math.prod(shape[:2]) * (num_channels or shape[2])

@@ -1,0 +1,350 @@
+"""Training and evaluation tf.data pipelines: config -> per-process batches of views.
+
+Training (`make_train_dataset`), per process:
+
+  read this process's part of the split (tfds, ids from tfds_id)
+  -> [cache] -> repeat -> enumerate (epoch = count // examples) -> shuffle (encoded bytes)
+  -> per example: decode, draw every random choice from a stateless seed
+     fold_in(fold_in(seed, epoch), id), cut and resize every view's crop
+  -> batch (drop remainder) -> per batch: photometric ops with the per-example choices,
+     normalise -> prefetch
+
+An example's views depend only on (seed, epoch, id): not on the shuffle order, the batch it
+lands in or the number of processes. Options follow big_vision (private thread pool, one thread
+per op, deterministic order). Element dict: see `make_train_dataset`.
+"""
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jaxcontrast.data import augment
+from jaxcontrast.data import datasets
+from jaxcontrast.data import recipes as recipes_lib
+from jaxcontrast.data import sepp
+
+# fold_in constants separating the random streams of one example.
+_PARTNER_STREAM = 1_000
+_SUPPORT_STREAM = 100
+_LOCAL_STREAM = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resolved:
+  """The config with every None default replaced by the dataset's value."""
+  spec: datasets.DatasetSpec
+  builder: tfds.core.DatasetBuilder
+  train_split: str
+  eval_split: str
+  image_size: int
+  num_channels: int
+  convert_to: int | None  # Argument of convert_channels.
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  eval_crop_ratio: float
+
+
+def _resolve(cfg) -> _Resolved:
+  spec = datasets.get_spec(cfg.dataset)
+  builder = datasets.get_builder(spec, cfg.get("data_dir"))
+  shape = datasets.image_feature(builder, spec).shape
+  source_channels = shape[-1]
+  convert_to = cfg.get("num_channels")
+  if convert_to is not None and convert_to not in (1, 3):
+    raise ValueError(f"num_channels must be None, 1 or 3, got {convert_to}")
+  if convert_to is not None and source_channels not in (None, 1, 3, convert_to):
+    raise ValueError(f"{builder.name} images have {source_channels} channels; cannot convert to "
+                     f"{convert_to} (supported: 1 -> 3, 3 -> 1, or num_channels=None to keep).")
+  channels = convert_to or source_channels
+  if channels is None:
+    raise ValueError(f"{builder.name}: unknown channel count; set num_channels")
+  image_size = cfg.get("image_size") or spec.image_size or (
+      shape[0] if shape[0] is not None and shape[0] == shape[1] else None)
+  if not image_size:
+    raise ValueError(f"{builder.name}: images vary in size; set image_size")
+  mean = tuple(cfg.get("mean") or spec.mean)
+  std = tuple(cfg.get("std") or spec.std)
+  mean, std = _stats_for_channels(mean, std, channels, builder.name)
+  return _Resolved(
+      spec=spec, builder=builder, train_split=cfg.get("train_split") or spec.train_split,
+      eval_split=cfg.get("eval_split") or spec.eval_split, image_size=int(image_size),
+      num_channels=int(channels), convert_to=convert_to, mean=mean, std=std,
+      eval_crop_ratio=float(cfg.get("eval_crop_ratio") or spec.eval_crop_ratio))
+
+
+def _stats_for_channels(mean, std, channels, name):
+  """Adapts per-channel statistics to the channel count fed to the model."""
+  if len(mean) != len(std):
+    raise ValueError(f"mean {mean} and std {std} differ in length")
+  if len(mean) == channels:
+    return mean, std
+  if len(mean) == 1:
+    return mean * channels, std * channels
+  if len(mean) == 3 and channels == 1:
+    luma = np.asarray((0.299, 0.587, 0.114))
+    return (float(luma @ mean),), (float(luma @ std),)
+  raise ValueError(f"{name}: {len(mean)} normalisation statistics for {channels} channels")
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  """Defaults to this JAX process."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+def _options(cfg) -> tf.data.Options:
+  """big_vision's host-side options."""
+  options = tf.data.Options()
+  if cfg.get("threadpool_size", 48):
+    options.threading.private_threadpool_size = int(cfg.threadpool_size)
+  options.threading.max_intra_op_parallelism = 1
+  options.deterministic = True
+  return options
+
+
+def _cardinality(ds: tf.data.Dataset, what: str) -> int:
+  n = int(ds.cardinality())
+  if n < 0:
+    raise ValueError(f"{what}: unknown number of examples")
+  return n
+
+
+def _view_sizes(cfg, r: _Resolved) -> list[tuple[str, str, int]]:
+  """(output key, recipe kind, crop size) of every view cut from one example."""
+  views = [("view1", "view1", r.image_size), ("view2", "view2", r.image_size)]
+  views += [(f"support_{s}", "support", r.image_size)
+            for s in range(int(cfg.get("num_support_views") or 0))]
+  views += [(f"local_{i}", "local", int(size))
+            for i, size in enumerate(cfg.get("local_crop_sizes") or ())]
+  return views
+
+
+def _view_stream(key: str) -> int:
+  """fold_in constant of a view's random stream."""
+  if key == "view1":
+    return 0
+  if key == "view2":
+    return 1
+  kind, index = key.rsplit("_", 1)
+  return (_SUPPORT_STREAM if kind == "support" else _LOCAL_STREAM) + int(index)
+
+
+def _seed_tensor(seed: int) -> tf.Tensor:
+  seed = int(seed)
+  return tf.constant([seed >> 32, seed & 0xFFFFFFFF], tf.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------
+
+
+def _sepp_source(cfg, r: _Resolved, process_index: int, process_count: int):
+  """SePP: (ids dataset of this process, id -> image fn, pair indices variable, id offset)."""
+  path = cfg.semantic_pairs
+  builder, spec = r.builder, r.spec
+  shape = datasets.image_feature(builder, spec).shape
+  if any(d is None for d in shape):
+    raise ValueError(f"SePP holds the train split in memory and needs fixed-size images; "
+                     f"{builder.name} images vary in size (not supported).")
+  full = datasets.read_split(builder, spec, r.train_split, base_split=r.train_split, decode=True)
+  n = datasets.split_size(builder, r.train_split) or _cardinality(full, r.train_split)
+  nbytes = n * math.prod(shape)
+  cap = int(cfg.get("in_memory_max_bytes") or 0)
+  if nbytes > cap:
+    raise ValueError(f"SePP needs random access to the train split, held in memory: "
+                     f"{nbytes / 2**30:.2f} GiB > in_memory_max_bytes = {cap / 2**30:.2f} GiB. "
+                     "Raise the cap if the host has the memory, or use a smaller split.")
+  instructions = datasets._absolute(builder, r.train_split)  # pylint: disable=protected-access
+  offset = int((instructions[0].from_ or 0) if instructions else 0)
+  indices = sepp.load_pair_indices(path)
+  sepp.check_pairs(indices, n, path)
+  images, labels = sepp.load_split_in_memory(full, n, shape, id_offset=offset)
+  images_var = tf.Variable(images, trainable=False, name="sepp_images")
+  labels_t = tf.constant(labels)
+  pairs_var = tf.Variable(indices, trainable=False, name="sepp_pairs")
+  sizes = [n // process_count + (i < n % process_count) for i in range(process_count)]
+  start = sum(sizes[:process_index])
+  rows = tf.data.Dataset.range(start, start + sizes[process_index]).map(
+      lambda i: tf.cast(i, tf.int32))
+  ids = rows.map(lambda row: {"id": row + offset, "label": tf.gather(labels_t, row)})
+  get_image = lambda i: tf.gather(images_var, i - offset)
+  return ids, get_image, pairs_var, offset
+
+
+def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index=None,
+                       process_count=None) -> tf.data.Dataset:
+  """The infinite training stream of this process.
+
+  Args:
+    data_config: `default_data_config()` or a modified copy.
+    batch_size: this process's share of the global batch.
+    seed: base seed; same seed -> same batches.
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    A tf.data.Dataset of dicts (B = batch_size, H = W = image_size, C = channels):
+      "view1"    float32 (B, H, W, C)  online/query branch view, normalised
+      "view2"    float32 (B, H, W, C)  target/key branch view
+      "support"  float32 (B, S, H, W, C)  only if num_support_views = S > 0 (target branch)
+      "local_i"  float32 (B, h_i, h_i, C)  only for multi-crop (local_crop_sizes)
+      "id"       int32 (B,)  index of the anchor within its split
+      "key_id"   int32 (B,)  index of the image view2 was cut from (SePP partner, else id)
+      "label"    int32 (B,)  -1 when the split has no labels
+  """
+  cfg = data_config
+  r = _resolve(cfg)
+  process_index, process_count = _process(process_index, process_count)
+  view_recipes = recipes_lib.view_recipes(cfg)
+  views = _view_sizes(cfg, r)
+  num_support = int(cfg.get("num_support_views") or 0)
+  options = _options(cfg)
+  semantic = cfg.get("semantic_pairs")
+  p_semantic = float(cfg.get("p_semantic") or 0.0)
+  if semantic and not 0 <= p_semantic <= 1:
+    raise ValueError(f"p_semantic must be a probability, got {p_semantic}")
+
+  get_image, pairs_var, sepp_offset = None, None, 0
+  if semantic:
+    ds, get_image, pairs_var, sepp_offset = _sepp_source(cfg, r, process_index, process_count)
+    decoded = True
+  else:
+    local = datasets.process_split(r.train_split, process_index, process_count)
+    decoded = bool(cfg.get("cache"))
+    ds = datasets.read_split(r.builder, r.spec, local, base_split=r.train_split,
+                             shuffle_files=True, seed=seed, decode=decoded, options=options)
+    if decoded:
+      ds = ds.map(lambda ex: {**ex, "image": augment.convert_channels(ex["image"], r.convert_to)},
+                  num_parallel_calls=tf.data.AUTOTUNE).cache()
+  local_n = _cardinality(ds, f"{r.train_split} (process {process_index})")
+  if local_n == 0:
+    raise ValueError(f"Process {process_index} of {process_count} has no examples of "
+                     f"{r.train_split}")
+
+  base_key = _seed_tensor(seed)
+
+  @tf.autograph.experimental.do_not_convert
+  def to_image(ex):
+    if semantic:
+      return get_image(ex["id"])
+    if decoded:
+      return ex["image"]
+    return augment.convert_channels(datasets.decode_image(r.builder, r.spec, ex["image"]),
+                                    r.convert_to)
+
+  @tf.autograph.experimental.do_not_convert
+  def per_example(count, ex):
+    epoch = count // local_n
+    key = tf.random.experimental.stateless_fold_in(base_key, epoch)
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(ex["id"], tf.int64))
+    anchor = to_image(ex)
+    key_id = ex["id"]
+    target = anchor
+    if semantic:
+      k_partner = tf.random.experimental.stateless_fold_in(key, _PARTNER_STREAM)
+      row = tf.gather(pairs_var, ex["id"] - sepp_offset)
+      key_id = sepp.draw_partner(k_partner, row, ex["id"], p_semantic)
+      target = get_image(key_id)
+    out = {"id": ex["id"], "label": ex["label"], "key_id": key_id}
+    for name, kind, size in views:
+      source = anchor if kind in ("view1", "local") else target
+      shape = tf.shape(source)
+      k = tf.random.experimental.stateless_fold_in(key, _view_stream(name))
+      params = augment.sample_view_params(k, view_recipes[kind], shape[0], shape[1])
+      crop = augment.crop_and_resize(source, params.pop("box"), size)
+      out[name] = tf.ensure_shape(crop, [size, size, r.num_channels])
+      out[name + "/params"] = params
+    return out
+
+  @tf.autograph.experimental.do_not_convert
+  def per_batch(batch):
+    out = {k: batch[k] for k in ("id", "label", "key_id")}
+    for name, kind, _ in views:
+      images = augment.apply_view_params(batch[name], batch[name + "/params"],
+                                         view_recipes[kind])
+      out[name] = augment.normalize(images, r.mean, r.std)
+    if num_support:
+      support = tf.stack([out.pop(f"support_{s}") for s in range(num_support)], axis=1)
+      out["support"] = support
+    return out
+
+  ds = ds.repeat().enumerate()
+  if cfg.shuffle_buffer and cfg.shuffle_buffer > 1:
+    ds = ds.shuffle(int(cfg.shuffle_buffer), seed=seed)
+  ds = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.prefetch(cfg.prefetch if cfg.prefetch is not None else tf.data.AUTOTUNE)
+  return ds.with_options(options)
+
+
+def make_train_iterator(data_config, *, batch_size: int, seed: int, process_index=None,
+                        process_count=None):
+  """`make_train_dataset` as an iterator of NumPy dicts."""
+  return iter(tfds.as_numpy(make_train_dataset(
+      data_config, batch_size=batch_size, seed=seed, process_index=process_index,
+      process_count=process_count)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_eval_dataset(data_config, *, batch_size: int, split: str | None = None,
+                      process_index=None, process_count=None) -> tf.data.Dataset:
+  """This process's part of an evaluation split, every example exactly once.
+
+  Images: resize the shorter side to image_size / eval_crop_ratio, centre crop, normalise.
+  Batches are padded (and every process yields the same number of batches, as multi-host
+  collectives need): padding has mask False, label -1, id -1 and a zero image.
+
+  Returns:
+    Finite dataset of {"image" float32 (B, H, W, C), "label" int32 (B,), "id" int32 (B,),
+    "mask" bool (B,)}.
+  """
+  cfg = data_config
+  r = _resolve(cfg)
+  process_index, process_count = _process(process_index, process_count)
+  split = split or r.eval_split
+  local = datasets.process_split(split, process_index, process_count)
+  options = _options(cfg)
+  ds = datasets.read_split(r.builder, r.spec, local, base_split=split, decode=True,
+                           options=options)
+  sizes = datasets.process_sizes(r.builder, split, process_count)
+  local_n = sizes[process_index] if sizes else _cardinality(ds, split)
+  largest = max(sizes) if sizes else local_n
+  num_batches = -(-largest // batch_size)
+  size = r.image_size
+
+  @tf.autograph.experimental.do_not_convert
+  def prepare(ex):
+    image = augment.convert_channels(ex["image"], r.convert_to)
+    image = augment.resize_shorter_and_centre_crop(image, size, r.eval_crop_ratio)
+    image = tf.ensure_shape(augment.normalize(image, r.mean, r.std), [size, size, r.num_channels])
+    return {"image": image, "label": ex["label"], "id": ex["id"], "mask": tf.constant(True)}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = {"image": tf.zeros([size, size, r.num_channels], tf.float32),
+             "label": tf.constant(-1, tf.int32), "id": tf.constant(-1, tf.int32),
+             "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(
+      num_batches * batch_size - local_n))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(cfg.prefetch if cfg.prefetch is not None else tf.data.AUTOTUNE)
+  return ds.with_options(options)
+
+
+def dataset_info(data_config) -> dict:
+  """{"num_train": examples in the train split (None if unknown), "num_classes",
+  "image_shape": (image_size, image_size, channels) fed to the model}."""
+  r = _resolve(data_config)
+  return {"num_train": datasets.split_size(r.builder, r.train_split),
+          "num_classes": datasets.num_classes(r.builder, r.spec),
+          "image_shape": (r.image_size, r.image_size, r.num_channels)}

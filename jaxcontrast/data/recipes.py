@@ -1,0 +1,79 @@
+"""Named augmentation recipes (METHODS.md §1, §2, §5, §6) and their per-view overrides.
+
+A recipe is a pair of `ViewRecipe`s: view 1 feeds the ONLINE (query) branch, view 2 the TARGET
+(key) branch. The other views derive from them:
+
+* FNC support views (METHODS §5) use view 2's recipe: they are embedded by the target encoder,
+  like the key view.
+* Multi-crop local views use view 1's recipe with their own crop scale
+  (`local_crop_scale`): they go through the online branch, as in SwAV and SCE's multi-crop.
+* SePP (§6) changes which image view 2 is cut from, not how: any recipe works.
+
+Any knob of any view can be overridden from the config (`config.view1.blur_prob = 0.3`, ...).
+"""
+import dataclasses
+from typing import Any, Mapping
+
+from jaxcontrast.data.augment import ViewRecipe
+
+# MoCo v2 (facebookresearch/moco main_moco.py, --aug-plus): both views the same.
+_MOCOV2 = ViewRecipe(crop_scale=(0.2, 1.0), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,
+                     contrast=0.4, saturation=0.4, hue=0.1, grayscale_prob=0.2, blur_prob=0.5,
+                     blur_sigma=(0.1, 2.0))
+# MoCo's CIFAR-10 demo: MoCo v2 without blur (32x32 images). Note: the PyTorch demo notebook
+# calls RandomResizedCrop(32) with torchvision's default scale (0.08, 1) as far as we know
+# (unverified); we keep MoCo v2's (0.2, 1) as specified; override view1/view2.crop_scale.
+_MOCOV2_CIFAR = dataclasses.replace(_MOCOV2, blur_prob=0.0)
+# SCE ImageNet = BYOL's augmentations: RRC (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
+# grayscale 0.2; view 1 blur p=1.0, view 2 blur p=0.1 and solarize p=0.2.
+_BYOL = ViewRecipe(crop_scale=(0.08, 1.0), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,
+                   contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2,
+                   blur_sigma=(0.1, 2.0))
+_SCE_IMAGENET_1 = dataclasses.replace(_BYOL, blur_prob=1.0, solarize_prob=0.0)
+_SCE_IMAGENET_2 = dataclasses.replace(_BYOL, blur_prob=0.1, solarize_prob=0.2)
+# SCE CIFAR: strong view (online) = MoCo CIFAR's; weak view (target) = crop + flip only.
+_WEAK = ViewRecipe(crop_scale=(0.2, 1.0), flip_prob=0.5, jitter_prob=0.0, grayscale_prob=0.0,
+                   blur_prob=0.0, solarize_prob=0.0)
+# SimCLR (FNC's official code builds on it): jitter strength 1.0, blur p=0.5, RRC (0.08, 1).
+_SIMCLR = ViewRecipe(crop_scale=(0.08, 1.0), flip_prob=0.5, jitter_prob=0.8, brightness=0.8,
+                     contrast=0.8, saturation=0.8, hue=0.2, grayscale_prob=0.2, blur_prob=0.5,
+                     blur_sigma=(0.1, 2.0))
+
+# name -> (view 1 = online/query, view 2 = target/key).
+RECIPES: dict[str, tuple[ViewRecipe, ViewRecipe]] = {
+    "mocov2": (_MOCOV2, _MOCOV2),
+    "mocov2_cifar": (_MOCOV2_CIFAR, _MOCOV2_CIFAR),
+    "sce_imagenet": (_SCE_IMAGENET_1, _SCE_IMAGENET_2),
+    "sce_cifar": (_MOCOV2_CIFAR, _WEAK),
+    "simclr": (_SIMCLR, _SIMCLR),
+    "crop_flip": (_WEAK, _WEAK),
+}
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ViewRecipe))
+
+
+def _override(base: ViewRecipe, overrides: Mapping[str, Any] | None, where: str) -> ViewRecipe:
+  """`base` with the non-None entries of `overrides` replaced (tuples for range knobs)."""
+  changes = {}
+  for name, value in dict(overrides or {}).items():
+    if name not in _FIELDS:
+      raise ValueError(f"{where}: unknown augmentation knob {name!r}; known: {list(_FIELDS)}")
+    if value is not None:
+      changes[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+  return dataclasses.replace(base, **changes)
+
+
+def view_recipes(data_config) -> dict[str, ViewRecipe]:
+  """The recipe of every view kind: "view1", "view2", "support" and "local".
+
+  Raises:
+    ValueError: unknown recipe name or override knob.
+  """
+  name = data_config.recipe
+  if name not in RECIPES:
+    raise ValueError(f"Unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
+  base1, base2 = RECIPES[name]
+  view1 = _override(base1, data_config.get("view1"), "config.view1")
+  view2 = _override(base2, data_config.get("view2"), "config.view2")
+  local = dataclasses.replace(view1, crop_scale=tuple(data_config.local_crop_scale))
+  return {"view1": view1, "view2": view2, "support": view2, "local": local}
