@@ -1,0 +1,234 @@
+"""The jitted, sharded train step of every method, and the pieces that build it from a config.
+
+One step (METHODS.md section 0), all inside one `jax.jit` over the mesh, the state donated:
+  1. key = fold_in(base_key, step); EMA momentum m from the step (no recompiles);
+  2. [ema.update == before_keys] target <- m target + (1 - m) online   (MoCo v2);
+  3. target forward (train-mode BN, its own statistics) on the key view(s) and support views,
+     with the BN-shuffle permutation of `bn.mode`; no gradient;
+  4. online forward + objective against the queue *as it was before this step*; gradients;
+  5. optimizer update; [ema.update == after_step] target EMA from the new params (SCE, FNC);
+  6. enqueue this step's keys (both views' when symmetric); step + 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxcontrast import bn_shuffle, ema, objectives
+from jaxcontrast import queue as queue_lib
+from jaxcontrast.models import build_encoder
+from jaxcontrast.sharding import DATA_AXIS
+from jaxcontrast.train_state import TrainState, init_train_state, state_shardings
+
+BN_MODES = ("sync", "ghost", "shuffle")
+QUEUE_MODES = ("replicated", "sharded")
+
+
+def default_queue_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.size = 4096            # K; 0 = no queue: the other keys of the global batch are the negatives
+  c.mode = "replicated"    # "replicated" | "sharded" (rows split over devices, K % devices == 0)
+  c.store_ids = False      # keep each row's source image id (SePP multi_positive, diagnostics)
+  return c
+
+
+def default_bn_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "sync"          # "sync" (global stats under jit) | "ghost" | "shuffle"
+  c.groups = 8             # ghost: G groups of strided samples per batch
+  c.target_only = False    # ghost: grouped BN in the target (key) network only (SCE CIFAR)
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The online and target modules (same parameter tree, maybe different BN grouping) and how
+  the key batch is permuted before the target network."""
+  online: Any
+  target: Any
+  permutation: Callable[[jax.Array, int], jax.Array] | None
+
+
+def build_models(config, mesh) -> Models:
+  """Online/target encoders for `config.bn.mode`.
+
+  sync: one module, BN statistics over the global batch (SyncBN under jit).
+  ghost: strided groups of `bn.groups` samples (both networks, or the target only), key batch
+    permuted so no key shares its query's group index (single-device Shuffle BN).
+  shuffle: per-device statistics (contiguous groups, one per device), key batch permuted across
+    the global batch (MoCo's Shuffle BN).
+  """
+  bn = config.bn
+  if bn.mode not in BN_MODES:
+    raise ValueError(f"bn.mode must be one of {BN_MODES}, got {bn.mode!r}")
+  with_bn = lambda groups, grouping: build_encoder(
+      dict(config.model, bn_groups=groups, bn_grouping=grouping))
+  if bn.mode == "sync":
+    model = build_encoder(config.model)
+    return Models(model, model, None)
+  if bn.mode == "ghost":
+    target = with_bn(bn.groups, "strided")
+    online = build_encoder(config.model) if bn.target_only else target
+    return Models(online, target,
+                  lambda rng, batch: bn_shuffle.ghost_permutation(rng, batch, bn.groups))
+  devices = mesh.shape[DATA_AXIS]
+  model = with_bn(devices, "contiguous")
+  return Models(model, model, bn_shuffle.shuffle_permutation)
+
+
+def validate_config(config) -> None:
+  """Start-up checks of the step's config sections, each naming the offending key."""
+  ema.validate(config.ema)
+  if config.queue.mode not in QUEUE_MODES:
+    raise ValueError(f"queue.mode must be one of {QUEUE_MODES}, got {config.queue.mode!r}")
+  if config.queue.size < 0:
+    raise ValueError(f"queue.size must be >= 0, got {config.queue.size}")
+  if config.queue.size == 0 and config.queue.mode == "sharded":
+    raise ValueError("queue.mode='sharded' needs queue.size > 0")
+  objectives.validate(config.objective, queue_size=config.queue.size,
+                      store_ids=config.queue.store_ids)
+
+
+def query_embedding(out: dict) -> jax.Array:
+  """The online network's output used as the query: predictor output if any, else projection."""
+  return out["prediction"] if "prediction" in out else out["projection"]
+
+
+def _interleave_per_device(a: jax.Array, b: jax.Array, devices: int) -> jax.Array:
+  """[a; b] arranged so each device's rows of the result are its own rows of a then of b."""
+  shape = a.shape[1:]
+  a = a.reshape(devices, -1, *shape)
+  b = b.reshape(devices, -1, *shape)
+  return jnp.concatenate([a, b], axis=1).reshape(-1, *shape)
+
+
+def make_train_step(config, *, models: Models, tx: optax.GradientTransformation, mesh,
+                    total_steps: int, base_rng: jax.Array):
+  """The un-jitted step `(state, batch) -> (state, metrics)`; `jit_train_step` compiles it.
+
+  batch: dict of global arrays split on `data`: "view1" (online view), "view2" (key view),
+  optional "support" (B, S, H, W, C), "id", "key_id", "neighbors".
+  """
+  validate_config(config)
+  cfg_ema, cfg_obj, cfg_queue = config.ema, config.objective, config.queue
+  symmetric = bool(cfg_obj.symmetric)
+  objective_fn = objectives.make_objective_fn(cfg_obj, mesh=mesh, queue_mode=cfg_queue.mode)
+  devices = mesh.shape[DATA_AXIS]
+
+  def encode_keys(params, stats, images, rng):
+    """Target forward in train mode; returns (keys without gradient, new BN stats)."""
+    perm = None
+    if models.permutation is not None:
+      perm = models.permutation(rng, images.shape[0])
+      images = images[perm]
+    out, updates = models.target.apply({"params": params, "batch_stats": stats}, images,
+                                       train=True, predict=False, mutable=["batch_stats"])
+    keys = out["projection"]
+    if perm is not None:
+      keys = bn_shuffle.unpermute(keys, perm)
+    return jax.lax.stop_gradient(keys), updates["batch_stats"]
+
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    m = ema.momentum(state.step, base=cfg_ema.momentum, schedule=cfg_ema.schedule,
+                     total_steps=total_steps)
+    ema_params = state.ema_params
+    if cfg_ema.update == "before_keys":
+      ema_params = ema.update(ema_params, state.params, m)
+
+    # Target branch: keys of the key view (and of view 1 when symmetric).
+    k2, ema_stats = encode_keys(ema_params, state.ema_batch_stats, batch["view2"],
+                                jax.random.fold_in(rng, 0))
+    k1 = None
+    if symmetric:
+      k1, ema_stats = encode_keys(ema_params, ema_stats, batch["view1"], jax.random.fold_in(rng, 1))
+    extras = {}
+    if "support" in batch:
+      support = batch["support"]
+      b, s = support.shape[:2]
+      # Detection only: no permutation needed, and the running statistics keep to key views.
+      out = models.target.apply({"params": ema_params, "batch_stats": ema_stats},
+                                support.reshape(b * s, *support.shape[2:]), train=True,
+                                predict=False, mutable=["batch_stats"])[0]
+      extras["support"] = jax.lax.stop_gradient(out["projection"].reshape(b, s, -1))
+    batch_size = batch["view1"].shape[0]
+    ids = batch.get("id", jnp.full((batch_size,), -1, jnp.int32))
+    key_ids = batch.get("key_id", ids)
+    if cfg_obj.loss == "multi_positive":
+      extras.update(id=ids, key_id=key_ids)
+      if "neighbors" in batch:
+        extras["neighbors"] = batch["neighbors"]
+
+    queue = state.queue
+    queue_keys = None if queue is None else queue.keys
+    queue_ids = None if queue is None else queue.ids
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      out1, updates = models.online.apply(variables, batch["view1"], train=True,
+                                          mutable=["batch_stats"])
+      queries, keys = (query_embedding(out1),), (k2,)
+      stats = updates["batch_stats"]
+      if symmetric:
+        out2, updates = models.online.apply({"params": params, "batch_stats": stats},
+                                            batch["view2"], train=True, mutable=["batch_stats"])
+        queries, keys = queries + (query_embedding(out2),), (k2, k1)
+        stats = updates["batch_stats"]
+      loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, extras)
+      return loss, (metrics, stats)
+
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if cfg_ema.update == "after_step":
+      ema_params = ema.update(ema_params, params, m)
+
+    if queue is not None:
+      new_keys, new_ids = k2, key_ids
+      if symmetric:
+        if cfg_queue.mode == "sharded":
+          new_keys = _interleave_per_device(k1, k2, devices)
+          new_ids = _interleave_per_device(ids, key_ids, devices)
+        else:
+          new_keys, new_ids = jnp.concatenate([k1, k2]), jnp.concatenate([ids, key_ids])
+      new_keys = new_keys / jnp.linalg.norm(new_keys, axis=-1, keepdims=True).clip(1e-12)
+      if not cfg_queue.store_ids:
+        new_ids = None
+      if cfg_queue.mode == "sharded":
+        queue = queue_lib.enqueue_sharded(queue, new_keys, new_ids, mesh=mesh, axis_name=DATA_AXIS)
+      else:
+        queue = queue_lib.enqueue(queue, new_keys, new_ids)
+
+    metrics = dict(metrics, ema_momentum=m,
+                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                              batch_stats=batch_stats, ema_batch_stats=ema_stats,
+                              opt_state=opt_state, queue=queue)
+    return new_state, metrics
+
+  return step_fn
+
+
+def create_state(config, *, models: Models, tx, mesh, sample_images, rng):
+  """The initial state, placed with its shardings (queue rows split in `sharded` mode)."""
+  queue_dim = config.model.proj_dim
+  init = lambda r: init_train_state(r, model=models.online, tx=tx, sample_images=sample_images,
+                                    queue_size=config.queue.size, queue_dim=queue_dim,
+                                    ema_init=config.ema.init,
+                                    queue_blocks=(mesh.shape[DATA_AXIS]
+                                                  if config.queue.mode == "sharded" else 1))
+  shapes = jax.eval_shape(init, rng)
+  shardings = state_shardings(shapes, mesh, config.queue.mode)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def jit_train_step(step_fn, *, mesh, shardings):
+  """Compile with the state donated, kept in its shardings, and the batch split on `data`."""
+  return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(mesh, P(DATA_AXIS))),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
