@@ -1,0 +1,421 @@
+"""Tests for jaxcontrast.models: ResNets, grouped BatchNorm, matmul convolution, heads, config.
+
+Kept fast on a 2-core CPU: shapes and parameter counts come from `jax.eval_shape` (tracing, no
+compilation), numerical tests use width-1/8 networks on 16x16 / 32x32 inputs, and parameters for
+numerical comparisons are drawn with NumPy (no compiled random initialisers).
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxcontrast import models
+from jaxcontrast.models import conv as conv_lib
+from jaxcontrast.models import norm as norm_lib
+from jaxcontrast.sharding import make_mesh
+
+
+def _shapes(module, *args, **kwargs):
+  """Variable shapes of `module.init` without running it."""
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+
+
+def _np_variables(module, *args, seed=0, **kwargs):
+  """Variables with `module.init`'s tree, filled by NumPy (no compilation).
+
+  Kernels ~ N(0, 1/fan_in) keep activations O(1); scales/biases/statistics are perturbed away
+  from their trivial init values so that they matter in the comparisons.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      v = rng.normal(size=s.shape) / math.sqrt(math.prod(s.shape[:-1]))
+    elif name in ("scale", "var"):
+      v = rng.uniform(0.5, 1.5, size=s.shape)
+    else:  # bias, mean
+      v = 0.1 * rng.normal(size=s.shape)
+    return jnp.asarray(v, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, _shapes(module, *args, **kwargs))
+
+
+def _tree_shapes(tree):
+  return jax.tree.map(lambda a: (tuple(a.shape), a.dtype), tree)
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                               rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------- ResNet backbones
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("resnet18", 11_689_512 - 513_000),  # torchvision totals minus the 1000-way fc layer
+    ("resnet34", 21_797_672 - 513_000),
+    ("resnet50", 25_557_032 - 2_049_000),
+])
+def test_full_width_parameter_counts_match_torchvision(arch, expected):
+  variables = _shapes(models.build_resnet(arch), jnp.zeros((1, 224, 224, 3)), train=False)
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) == expected
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize("arch,feat", [("resnet18", 128), ("resnet34", 128), ("resnet50", 512)])
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_backbone_shapes(arch, feat, stem, channels):
+  net = models.build_resnet(arch, stem=stem, width=0.25)
+  x = jnp.zeros((2, 32, 32, channels))
+  variables = _shapes(net, x, train=False)
+  y, state = jax.eval_shape(
+      lambda v: net.apply(v, x, train=True, mutable=["batch_stats"],
+                          capture_intermediates=True), variables)
+  assert y.shape == (2, feat) == (2, models.feature_dim(arch, 0.25))
+  stem_k = 7 if stem == "imagenet" else 3
+  assert variables["params"]["conv1"]["kernel"].shape == (stem_k, stem_k, channels, 16)
+  # ImageNet stem: /2 conv and /2 max-pool before stage 1; CIFAR stem keeps the resolution.
+  side = 8 if stem == "imagenet" else 32
+  assert state["intermediates"]["layer1_0"]["__call__"][0].shape[1:3] == (side, side)
+  assert state["intermediates"]["layer4_0"]["__call__"][0].shape[1:3] == (side // 8, side // 8)
+
+
+def test_stride_padding_is_torchvision_symmetric():
+  # 7x7/2 conv with padding 3 on a 6x6 input: output pixel (0, 0) sees rows/cols -3..3.
+  # 7x7/2 conv on a 6x6 input: torchvision pads 3 on every side, so output (i, j) sees input
+  # rows/cols 2i-3 .. 2i+3 and an impulse at (4, 4) reaches outputs i, j in {1, 2} only.
+  # ("SAME" would pad 2 before / 3 after, and output (0, 0) would see it too.)
+  x = jnp.zeros((1, 6, 6, 1)).at[0, 4, 4, 0].set(1.0)
+  kernel = jnp.ones((7, 7, 1, 1))
+  expected = np.array([[0, 0, 0], [0, 1, 1], [0, 1, 1]], np.float32)
+  for impl in conv_lib.CONV_IMPLS:
+    y = models.Conv(1, (7, 7), (2, 2), impl=impl).apply({"params": {"kernel": kernel}}, x)
+    np.testing.assert_array_equal(np.asarray(y[0, :, :, 0]), expected)
+
+
+def test_conv_init_is_kaiming_fan_out():
+  conv = models.Conv(256, (3, 3))
+  kernel = conv.init(jax.random.key(0), jnp.zeros((1, 4, 4, 64)))["params"]["kernel"]
+  np.testing.assert_allclose(np.std(kernel), math.sqrt(2.0 / (3 * 3 * 256)), rtol=0.03)
+  assert abs(float(np.mean(kernel))) < 1e-3
+
+
+def test_zero_init_residual_zeroes_last_norm_scale():
+  conv = lambda *a, **k: models.Conv(*a, **k)  # noqa: E731
+  block = models.BasicBlock(planes=4, strides=1, conv=conv,
+                            norm=norm_lib.make_norm("batch", train=False),
+                            zero_init_residual=True)
+  params = block.init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)))["params"]
+  np.testing.assert_array_equal(params["bn1"]["scale"], np.ones(4))
+  np.testing.assert_array_equal(params["bn2"]["scale"], np.zeros(4))
+  # Off by default (torchvision): the last scale starts at 1.
+  assert models.build_resnet("resnet18").zero_init_residual is False
+
+
+def test_group_norm_backbone_has_no_batch_stats_and_divisible_groups():
+  assert [norm_lib.gn_num_groups(c) for c in (8, 16, 48, 64, 512)] == [8, 16, 16, 32, 32]
+  net = models.build_resnet("resnet18", stem="cifar", width=0.125, norm="group")
+  x = jnp.zeros((2, 16, 16, 3))
+  variables = _shapes(net, x, train=False)
+  assert "batch_stats" not in variables
+  assert jax.eval_shape(lambda v: net.apply(v, x, train=True), variables).shape == (2, 64)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_matches_float32():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 16, 16, 3)), jnp.float32)
+  f32 = models.build_resnet("resnet18", stem="cifar", width=0.125)
+  bf16 = models.build_resnet("resnet18", stem="cifar", width=0.125, dtype=jnp.bfloat16)
+  assert _tree_shapes(_shapes(bf16, x, train=False)) == _tree_shapes(_shapes(f32, x, train=False))
+  variables = _np_variables(f32, x, train=False)
+  y32, y16 = (jax.jit(lambda v, net=net: net.apply(v, x, train=True, mutable=["batch_stats"])[0])(
+      variables) for net in (f32, bf16))
+  assert y32.dtype == jnp.float32 and y16.dtype == jnp.bfloat16
+  rel = np.linalg.norm(np.asarray(y16, np.float32) - y32) / np.linalg.norm(y32)
+  assert rel < 0.05, rel
+
+
+# ----------------------------------------------------------------------- matmul vs XLA convolution
+
+
+@pytest.mark.parametrize("kernel,stride,cin", [
+    (3, 1, 3), (3, 2, 5), (1, 1, 4), (1, 2, 4), (7, 2, 1), (7, 2, 3)])
+def test_conv_matmul_matches_flax_conv_values_and_grads(kernel, stride, cin):
+  rng = np.random.default_rng(kernel * 10 + stride + cin)
+  x = jnp.asarray(rng.normal(size=(2, 11, 10, cin)), jnp.float32)
+  pad = ((kernel // 2, kernel // 2),) * 2
+  ref = nn.Conv(6, (kernel, kernel), (stride, stride), padding=pad, use_bias=True)
+  ref_vars = ref.init(jax.random.key(0), x)
+  ours = {impl: models.Conv(6, (kernel, kernel), (stride, stride), use_bias=True, impl=impl)
+          for impl in conv_lib.CONV_IMPLS}
+  for impl, mod in ours.items():
+    assert _tree_shapes(_shapes(mod, x)) == _tree_shapes(ref_vars), impl
+  out_shape = jax.eval_shape(ref.apply, ref_vars, x).shape
+  cot = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+  @jax.jit  # one compilation for the three modules
+  def value_and_grads(v, x):
+    def one(mod):
+      f = lambda v, x: jnp.sum(mod.apply(v, x) * cot)  # noqa: E731
+      return mod.apply(v, x), jax.grad(f, argnums=(0, 1))(v, x)
+    return one(ref), {impl: one(mod) for impl, mod in ours.items()}
+
+  expected, got = value_and_grads(ref_vars, x)
+  for impl in ours:
+    _assert_trees_close(got[impl], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_matmul_and_xla_same_params_outputs_grads():
+  # Train mode (batch statistics), so gradients flow through BN as in training. Float32 rounding
+  # differs between the two paths and compounds over 18 layers, so each leaf is compared to
+  # 1e-4 of its largest magnitude (a wrong patch ordering gives O(1) errors).
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 16, 16, 3)), jnp.float32)
+  nets = {impl: models.build_resnet("resnet18", stem="cifar", width=0.125, conv_impl=impl)
+          for impl in conv_lib.CONV_IMPLS}
+  assert _tree_shapes(_shapes(nets["xla"], x, train=False)) == _tree_shapes(
+      _shapes(nets["matmul"], x, train=False))
+  variables = _np_variables(nets["xla"], x, train=False)
+
+  @jax.jit
+  def run(params):
+    def loss(params, net):
+      y, upd = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                         train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y)), (y, upd)
+    return {impl: jax.grad(loss, has_aux=True)(params, net) for impl, net in nets.items()}
+
+  out = run(variables["params"])
+  assert jax.tree.structure(out["matmul"]) == jax.tree.structure(out["xla"])
+  for a, b in zip(jax.tree.leaves(out["matmul"]), jax.tree.leaves(out["xla"])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+# ---------------------------------------------------------------------------- grouped BatchNorm
+
+
+def _np_grouped_bn(x, groups, grouping, scale, bias, eps=1e-5):
+  """Reference: split the batch into groups by index, normalise each with its own statistics."""
+  b = x.shape[0]
+  y = np.empty_like(x)
+  means, variances = [], []
+  for g in range(groups):
+    idx = (np.arange(g, b, groups) if grouping == "strided"
+           else np.arange(g * b // groups, (g + 1) * b // groups))
+    xs = x[idx].reshape(-1, x.shape[-1])
+    mu, var = xs.mean(0), xs.var(0)
+    y[idx] = (x[idx] - mu) / np.sqrt(var + eps) * scale + bias
+    means.append(mu)
+    variances.append(var)
+  return y, np.mean(means, 0), np.mean(variances, 0)
+
+
+@pytest.mark.parametrize("grouping", ["strided", "contiguous"])
+@pytest.mark.parametrize("shape", [(8, 3, 2, 5), (12, 6)])
+def test_grouped_bn_train_matches_numpy_reference(grouping, shape):
+  rng = np.random.default_rng(3)
+  # Per-sample offsets and scales make every grouping give different statistics.
+  x = rng.normal(size=shape) * rng.uniform(0.5, 3, size=(shape[0],) + (1,) * (len(shape) - 1))
+  x = (x + 2 * rng.normal(size=(shape[0],) + (1,) * (len(shape) - 1))).astype(np.float32)
+  groups = 4
+  bn = models.GroupedBatchNorm(groups=groups, grouping=grouping)
+  variables = _np_variables(bn, x, use_running_average=False)
+  y, upd = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  p, s = variables["params"], variables["batch_stats"]
+  y_ref, mu, var = _np_grouped_bn(x, groups, grouping, np.asarray(p["scale"]),
+                                  np.asarray(p["bias"]))
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.9 * s["mean"] + 0.1 * mu, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 * s["var"] + 0.1 * var, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_grouped_bn_eval_uses_running_stats():
+  x = np.random.default_rng(4).normal(size=(6, 3, 3, 4)).astype(np.float32)
+  bn = models.GroupedBatchNorm(groups=2, use_running_average=True)
+  v = _np_variables(bn, x)
+  y, upd = bn.apply(v, x, mutable=["batch_stats"])
+  s, p = v["batch_stats"], v["params"]
+  y_ref = (x - s["mean"]) / np.sqrt(s["var"] + 1e-5) * p["scale"] + p["bias"]
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  _assert_trees_close(upd["batch_stats"], s, rtol=0, atol=0)
+  # Eval mode does not look at the batch: one sample alone gives the same output.
+  np.testing.assert_allclose(bn.apply(v, x[:1]), y[:1], rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_bn_with_one_group_equals_flax_batchnorm():
+  x = np.random.default_rng(5).normal(size=(6, 4, 4, 3)).astype(np.float32) * 2 + 1
+  ours = models.GroupedBatchNorm(groups=1)
+  ref = nn.BatchNorm(momentum=0.9, epsilon=1e-5)
+  v = _np_variables(ref, x, use_running_average=False)
+  assert _tree_shapes(_shapes(ours, x, use_running_average=False)) == _tree_shapes(v)
+  for train in (True, False):
+    outs = [m.apply(v, x, use_running_average=not train, mutable=["batch_stats"])
+            for m in (ours, ref)]
+    _assert_trees_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_bn_init_does_not_move_running_stats():
+  v = models.GroupedBatchNorm(groups=2).init(jax.random.key(0), 5 + jnp.ones((4, 3)),
+                                             use_running_average=False)
+  np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3))
+  np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3))
+
+
+def test_grouped_bn_rejects_indivisible_batch_and_bad_grouping():
+  x = jnp.ones((6, 3))
+  with pytest.raises(ValueError, match="not divisible"):
+    models.GroupedBatchNorm(groups=4).init(jax.random.key(0), x, use_running_average=False)
+  with pytest.raises(ValueError, match="bn_grouping"):
+    models.GroupedBatchNorm(groups=2, grouping="random").init(
+        jax.random.key(0), x, use_running_average=False)
+
+
+@pytest.mark.parametrize("groups,grouping,local", [
+    (8, "contiguous", True), (16, "contiguous", True), (4, "contiguous", False),
+    (1, "contiguous", False),
+    (8, "strided", False)])
+def test_contiguous_bn_statistics_are_device_local(groups, grouping, local):
+  # Batch of 16 sharded over 8 devices (2 samples each): contiguous groups that lie inside one
+  # device's shard (G = 8 or 16) need no collective to normalise; groups spanning devices
+  # (G = 4), SyncBN (G = 1) and strided groups do.
+  mesh = make_mesh(8)
+  bn = models.GroupedBatchNorm(groups=groups, grouping=grouping, use_running_average=False)
+  x = jax.device_put(jnp.ones((16, 4, 4, 8)), NamedSharding(mesh, P("data")))
+  v = bn.init(jax.random.key(0), x)
+  f = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"])[0],
+              out_shardings=NamedSharding(mesh, P("data")))
+  hlo = f.lower(v, x).compile().as_text()
+  has_collective = any(op in hlo for op in ("all-reduce", "all-gather", "all-to-all",
+                                            "collective-permute"))
+  assert has_collective != local
+
+
+# ----------------------------------------------------------------------------- heads and encoder
+
+
+def test_moco_v2_projector_layer_structure():
+  head = models.MLPHead(hidden_dims=(2048,), out_dim=128)
+  v = _shapes(head, jnp.zeros((2, 2048)), train=False)
+  assert "batch_stats" not in v
+  assert jax.tree.map(lambda a: a.shape, v["params"]) == {
+      "fc0": {"kernel": (2048, 2048), "bias": (2048,)},
+      "fc_out": {"kernel": (2048, 128), "bias": (128,)}}
+
+
+def test_sce_projector_and_predictor_structure():
+  proj = models.MLPHead(hidden_dims=(2048,), out_dim=256, use_bn=True, last_bn=True)
+  v = _shapes(proj, jnp.zeros((2, 2048)), train=False)
+  assert set(v["params"]) == {"fc0", "bn0", "fc_out"}  # last BN has no affine parameters
+  assert v["params"]["bn0"]["scale"].shape == (2048,)
+  assert jax.tree.map(lambda a: a.shape, v["batch_stats"]) == {
+      "bn0": {"mean": (2048,), "var": (2048,)}, "bn_out": {"mean": (256,), "var": (256,)}}
+  pred = models.MLPHead(hidden_dims=(4096,), out_dim=256, use_bn=True)
+  v = _shapes(pred, jnp.zeros((2, 256)), train=False)
+  assert v["params"]["fc0"]["kernel"].shape == (256, 4096)
+  assert v["params"]["fc_out"]["kernel"].shape == (4096, 256)
+
+
+def test_head_numerics_relu_and_last_bn():
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(8, 5)).astype(np.float32)
+  head = models.MLPHead(hidden_dims=(7,), out_dim=3, last_bn=True)
+  v = _np_variables(head, x, train=False)
+  y, _ = head.apply(v, x, train=True, mutable=["batch_stats"])
+  p = v["params"]
+  z = np.maximum(x @ p["fc0"]["kernel"] + p["fc0"]["bias"], 0)
+  z = z @ p["fc_out"]["kernel"] + p["fc_out"]["bias"]
+  np.testing.assert_allclose(y, (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5), rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_head_uses_pytorch_linear_init():
+  v = models.MLPHead(hidden_dims=(), out_dim=512).init(jax.random.key(0), jnp.zeros((1, 400)),
+                                                       train=False)
+  bound = 1 / math.sqrt(400)
+  for name in ("kernel", "bias"):
+    w = np.asarray(v["params"]["fc_out"][name])
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+  np.testing.assert_allclose(np.std(v["params"]["fc_out"]["kernel"]), bound / math.sqrt(3),
+                             rtol=0.02)
+
+
+def _tiny_config(**overrides):
+  cfg = models.default_model_config()
+  cfg.update(dict(arch="resnet18", stem="cifar", width=0.125))
+  cfg.update(overrides)
+  return cfg
+
+
+def test_encoder_sce_recipe_outputs_and_predict_flag():
+  cfg = _tiny_config(proj_hidden_dims=(32,), proj_dim=16, proj_bn=True, proj_last_bn=True,
+                     pred_hidden_dims=(24,), pred_dim=16)
+  enc = models.build_encoder(cfg)
+  x = jnp.zeros((4, 16, 16, 3))
+  # Initialising with predict=False (the target's call) still creates the predictor.
+  v = _shapes(enc, x, train=False, predict=False)
+  assert set(v["params"]) == {"backbone", "projector", "predictor"}
+  assert v["params"]["predictor"]["fc0"]["kernel"].shape == (16, 24)
+  assert _tree_shapes(v) == _tree_shapes(_shapes(enc, x, train=False))
+
+  def run(predict):
+    return jax.eval_shape(lambda v: enc.apply(v, x, train=True, predict=predict,
+                                              mutable=["batch_stats"]), v)
+  out, upd = run(True)
+  assert {k: a.shape for k, a in out.items()} == {
+      "features": (4, 64), "projection": (4, 16), "prediction": (4, 16)}
+  assert all(a.dtype == jnp.float32 for a in out.values())
+  out, upd_target = run(False)
+  assert set(out) == {"features", "projection"}
+  # The target pass returns the whole batch_stats tree (predictor stats untouched).
+  assert _tree_shapes(upd_target) == _tree_shapes(upd)
+
+
+@pytest.mark.parametrize("overrides,feat,hidden,proj", [
+    (dict(arch="resnet18", stem="cifar", width=1.0, proj_hidden_dims=(512,), proj_dim=128),
+     512, 512, 128),  # MoCo / SCE CIFAR: 512-512-128
+    (dict(), 2048, 2048, 128),  # defaults: MoCo v2 ImageNet R50, 2048-2048-128
+])
+def test_encoder_recipe_dims(overrides, feat, hidden, proj):
+  enc = models.build_encoder(overrides)
+  x = jnp.zeros((2, 32, 32, 3))
+  v = _shapes(enc, x, train=False)
+  out = jax.eval_shape(lambda v: enc.apply(v, x, train=False), v)
+  assert {k: a.shape for k, a in out.items()} == {"features": (2, feat), "projection": (2, proj)}
+  assert v["params"]["projector"]["fc0"]["kernel"].shape == (feat, hidden)
+  assert v["params"]["projector"]["fc_out"]["kernel"].shape == (hidden, proj)
+  assert set(v["params"]["projector"]) == {"fc0", "fc_out"}
+
+
+def test_encoder_bfloat16_outputs_float32_params():
+  enc = models.build_encoder(_tiny_config(dtype="bfloat16", proj_hidden_dims=(8,), proj_dim=4))
+  x = jnp.zeros((2, 16, 16, 1))
+  v = _shapes(enc, x, train=False)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
+  out = jax.eval_shape(lambda v: enc.apply(v, x, train=False), v)
+  assert all(a.dtype == jnp.float32 for a in out.values())
+
+
+def test_default_model_config_keys():
+  assert set(models.default_model_config()) == {
+      "arch", "stem", "width", "norm", "bn_groups", "bn_grouping", "dtype", "conv_impl",
+      "zero_init_residual", "proj_hidden_dims", "proj_dim", "proj_bn", "proj_last_bn",
+      "pred_hidden_dims", "pred_dim", "pred_bn"}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("arch", "resnet101"), ("stem", "tiny"), ("width", 0), ("width", "big"), ("norm", "layer"),
+    ("bn_groups", 0), ("bn_groups", 2.0), ("bn_grouping", "random"), ("dtype", "float16"),
+    ("conv_impl", "fft"), ("proj_hidden_dims", (0,)), ("proj_dim", 0), ("pred_dim", -1),
+    ("proj_bn", 1), ("pred_hidden_dims", 128), ("not_a_key", 1)])
+def test_build_encoder_rejects_invalid_config(key, value):
+  with pytest.raises(ValueError, match=key):
+    models.build_encoder({key: value})
