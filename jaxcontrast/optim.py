@@ -1,0 +1,159 @@
+"""Optimizer factory: config -> (optax.GradientTransformation, learning-rate schedule).
+
+Optimizers (METHODS.md sections 1-2):
+- `sgd`: PyTorch SGD with momentum and *coupled* weight decay: the decay is added to the gradient
+  before momentum, `g <- g + wd * p; v <- m * v + g; p <- p - lr * v` (Nesterov optional).
+  MoCo v2: lr 0.03 at batch 256, wd 1e-4 on every parameter, cosine schedule.
+- `lars`: LARS (You et al. 2017) as in SimCLR/BYOL/SCE: `u = g + wd * p`, trust ratio
+  `r = trust_coefficient * ||p|| / (||u|| + eps)` per parameter tensor (1 when either norm is 0),
+  `v <- m * v + lr * r * u; p <- p - v` (the learning rate enters the momentum buffer, as in
+  `optax.lars`). With `exclude_1d_from_wd`, 1-D parameters (biases, norm scales and offsets) get
+  neither weight decay nor the trust ratio (r = 1): for them this is plain momentum SGD. SCE:
+  lr 0.3 * B / 256, wd 1e-6, 10 warm-up epochs.
+- `adamw`: `optax.adamw` (decoupled decay, multiplied by the learning rate), b1 = `momentum`.
+
+Schedule, with peak lr `P = base_lr * global_batch / 256` (`lr_scaling="linear"`) or `base_lr`
+(`"none"`), warm-up W steps, total T steps, final lr F:
+  t < W:  lr(t) = P * t / W                                  (linear warm-up from 0)
+  t >= W: lr(t) = F + (P - F) * (1 + cos(pi * min(t - W, T - W) / (T - W))) / 2   (cosine)
+          lr(t) = P                                          (constant)
+The schedule is a jnp function of the step, evaluated inside the compiled step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+OPTIMIZERS = ("sgd", "lars", "adamw")
+SCHEDULES = ("cosine", "constant")
+LR_SCALINGS = ("linear", "none")
+LR_REFERENCE_BATCH = 256
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+  """MoCo v2 ImageNet optimizer: SGD lr 0.03 (batch 256), momentum 0.9, wd 1e-4, cosine."""
+  c = ml_collections.ConfigDict()
+  c.name = "sgd"                  # "sgd" | "lars" | "adamw"
+  c.base_lr = 0.03                # peak lr at batch 256 ("linear" scaling) or the peak lr itself
+  c.lr_scaling = "linear"         # "linear": peak = base_lr * global_batch / 256 | "none"
+  c.momentum = 0.9                # SGD / LARS momentum; AdamW b1
+  c.nesterov = False              # Nesterov momentum (sgd, lars)
+  c.weight_decay = 1e-4           # L2 (sgd, lars: added to the gradient) / decoupled (adamw)
+  c.exclude_1d_from_wd = False    # 1-D params (biases, norm scale/offset): no wd; lars: no trust
+  #                                 ratio either (True in the SCE / FNC LARS recipes)
+  c.warmup_steps = 0              # linear warm-up from 0 to the peak lr over this many steps
+  c.schedule = "cosine"           # "cosine" (to final_lr at total_steps) | "constant"
+  c.final_lr = 0.0                # lr at the end of the cosine decay (absolute, not scaled)
+  c.trust_coefficient = 1e-3      # LARS trust coefficient
+  c.eps = 0.0                     # LARS: added to the update norm in the trust ratio
+  c.adam_b2 = 0.999               # AdamW second-moment decay
+  c.adam_eps = 1e-8               # AdamW epsilon
+  return c
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"optim config: invalid {key}={value!r}; expected {allowed}")
+
+
+def _number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def resolve_optim_config(optim_config: Any) -> ml_collections.ConfigDict:
+  """Defaults overridden by `optim_config` (ConfigDict or dict); ValueError names a bad key."""
+  merged = default_optim_config().to_dict()
+  for key, value in dict(optim_config).items():
+    if key not in merged:
+      raise ValueError(f"optim config: unknown key {key!r}; known keys: {sorted(merged)}")
+    merged[key] = value
+  c = ml_collections.ConfigDict(merged, type_safe=False)
+  for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES),
+                       ("lr_scaling", LR_SCALINGS)):
+    if c[key] not in allowed:
+      _fail(key, c[key], f"one of {allowed}")
+  for key in ("base_lr", "weight_decay", "final_lr", "trust_coefficient", "eps", "adam_eps"):
+    if not _number(c[key]) or c[key] < 0:
+      _fail(key, c[key], "a number >= 0")
+  for key in ("momentum", "adam_b2"):
+    if not _number(c[key]) or not 0 <= c[key] < 1:
+      _fail(key, c[key], "a number in [0, 1)")
+  for key in ("nesterov", "exclude_1d_from_wd"):
+    if not isinstance(c[key], bool):
+      _fail(key, c[key], "a bool")
+  if not isinstance(c.warmup_steps, int) or isinstance(c.warmup_steps, bool) or (
+      c.warmup_steps < 0):
+    _fail("warmup_steps", c.warmup_steps, "an int >= 0")
+  return c
+
+
+def peak_learning_rate(optim_config: Any, global_batch_size: int) -> float:
+  """base_lr * global_batch_size / 256 with linear scaling, else base_lr."""
+  c = resolve_optim_config(optim_config)
+  if c.lr_scaling == "linear":
+    return c.base_lr * global_batch_size / LR_REFERENCE_BATCH
+  return float(c.base_lr)
+
+
+def make_schedule(optim_config: Any, *, global_batch_size: int, total_steps: int
+                  ) -> Callable[[jax.Array], jax.Array]:
+  """Learning rate as a traceable function of the step (formula in the module docstring)."""
+  c = resolve_optim_config(optim_config)
+  if not isinstance(total_steps, int) or total_steps < 1:
+    raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+  if c.warmup_steps > total_steps:
+    _fail("warmup_steps", c.warmup_steps, f"<= total_steps ({total_steps})")
+  peak = peak_learning_rate(c, global_batch_size)
+  warmup, final = c.warmup_steps, float(c.final_lr)
+  decay_steps = total_steps - warmup
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    if c.schedule == "cosine" and decay_steps > 0:
+      progress = jnp.clip(t - warmup, 0.0, decay_steps) / decay_steps
+      after = final + (peak - final) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    elif c.schedule == "cosine":  # all steps are warm-up: decay is empty
+      after = jnp.asarray(final, jnp.float32)
+    else:
+      after = jnp.asarray(peak, jnp.float32)
+    if warmup == 0:
+      return after
+    return jnp.where(t < warmup, peak * t / warmup, after)
+
+  return schedule
+
+
+def _not_1d_mask(params):
+  """True for parameters with more than one dimension (kernels), False for biases/scales."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(optim_config: Any, *, global_batch_size: int, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+  """Returns `(tx, schedule)`: the optax transformation and its learning-rate schedule.
+
+  Args:
+    optim_config: ConfigDict/dict with `default_optim_config()`'s keys (missing keys default).
+    global_batch_size: batch size summed over all devices (for linear lr scaling).
+    total_steps: length of the run in optimizer steps (end of the cosine).
+  """
+  c = resolve_optim_config(optim_config)
+  schedule = make_schedule(c, global_batch_size=global_batch_size, total_steps=total_steps)
+  mask = _not_1d_mask if c.exclude_1d_from_wd else None
+  if c.name == "sgd":
+    tx = optax.chain(
+        optax.add_decayed_weights(c.weight_decay, mask=mask),
+        optax.sgd(schedule, momentum=c.momentum or None, nesterov=c.nesterov))
+  elif c.name == "lars":
+    tx = optax.lars(
+        schedule, weight_decay=c.weight_decay, weight_decay_mask=mask or True,
+        trust_coefficient=c.trust_coefficient, eps=c.eps, trust_ratio_mask=mask or True,
+        momentum=c.momentum, nesterov=c.nesterov)
+  else:
+    tx = optax.adamw(schedule, b1=c.momentum, b2=c.adam_b2, eps=c.adam_eps,
+                     weight_decay=c.weight_decay, mask=mask)
+  return tx, schedule
