@@ -94,11 +94,12 @@ def convert_channels(image: tf.Tensor, num_channels: int | None) -> tf.Tensor:
                      "(supported: 1 -> 3, 3 -> 1, or num_channels=None to keep).")
   # Unknown static channel count: decide at run time.
   dynamic = tf.shape(image)[-1]
-  tf.debugging.assert_equal(
-      tf.logical_or(tf.equal(dynamic, num_channels),
-                    tf.logical_or(tf.equal(dynamic, 1), tf.equal(dynamic, 3))), True,
+  check = tf.debugging.assert_equal(
+      tf.logical_or(tf.equal(dynamic, 1), tf.equal(dynamic, 3)), True,
       message=f"Image channel count cannot be converted to {num_channels} "
               "(supported: 1 -> 3, 3 -> 1, or num_channels=None to keep).")
+  with tf.control_dependencies([check]):
+    image = tf.identity(image)
   if num_channels == 3:
     out = tf.cond(tf.equal(dynamic, 1), lambda: tf.tile(image, [1, 1, 3]), lambda: image)
   else:

@@ -105,6 +105,11 @@ def _absolute(builder, split: str):
   return instructions
 
 
+def check_split(builder, split: str) -> None:
+  """Raises ValueError (listing the available splits) if `split` does not exist."""
+  _absolute(builder, split)
+
+
 def split_size(builder, split: str) -> int | None:
   """Number of examples of `split`, or None when tfds does not know (mock data)."""
   instructions = _absolute(builder, split)

@@ -210,6 +210,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
   if semantic and not 0 <= p_semantic <= 1:
     raise ValueError(f"p_semantic must be a probability, got {p_semantic}")
 
+  datasets.check_split(r.builder, r.train_split)
   get_image, pairs_var, sepp_offset = None, None, 0
   if semantic:
     ds, get_image, pairs_var, sepp_offset = _sepp_source(cfg, r, process_index, process_count)
@@ -313,6 +314,7 @@ def make_eval_dataset(data_config, *, batch_size: int, split: str | None = None,
   r = _resolve(cfg)
   process_index, process_count = _process(process_index, process_count)
   split = split or r.eval_split
+  datasets.check_split(r.builder, split)
   local = datasets.process_split(split, process_index, process_count)
   options = _options(cfg)
   ds = datasets.read_split(r.builder, r.spec, local, base_split=split, decode=True,

@@ -1,0 +1,170 @@
+"""Training and evaluation pipelines on the real Fashion-MNIST files (via our tfds builder)."""
+import numpy as np
+import pytest
+
+from jaxcontrast.data import pipeline
+from jaxcontrast.data import recipes
+from jaxcontrast.data.fashion_mnist import load_fashion_mnist_numpy
+from test_data_helpers import fashion_config, fashion_dir, first_batch, unnormalize  # pylint: disable=unused-import
+
+MEAN, STD = (0.2860,), (0.3530,)
+
+
+@pytest.fixture(scope="module")
+def numpy_test_split():
+  return load_fashion_mnist_numpy("test")
+
+
+def _train(cfg, seed=0, batch_size=8, process_index=0, process_count=1):
+  return pipeline.make_train_dataset(cfg, batch_size=batch_size, seed=seed,
+                                     process_index=process_index, process_count=process_count)
+
+
+@pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
+def test_every_recipe_shapes_views_and_determinism(fashion_dir, recipe):
+  cfg = fashion_config(fashion_dir, recipe=recipe, train_split="test")
+  a = first_batch(_train(cfg, seed=1))
+  assert set(a) == {"view1", "view2", "id", "key_id", "label"}
+  for key in ("view1", "view2"):
+    assert a[key].shape == (8, 28, 28, 1) and a[key].dtype == np.float32
+  for key in ("id", "key_id", "label"):
+    assert a[key].shape == (8,) and a[key].dtype == np.int32
+  np.testing.assert_array_equal(a["key_id"], a["id"])
+  assert np.abs(a["view1"] - a["view2"]).mean() > 0.05  # Two different views.
+  b = first_batch(_train(cfg, seed=1))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])  # Same seed, same batch.
+  c = first_batch(_train(cfg, seed=2))
+  assert not np.array_equal(a["view1"], c["view1"])
+
+
+def test_ids_labels_and_pixels_match_the_files(fashion_dir, numpy_test_split):
+  images, labels = numpy_test_split
+  cfg = fashion_config(fashion_dir, recipe="crop_flip", train_split="test")
+  cfg.view1.crop_scale = (1.0, 1.0)
+  cfg.view1.flip_prob = 0.0
+  batch = first_batch(_train(cfg, batch_size=16))
+  np.testing.assert_array_equal(batch["label"], labels[batch["id"]])
+  pixels = unnormalize(batch["view1"], MEAN, STD) * 255
+  np.testing.assert_allclose(pixels, images[batch["id"]].astype(np.float32), atol=1e-2)
+
+
+def test_views_follow_the_recipe(fashion_dir):
+  cfg = fashion_config(fashion_dir, recipe="crop_flip", train_split="test", num_channels=3)
+  cfg.view1.crop_scale = (1.0, 1.0)
+  cfg.view1.flip_prob = 1.0
+  cfg.view2.crop_scale = (1.0, 1.0)
+  cfg.view2.flip_prob = 0.0
+  cfg.view2.solarize_prob = 1.0
+  batch = first_batch(_train(cfg))
+  v1 = unnormalize(batch["view1"], MEAN * 3, STD * 3)
+  v2 = unnormalize(batch["view2"], MEAN * 3, STD * 3)
+  original = v1[:, :, ::-1]  # View 1 is the whole image, mirrored.
+  np.testing.assert_allclose(v2, np.where(original >= 0.5, 1.0 - original, original), atol=1e-4)
+  assert v1.shape[-1] == 3
+  np.testing.assert_array_equal(v1[..., 0], v1[..., 2])  # Grayscale replicated to 3 channels.
+
+
+def test_grayscale_as_three_channels_and_info(fashion_dir):
+  cfg = fashion_config(fashion_dir, num_channels=3, train_split="test")
+  batch = first_batch(_train(cfg))
+  assert batch["view1"].shape == (8, 28, 28, 3)
+  np.testing.assert_allclose(batch["view1"][..., 0], batch["view1"][..., 1])
+  info = pipeline.dataset_info(cfg)
+  assert info["num_classes"] == 10 and info["image_shape"] == (28, 28, 3)
+  assert info["num_train"] == 1000  # The prepared subset (see test_data_helpers).
+  assert pipeline.dataset_info(fashion_config(fashion_dir))["image_shape"] == (28, 28, 1)
+
+
+def test_support_views_and_multicrop(fashion_dir):
+  cfg = fashion_config(fashion_dir, train_split="test", num_support_views=3,
+                       local_crop_sizes=(12, 16), image_size=32)
+  batch = first_batch(_train(cfg, batch_size=4))
+  assert batch["view1"].shape == (4, 32, 32, 1)
+  assert batch["support"].shape == (4, 3, 32, 32, 1) and batch["support"].dtype == np.float32
+  assert batch["local_0"].shape == (4, 12, 12, 1)
+  assert batch["local_1"].shape == (4, 16, 16, 1)
+  support = batch["support"]
+  assert np.abs(support[:, 0] - support[:, 1]).mean() > 0.05
+  assert np.abs(support[:, 0] - batch["view2"]).mean() > 0.05
+
+
+def test_views_depend_on_seed_epoch_and_id_not_on_sharding(fashion_dir):
+  cfg = fashion_config(fashion_dir, train_split="test[:64]", shuffle_buffer=0)
+  one = first_batch(_train(cfg, process_index=0, process_count=1))
+  two = first_batch(_train(cfg, process_index=0, process_count=2))
+  np.testing.assert_array_equal(one["id"], np.arange(8))  # No shuffle: file order.
+  np.testing.assert_array_equal(one["id"], two["id"])
+  np.testing.assert_array_equal(one["view1"], two["view1"])  # Same (seed, epoch, id).
+  # A second epoch gives the same image new views.
+  stream = pipeline.make_train_iterator(cfg, batch_size=32, seed=0, process_index=0,
+                                        process_count=1)
+  epoch0, _, epoch1 = next(stream), next(stream), next(stream)
+  assert isinstance(epoch0["view1"], np.ndarray)
+  np.testing.assert_array_equal(epoch0["id"], epoch1["id"])
+  assert np.abs(epoch0["view1"] - epoch1["view1"]).mean() > 0.05
+
+
+def test_two_processes_see_disjoint_parts_covering_the_split(fashion_dir):
+  cfg = fashion_config(fashion_dir, train_split="test[:50]")
+  seen = []
+  for index in range(2):
+    ids = np.concatenate([b["id"] for _, b in zip(range(30), pipeline.make_train_iterator(
+        cfg, batch_size=5, seed=0, process_index=index, process_count=2))])
+    seen.append(set(ids.tolist()))
+  assert seen[0] == set(range(25)) and seen[1] == set(range(25, 50))
+
+
+@pytest.mark.parametrize("split,batch_size", [("test[:100]", 24), ("test[:101]", 16)])
+def test_eval_pads_and_sees_every_example_once(fashion_dir, numpy_test_split, split, batch_size):
+  images, labels = numpy_test_split
+  cfg = fashion_config(fashion_dir)
+  per_process = []
+  for index in range(2):
+    batches = list(pipeline.make_eval_dataset(cfg, batch_size=batch_size, split=split,
+                                              process_index=index, process_count=2)
+                   .as_numpy_iterator())
+    per_process.append(batches)
+    for b in batches:
+      assert b["image"].shape == (batch_size, 28, 28, 1) and b["mask"].dtype == bool
+      assert (b["id"][~b["mask"]] == -1).all() and (b["label"][~b["mask"]] == -1).all()
+      np.testing.assert_array_equal(b["label"][b["mask"]], labels[b["id"][b["mask"]]])
+      pixels = unnormalize(b["image"][b["mask"]], MEAN, STD) * 255
+      np.testing.assert_allclose(pixels, images[b["id"][b["mask"]]], atol=1e-2)
+  assert len(per_process[0]) == len(per_process[1])  # Same batch count on every process.
+  ids = np.concatenate([b["id"][b["mask"]] for batches in per_process for b in batches])
+  n = int(split[len("test[:"):-1])
+  assert sorted(ids.tolist()) == list(range(n))
+
+
+def test_cache_gives_the_same_stream(fashion_dir):
+  cfg = fashion_config(fashion_dir, train_split="test[:40]")
+  plain = first_batch(_train(cfg))
+  cfg.cache = True
+  cached = first_batch(_train(cfg))
+  for key in plain:
+    np.testing.assert_array_equal(plain[key], cached[key])
+
+
+def test_recipe_overrides_and_presets():
+  cfg = fashion_config(None)
+  cfg.recipe = "sce_imagenet"
+  views = recipes.view_recipes(cfg)
+  assert views["view1"].blur_prob == 1.0 and views["view1"].solarize_prob == 0.0
+  assert views["view2"].blur_prob == 0.1 and views["view2"].solarize_prob == 0.2
+  assert views["support"] == views["view2"]
+  cfg.view2.blur_prob = 0.3
+  cfg.local_crop_scale = (0.05, 0.3)
+  views = recipes.view_recipes(cfg)
+  assert views["view2"].blur_prob == 0.3 and views["view1"].blur_prob == 1.0
+  assert views["local"].crop_scale == (0.05, 0.3) and views["local"].blur_prob == 1.0
+  cfg.recipe = "sce_cifar"
+  weak = recipes.view_recipes(cfg)["view2"]
+  assert weak.jitter_prob == weak.grayscale_prob == weak.solarize_prob == 0.0
+  assert recipes.view_recipes(cfg)["view1"].jitter_prob == 0.8
+  mocov2, cifar = recipes.RECIPES["mocov2"][0], recipes.RECIPES["mocov2_cifar"][0]
+  assert (mocov2.blur_prob, cifar.blur_prob, mocov2.crop_scale) == (0.5, 0.0, (0.2, 1.0))
+  assert (mocov2.brightness, mocov2.contrast, mocov2.saturation, mocov2.hue) == (0.4,) * 3 + (0.1,)
+  cfg.recipe = "nope"
+  with pytest.raises(ValueError, match="Unknown recipe 'nope'.*mocov2"):
+    recipes.view_recipes(cfg)
