@@ -1,0 +1,161 @@
+"""Queue enqueue/wrap-around/re-blocking, EMA formula and schedule, BN-shuffle permutations.
+
+References here are plain NumPy simulations written from METHODS.md section 0 / DESIGN.md.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcontrast import bn_shuffle, ema
+from jaxcontrast import queue as queue_lib
+from jaxcontrast.sharding import make_mesh
+
+
+def _numpy_fifo(size, dim, batches):
+  """Reference: a ring buffer written row by row at ptr, ptr advancing by one per key."""
+  rows = np.zeros((size, dim), np.float32)
+  ptr = 0
+  for batch in batches:
+    for key in batch:
+      rows[ptr] = key
+      ptr = (ptr + 1) % size
+  return rows, ptr
+
+
+@pytest.mark.parametrize("size,batch,steps", [(10, 4, 3), (12, 4, 5), (5, 8, 2), (7, 7, 1)])
+def test_replicated_enqueue_wraps_modularly(size, batch, steps):
+  """K not a multiple of B (and B > K): every key lands once, at (ptr + i) mod K."""
+  rng = np.random.RandomState(0)
+  batches = [rng.randn(batch, 3).astype(np.float32) for _ in range(steps)]
+  q = queue_lib.init_queue(jax.random.key(0), size, 3)
+  q = q.replace(keys=jnp.zeros_like(q.keys))
+  for i, b in enumerate(batches):
+    q = queue_lib.enqueue(q, jnp.asarray(b), jnp.arange(batch) + 100 * i)
+  want, ptr = _numpy_fifo(size, 3, batches)
+  np.testing.assert_array_equal(np.asarray(q.keys), want)
+  assert int(q.ptr) == ptr
+  assert int(q.filled) == min(size, batch * steps)
+
+
+def test_init_queue_is_normalised_noise():
+  q = queue_lib.init_queue(jax.random.key(1), 32, 8)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(q.keys), axis=1), 1.0, rtol=1e-6)
+  assert (np.asarray(q.ids) == -1).all() and int(q.ptr) == 0 and int(q.filled) == 0
+
+
+def _run_sharded(num_devices, size, batches):
+  mesh = make_mesh(num_devices)
+  q = queue_lib.init_queue(jax.random.key(0), size, batches[0].shape[1], num_devices)
+  fn = jax.jit(lambda q, k, i: queue_lib.enqueue_sharded(q, k, i, mesh=mesh, axis_name="data"))
+  for step, b in enumerate(batches):
+    q = fn(q, jnp.asarray(b), jnp.arange(len(b), dtype=jnp.int32) + 1000 * step)
+  return jax.device_get(q)
+
+
+def test_sharded_enqueue_writes_only_local_blocks():
+  """Device i's keys land in rows [i K/n, (i+1) K/n) at the shared local pointer."""
+  size, n, batch = 32, 8, 16
+  b = np.arange(batch * 2, dtype=np.float32).reshape(batch, 2)
+  q = _run_sharded(n, size, [b])
+  keys, local = np.asarray(q.keys), size // n
+  for dev in range(n):
+    np.testing.assert_array_equal(keys[dev * local: dev * local + 2], b[2 * dev: 2 * dev + 2])
+  assert int(q.ptr) == 2 and int(q.filled) == batch
+
+
+def test_sharded_queue_reblocks_to_the_replicated_queue():
+  """With one key per device per step the chronological order is exact: re-blocking the
+  8-device queue to one block gives the replicated queue in age order (oldest first)."""
+  size, n = 24, 8
+  rng = np.random.RandomState(1)
+  batches = [rng.randn(n, 4).astype(np.float32) for _ in range(5)]   # 40 keys: wraps around
+  sharded = _run_sharded(n, size, batches)
+  rep = queue_lib.init_queue(jax.random.key(0), size, 4)
+  for step, b in enumerate(batches):
+    rep = queue_lib.enqueue(rep, jnp.asarray(b), jnp.arange(n) + 1000 * step)
+  one = queue_lib.reblock(sharded, n, 1)
+  aged = np.roll(np.asarray(rep.keys), -int(rep.ptr), axis=0)
+  np.testing.assert_allclose(np.asarray(one.keys), aged, rtol=0, atol=0)
+  np.testing.assert_array_equal(np.asarray(one.ids), np.roll(np.asarray(rep.ids), -int(rep.ptr)))
+
+
+def test_reblock_between_device_counts_keeps_keys_and_age():
+  """8 -> 2 -> 1 equals 8 -> 1; and a queue re-blocked to 2 devices then written to by 2 devices
+  overwrites its oldest rows first."""
+  size = 32
+  rng = np.random.RandomState(2)
+  batches = [rng.randn(16, 3).astype(np.float32) for _ in range(3)]
+  q8 = _run_sharded(8, size, batches)
+  via2 = queue_lib.reblock(queue_lib.reblock(q8, 8, 2), 2, 1)
+  direct = queue_lib.reblock(q8, 8, 1)
+  np.testing.assert_array_equal(np.asarray(via2.keys), np.asarray(direct.keys))
+  # The set of keys is kept.
+  assert sorted(map(tuple, np.asarray(direct.keys))) == sorted(map(tuple, np.asarray(q8.keys)))
+  # 48 keys went into 32 rows: step 0's are gone, step 1's (ids 1000..1015) are the oldest, and
+  # exactly those are overwritten first after re-blocking to 2 devices.
+  q2 = queue_lib.reblock(q8, 8, 2)
+  mesh = make_mesh(2)
+  new = jnp.zeros((16, 3))
+  after = queue_lib.enqueue_sharded(q2, new, jnp.full((16,), -7, jnp.int32), mesh=mesh,
+                                    axis_name="data")
+  ids_before, ids_after = np.asarray(q2.ids), np.asarray(after.ids)
+  overwritten = ids_before[ids_after == -7]
+  np.testing.assert_array_equal(np.sort(overwritten), np.arange(1000, 1016))
+
+
+def test_reblock_rejects_indivisible_counts():
+  q = queue_lib.init_queue(jax.random.key(0), 30, 2)
+  with pytest.raises(ValueError, match="divisible"):
+    queue_lib.reblock(q, 1, 4)
+
+
+@pytest.mark.parametrize("base,total", [(0.99, 100), (0.996, 7)])
+def test_cosine_momentum_formula_and_end_point(base, total):
+  """m_t = 1 - (1 - m0)(cos(pi t / (T-1)) + 1) / 2: m0 at the first step, exactly 1 at the last."""
+  steps = np.arange(total)
+  got = np.array([float(ema.momentum(t, base=base, schedule="cosine", total_steps=total))
+                  for t in steps])
+  want = 1 - (1 - base) * (np.cos(np.pi * steps / (total - 1)) + 1) / 2
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got[0] == pytest.approx(base) and got[-1] == 1.0
+  assert float(ema.momentum(5, base=base, schedule="constant", total_steps=total)) == \
+      pytest.approx(base)
+
+
+def test_ema_update_formula():
+  target = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+  online = {"w": jnp.array([0.0, 4.0]), "b": jnp.array(-1.0)}
+  out = ema.update(target, online, 0.9)
+  np.testing.assert_allclose(out["w"], [0.9, 2.2], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], 2.6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch,groups", [(16, 2), (32, 8), (64, 4), (24, 3)])
+def test_ghost_permutation_moves_every_key_out_of_its_query_group(batch, groups):
+  """Strided groups (group s = samples s, s+G, ...): the key of image i never sits in group
+  i mod G, the permutation is a bijection, and each key group mixes the other groups."""
+  for seed in range(3):
+    perm = np.asarray(bn_shuffle.ghost_permutation(jax.random.key(seed), batch, groups))
+    assert sorted(perm) == list(range(batch))
+    positions = np.arange(batch)
+    assert ((perm % groups) != (positions % groups)).all()
+    for h in range(groups):
+      sources = set(perm[positions % groups == h] % groups)
+      assert h not in sources
+      assert len(sources) == min(groups - 1, batch // groups)
+
+
+def test_ghost_permutation_is_random_and_unpermute_inverts():
+  a = np.asarray(bn_shuffle.ghost_permutation(jax.random.key(0), 32, 4))
+  b = np.asarray(bn_shuffle.ghost_permutation(jax.random.key(1), 32, 4))
+  assert (a != b).any()
+  x = jnp.arange(32.0)[:, None] * jnp.ones((1, 3))
+  np.testing.assert_array_equal(bn_shuffle.unpermute(x[a], jnp.asarray(a)), x)
+
+
+def test_ghost_permutation_rejects_bad_groups():
+  with pytest.raises(ValueError, match="at least 2"):
+    bn_shuffle.ghost_permutation(jax.random.key(0), 8, 1)
+  with pytest.raises(ValueError, match="divisible"):
+    bn_shuffle.ghost_permutation(jax.random.key(0), 10, 4)
