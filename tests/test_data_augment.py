@@ -220,3 +220,33 @@ def test_recipe_validation():
     ViewRecipe(crop_scale=(0.5, 0.2))
   with pytest.raises(ValueError, match="blur_prob"):
     ViewRecipe(blur_prob=1.5)
+
+
+def test_views_params_follow_each_views_recipe():
+  always = ViewRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=1.0,
+                      blur_prob=1.0, solarize_prob=1.0)
+  never = ViewRecipe(crop_scale=(0.1, 0.1), flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0,
+                     blur_prob=0.0, solarize_prob=0.0)
+  for i in range(5):
+    p = augment.sample_views_params(_key(i), [always, never, always], 40, 40)
+    np.testing.assert_array_equal(p["box"][0], [0, 0, 40, 40])
+    assert abs(int(p["box"][1][2]) * int(p["box"][1][3]) / 1600 - 0.1) < 0.02
+    np.testing.assert_array_equal(p["flip"], [True, False, True])
+    np.testing.assert_array_equal(p["solarize"], [True, False, True])
+    assert p["blur_sigma"][0] > 0 and p["blur_sigma"][1] == 0 and not p["jitter"][1]
+    assert not np.array_equal(p["blur_sigma"][0], p["blur_sigma"][2])  # Independent draws.
+
+
+def test_default_config_keys():
+  from jaxcontrast.data.config import default_data_config
+  cfg = default_data_config()
+  for key in ("dataset", "data_dir", "train_split", "eval_split", "image_size", "num_channels",
+              "recipe", "num_support_views", "local_crop_sizes", "local_crop_scale",
+              "semantic_pairs", "p_semantic", "shuffle_buffer", "prefetch", "cache",
+              "eval_crop_ratio", "view1", "view2"):
+    assert key in cfg, key
+  assert cfg.dataset == "fashion_mnist" and cfg.recipe == "mocov2" and cfg.data_dir is None
+  cfg.image_size = 64  # Typed placeholders accept values (as command-line flags do).
+  cfg.view1.blur_prob = 0.3
+  with pytest.raises(TypeError):
+    cfg.image_size = "big"

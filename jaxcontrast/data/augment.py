@@ -109,45 +109,52 @@ def convert_channels(image: tf.Tensor, num_channels: int | None) -> tf.Tensor:
   return tf.ensure_shape(out, [None, None, num_channels])
 
 
-def _split_keys(key: tf.Tensor, n: int) -> list[tf.Tensor]:
-  """Splits a stateless seed (shape [2]) into `n` independent seeds."""
-  return tf.unstack(tf.random.experimental.stateless_split(key, num=n))
+def _crop_boxes(u: tf.Tensor, height, width, scale: tf.Tensor, ratio: tf.Tensor) -> tf.Tensor:
+  """torchvision's RandomResizedCrop.get_params for V views at once: int32 (V, 4).
+
+  Args:
+    u: float32 (V, 2 * _CROP_ATTEMPTS + 2) uniforms in [0, 1).
+    height, width: image size (scalars).
+    scale, ratio: float32 (V, 2) ranges of each view.
+
+  Up to 10 draws of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); the first one
+  that fits the image wins; otherwise a centre crop with the ratio clamped to the range.
+  Rows are [top, left, h, w].
+  """
+  height = tf.cast(height, tf.float32)
+  width = tf.cast(width, tf.float32)
+  n = _CROP_ATTEMPTS
+  area = height * width * (scale[:, :1] + u[:, :n] * (scale[:, 1:] - scale[:, :1]))
+  log_lo, log_hi = tf.math.log(ratio[:, :1]), tf.math.log(ratio[:, 1:])
+  aspect = tf.exp(log_lo + u[:, n:2 * n] * (log_hi - log_lo))
+  w = tf.round(tf.sqrt(area * aspect))
+  h = tf.round(tf.sqrt(area / aspect))
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (V, n)
+  first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)  # 0 if none fits.
+  crop_h = tf.gather(h, first, batch_dims=1)
+  crop_w = tf.gather(w, first, batch_dims=1)
+  # Centre-crop fallback (torchvision): clamp the image's own ratio into the range.
+  in_ratio = width / height
+  lo, hi = ratio[:, 0], ratio[:, 1]
+  fb_w = tf.where(in_ratio > hi, tf.round(height * hi), width)
+  fb_h = tf.where(in_ratio < lo, tf.round(width / lo), height)
+  fb_w = tf.where(in_ratio < lo, width, fb_w)
+  any_fits = tf.reduce_any(fits, axis=1)
+  crop_h = tf.where(any_fits, crop_h, fb_h)
+  crop_w = tf.where(any_fits, crop_w, fb_w)
+  top = tf.minimum(tf.floor(u[:, 2 * n] * (height - crop_h + 1)), height - crop_h)
+  left = tf.minimum(tf.floor(u[:, 2 * n + 1] * (width - crop_w + 1)), width - crop_w)
+  top = tf.where(any_fits, top, tf.floor((height - crop_h) / 2))
+  left = tf.where(any_fits, left, tf.floor((width - crop_w) / 2))
+  return tf.cast(tf.stack([top, left, crop_h, crop_w], axis=1), tf.int32)
 
 
 def sample_crop_box(key: tf.Tensor, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
                     ) -> tf.Tensor:
-  """torchvision's RandomResizedCrop.get_params, stateless: int32 [top, left, h, w].
-
-  Up to 10 draws of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); the first one
-  that fits the image wins; otherwise a centre crop with the ratio clamped to the range.
-  """
-  height = tf.cast(height, tf.float32)
-  width = tf.cast(width, tf.float32)
-  k_area, k_ratio, k_top, k_left = _split_keys(key, 4)
-  area = height * width * tf.random.stateless_uniform(
-      [_CROP_ATTEMPTS], k_area, minval=scale[0], maxval=scale[1])
-  log_ratio = tf.random.stateless_uniform(
-      [_CROP_ATTEMPTS], k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
-  aspect = tf.exp(log_ratio)
-  w = tf.round(tf.sqrt(area * aspect))
-  h = tf.round(tf.sqrt(area / aspect))
-  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = tf.argmax(tf.cast(fits, tf.int32))  # First fitting attempt (0 when none fits).
-  # Centre-crop fallback (torchvision): clamp the image's own ratio into the range.
-  in_ratio = width / height
-  fb_w = tf.where(in_ratio < ratio[0], width,
-                  tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
-  fb_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
-  any_fits = tf.reduce_any(fits)
-  crop_h = tf.where(any_fits, h[first], fb_h)
-  crop_w = tf.where(any_fits, w[first], fb_w)
-  u_top = tf.random.stateless_uniform([], k_top)
-  u_left = tf.random.stateless_uniform([], k_left)
-  top = tf.minimum(tf.floor(u_top * (height - crop_h + 1)), height - crop_h)
-  left = tf.minimum(tf.floor(u_left * (width - crop_w + 1)), width - crop_w)
-  top = tf.where(any_fits, top, tf.floor((height - crop_h) / 2))
-  left = tf.where(any_fits, left, tf.floor((width - crop_w) / 2))
-  return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+  """One RandomResizedCrop box from stateless seed `key`: int32 [top, left, h, w]."""
+  u = tf.random.stateless_uniform([1, 2 * _CROP_ATTEMPTS + 2], key)
+  return _crop_boxes(u, height, width, tf.constant([scale], tf.float32),
+                     tf.constant([ratio], tf.float32))[0]
 
 
 def crop_and_resize(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
@@ -184,34 +191,57 @@ def resize_shorter_and_centre_crop(image: tf.Tensor, size: int, crop_ratio: floa
 # ---------------------------------------------------------------------------------------------
 
 
+# Columns of the uniforms drawn per view: crop box first, then the photometric choices.
+_CROP_COLUMNS = 2 * _CROP_ATTEMPTS + 2
+_PHOTO_COLUMNS = 14  # flip, jitter, 4 factors, 4 order keys, grayscale, blur, sigma, solarize.
+
+
+def _column(values, dtype=tf.float32) -> tf.Tensor:
+  return tf.constant(values, dtype)
+
+
+def sample_views_params(key: tf.Tensor, recipes: list[ViewRecipe], height, width
+                        ) -> dict[str, tf.Tensor]:
+  """Draws every random choice of V views of one image from stateless seed `key` (shape [2]).
+
+  One `stateless_uniform` call draws all V x 36 numbers (few ops per example: per-example
+  work in tf.data is dominated by op count, not arithmetic). Returns tensors with leading
+  dimension V: box int32 (V, 4); flip, jitter, grayscale, solarize bool (V,); brightness,
+  contrast, saturation, hue float32 (V,); order int32 (V, 4), a permutation of JITTER_OPS;
+  blur_sigma float32 (V,), 0 = no blur.
+  """
+  v = len(recipes)
+  u = tf.random.stateless_uniform([v, _CROP_COLUMNS + _PHOTO_COLUMNS], key)
+  col = lambda name: _column([getattr(r, name) for r in recipes])
+  box = _crop_boxes(u[:, :_CROP_COLUMNS], height, width, col("crop_scale"), col("crop_ratio"))
+  p = u[:, _CROP_COLUMNS:]
+
+  def factor(j, name):
+    strength = col(name)
+    lo = tf.maximum(0.0, 1.0 - strength)
+    return lo + p[:, j] * (1.0 + strength - lo)
+
+  sigma_lo, sigma_hi = col("blur_sigma")[:, 0], col("blur_sigma")[:, 1]
+  sigma = sigma_lo + p[:, 12] * (sigma_hi - sigma_lo)
+  return {
+      "box": box,
+      "flip": p[:, 0] < col("flip_prob"),
+      "jitter": p[:, 1] < col("jitter_prob"),
+      "brightness": factor(2, "brightness"),
+      "contrast": factor(3, "contrast"),
+      "saturation": factor(4, "saturation"),
+      "hue": (2.0 * p[:, 5] - 1.0) * col("hue"),
+      "order": tf.argsort(p[:, 6:10], axis=1, stable=True),
+      "grayscale": p[:, 10] < col("grayscale_prob"),
+      "blur_sigma": tf.where(p[:, 11] < col("blur_prob"), sigma, 0.0),
+      "solarize": p[:, 13] < col("solarize_prob"),
+  }
+
+
 def sample_view_params(key: tf.Tensor, recipe: ViewRecipe, height, width
                        ) -> dict[str, tf.Tensor]:
-  """Draws every random choice of one view, from stateless seed `key` (shape [2]).
-
-  Returns scalars (and `box`, `order`): box int32 [4]; flip, jitter, grayscale, solarize bool;
-  brightness, contrast, saturation, hue float32; order int32 [4] (a permutation of JITTER_OPS);
-  blur_sigma float32 (0 = no blur).
-  """
-  keys = _split_keys(key, 12)
-  bern = lambda k, p: tf.random.stateless_uniform([], k) < p
-  factor = lambda k, s: tf.random.stateless_uniform([], k, minval=max(0.0, 1.0 - s),
-                                                    maxval=1.0 + s)
-  blur = bern(keys[9], recipe.blur_prob)
-  sigma = tf.random.stateless_uniform([], keys[10], minval=recipe.blur_sigma[0],
-                                      maxval=recipe.blur_sigma[1])
-  return {
-      "box": sample_crop_box(keys[0], height, width, recipe.crop_scale, recipe.crop_ratio),
-      "flip": bern(keys[1], recipe.flip_prob),
-      "jitter": bern(keys[2], recipe.jitter_prob),
-      "brightness": factor(keys[3], recipe.brightness),
-      "contrast": factor(keys[4], recipe.contrast),
-      "saturation": factor(keys[5], recipe.saturation),
-      "hue": tf.random.stateless_uniform([], keys[6], minval=-recipe.hue, maxval=recipe.hue),
-      "order": tf.cast(tf.argsort(tf.random.stateless_uniform([4], keys[7])), tf.int32),
-      "grayscale": bern(keys[8], recipe.grayscale_prob),
-      "blur_sigma": tf.where(blur, sigma, 0.0),
-      "solarize": bern(keys[11], recipe.solarize_prob),
-  }
+  """`sample_views_params` for a single view: the same entries without the leading V."""
+  return {k: v[0] for k, v in sample_views_params(key, [recipe], height, width).items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ from jaxcontrast.data import recipes as recipes_lib
 from jaxcontrast.data import sepp
 
 # fold_in constants separating the random streams of one example.
-_PARTNER_STREAM = 1_000
-_SUPPORT_STREAM = 100
-_LOCAL_STREAM = 200
+_VIEWS_STREAM = 0
+_PARTNER_STREAM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,16 +121,6 @@ def _view_sizes(cfg, r: _Resolved) -> list[tuple[str, str, int]]:
   views += [(f"local_{i}", "local", int(size))
             for i, size in enumerate(cfg.get("local_crop_sizes") or ())]
   return views
-
-
-def _view_stream(key: str) -> int:
-  """fold_in constant of a view's random stream."""
-  if key == "view1":
-    return 0
-  if key == "view2":
-    return 1
-  kind, index = key.rsplit("_", 1)
-  return (_SUPPORT_STREAM if kind == "support" else _LOCAL_STREAM) + int(index)
 
 
 def _seed_tensor(seed: int) -> tf.Tensor:
@@ -253,26 +242,38 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       key_id = sepp.draw_partner(k_partner, row, ex["id"], p_semantic)
       target = get_image(key_id)
     out = {"id": ex["id"], "label": ex["label"], "key_id": key_id}
-    for name, kind, size in views:
+    # One draw for all views. SePP images all have one size, so the anchor's shape serves the
+    # views cut from the partner too.
+    shape = tf.shape(anchor)
+    k_views = tf.random.experimental.stateless_fold_in(key, _VIEWS_STREAM)
+    params = augment.sample_views_params(k_views, [view_recipes[kind] for _, kind, _ in views],
+                                         shape[0], shape[1])
+    boxes = params.pop("box")
+    for v, (name, kind, size) in enumerate(views):
       source = anchor if kind in ("view1", "local") else target
-      shape = tf.shape(source)
-      k = tf.random.experimental.stateless_fold_in(key, _view_stream(name))
-      params = augment.sample_view_params(k, view_recipes[kind], shape[0], shape[1])
-      crop = augment.crop_and_resize(source, params.pop("box"), size)
+      crop = augment.crop_and_resize(source, boxes[v], size)
       out[name] = tf.ensure_shape(crop, [size, size, r.num_channels])
-      out[name + "/params"] = params
+    out["params"] = params
     return out
 
   @tf.autograph.experimental.do_not_convert
   def per_batch(batch):
     out = {k: batch[k] for k in ("id", "label", "key_id")}
-    for name, kind, _ in views:
-      images = augment.apply_view_params(batch[name], batch[name + "/params"],
-                                         view_recipes[kind])
+    params = batch["params"]  # Entries (B, V, ...), views in the order of `views`.
+    for v, (name, kind, _) in enumerate(views):
+      if kind == "support":
+        continue
+      view_params = {k: p[:, v] for k, p in params.items()}
+      images = augment.apply_view_params(batch[name], view_params, view_recipes[kind])
       out[name] = augment.normalize(images, r.mean, r.std)
     if num_support:
-      support = tf.stack([out.pop(f"support_{s}") for s in range(num_support)], axis=1)
-      out["support"] = support
+      # All support views share a recipe: one pass over (B * S) images.
+      images = tf.stack([batch[f"support_{s}"] for s in range(num_support)], axis=1)
+      flat = tf.reshape(images, [-1, *images.shape[2:]])
+      flat_params = {k: tf.reshape(p[:, 2:2 + num_support], [-1, *p.shape[2:]])
+                     for k, p in params.items()}
+      flat = augment.apply_view_params(flat, flat_params, view_recipes["support"])
+      out["support"] = tf.reshape(augment.normalize(flat, r.mean, r.std), images.shape)
     return out
 
   ds = ds.repeat().enumerate()
