@@ -11,6 +11,7 @@ from jaxcontrast.data import datasets
 from jaxcontrast.data import fashion_mnist
 from jaxcontrast.data import fashion_mnist_tfds
 from jaxcontrast.data import pipeline
+from jaxcontrast.data import recipes
 from jaxcontrast.data.config import default_data_config
 from test_data_helpers import fashion_config, fashion_dir, first_batch  # pylint: disable=unused-import
 
@@ -64,6 +65,22 @@ def test_mocked_datasets_train_and_eval(name, size, classes):
     assert ((evals[0]["label"] >= 0) & (evals[0]["label"] < classes)).all()  # stl10 test: labels
     info = pipeline.dataset_info(cfg)
     assert info["num_classes"] == classes and info["image_shape"] == (size, size, 3)
+
+
+@pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
+def test_every_recipe_on_colour_images(recipe):
+  """The colour ops (saturation, hue, grayscale) only run on 3-channel images."""
+  with tfds.testing.mock_data(num_examples=8):
+    cfg = _mock_config("cifar10", recipe=recipe)
+    make = lambda seed: first_batch(pipeline.make_train_dataset(
+        cfg, batch_size=4, seed=seed, process_index=0, process_count=1))
+    a, b, c = make(3), make(3), make(4)
+  assert a["view1"].shape == a["view2"].shape == (4, 32, 32, 3)
+  assert a["view1"].dtype == np.float32 and np.isfinite(a["view1"]).all()
+  assert np.abs(a["view1"] - a["view2"]).mean() > 0.05
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(a["view2"], c["view2"])
 
 
 def test_images_smaller_than_the_crop_are_upsampled():

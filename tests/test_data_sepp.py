@@ -64,6 +64,14 @@ def test_p_semantic_zero_keeps_the_anchor(fashion_dir, pairs_path):
     np.testing.assert_array_equal(b["key_id"], b["id"])
 
 
+def test_sepp_with_three_channels(fashion_dir, pairs_path):
+  cfg = _sepp_config(fashion_dir, pairs_path, 1.0)
+  cfg.num_channels = 3
+  b = _batches(cfg, n=1)[0]
+  assert b["view1"].shape == b["view2"].shape == (20, 28, 28, 3)
+  np.testing.assert_array_equal(b["view2"][..., 0], b["view2"][..., 2])
+
+
 def test_p_semantic_half_mixes(fashion_dir, pairs_path):
   batches = _batches(_sepp_config(fashion_dir, pairs_path, 0.5), n=6)
   ids = np.concatenate([b["id"] for b in batches])

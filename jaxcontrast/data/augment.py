@@ -17,7 +17,6 @@ in a random order per example; ITU-R 601-2 luma grayscale; RandomResizedCrop's s
 Single-channel images skip saturation, hue and grayscale, which are identities on them.
 """
 import dataclasses
-import math
 from typing import Mapping
 
 import tensorflow as tf

@@ -12,15 +12,11 @@ file shuffling, interleaving, sub-splits or the number of processes. Fashion-MNI
 original file order, so its ids are the rows of `load_fashion_mnist_numpy`.
 """
 import dataclasses
-import logging
-import math
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxcontrast.data import fashion_mnist
-
-logger = logging.getLogger(__name__)
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,6 +104,12 @@ def _absolute(builder, split: str):
 def check_split(builder, split: str) -> None:
   """Raises ValueError (listing the available splits) if `split` does not exist."""
   _absolute(builder, split)
+
+
+def split_offset(builder, split: str) -> int:
+  """Id of the first example of `split` (e.g. 100 for "train[100:200]"; 0 when unknown)."""
+  instructions = _absolute(builder, split)
+  return int(instructions[0].from_ or 0) if instructions else 0
 
 
 def split_size(builder, split: str) -> int | None:
@@ -228,12 +230,3 @@ def base_split_names(split: str) -> list[str]:
 def decode_image(builder, spec: DatasetSpec, encoded: tf.Tensor) -> tf.Tensor:
   """Decodes bytes kept by `read_split(decode=False)` into uint8 (H, W, C)."""
   return image_feature(builder, spec).decode_example(encoded)
-
-
-def image_bytes(builder, spec: DatasetSpec, split: str, num_channels: int | None) -> int | None:
-  """Decoded size of `split` in bytes (None if images vary in size or the size is unknown)."""
-  shape = image_feature(builder, spec).shape
-  n = split_size(builder, split)
-  if n is None or any(d is None for d in shape):
-    return None
-  return n * math.prod(shape[:2]) * (num_channels or shape[2])

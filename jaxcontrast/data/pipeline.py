@@ -149,8 +149,7 @@ def _sepp_source(cfg, r: _Resolved, process_index: int, process_count: int):
     raise ValueError(f"SePP needs random access to the train split, held in memory: "
                      f"{nbytes / 2**30:.2f} GiB > in_memory_max_bytes = {cap / 2**30:.2f} GiB. "
                      "Raise the cap if the host has the memory, or use a smaller split.")
-  instructions = datasets._absolute(builder, r.train_split)  # pylint: disable=protected-access
-  offset = int((instructions[0].from_ or 0) if instructions else 0)
+  offset = datasets.split_offset(builder, r.train_split)
   indices = sepp.load_pair_indices(path)
   sepp.check_pairs(indices, n, path)
   images, labels = sepp.load_split_in_memory(full, n, shape, id_offset=offset)
@@ -162,7 +161,7 @@ def _sepp_source(cfg, r: _Resolved, process_index: int, process_count: int):
   rows = tf.data.Dataset.range(start, start + sizes[process_index]).map(
       lambda i: tf.cast(i, tf.int32))
   ids = rows.map(lambda row: {"id": row + offset, "label": tf.gather(labels_t, row)})
-  get_image = lambda i: tf.gather(images_var, i - offset)
+  get_image = lambda i: augment.convert_channels(tf.gather(images_var, i - offset), r.convert_to)
   return ids, get_image, pairs_var, offset
 
 
