@@ -1,0 +1,29 @@
+"""Entry point: `python -m jaxcontrast.main --config configs/moco_fashion_mnist.py --workdir DIR`.
+
+`--config path.py:variant` passes `variant` to `get_config` (e.g. `:tiny`); any key can be
+overridden on the command line (`--config.queue.size=8192`). Runs on one process or many
+(TPU pod workers, SLURM tasks: `jax.distributed.initialize` auto-detects them).
+"""
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxcontrast import pretrain
+from jaxcontrast.sharding import maybe_initialize_distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (.py:variant).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here; resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax logs every save step at INFO.
+  maybe_initialize_distributed()
+  pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
