@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxcontrast import models
 from jaxcontrast.models import conv as conv_lib
 from jaxcontrast.models import norm as norm_lib
+from jaxcontrast.models import resnet as resnet_lib
 from jaxcontrast.sharding import make_mesh
 
 
@@ -100,6 +101,15 @@ def test_stride_padding_is_torchvision_symmetric():
   for impl in conv_lib.CONV_IMPLS:
     y = models.Conv(1, (7, 7), (2, 2), impl=impl).apply({"params": {"kernel": kernel}}, x)
     np.testing.assert_array_equal(np.asarray(y[0, :, :, 0]), expected)
+
+
+def test_stem_max_pool_is_torchvision_padding():
+  # MaxPool2d(3, 2, padding=1) on 4x4: output (i, j) = max over rows/cols 2i-1 .. 2i+1.
+  x = -np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+  x[0, 2, 2, 0] = 100.0  # seen by outputs (1, 1) only ("SAME" would let (0, 0) see it)
+  expected = np.array([[0, -1], [-4, 100]], np.float32)
+  np.testing.assert_array_equal(resnet_lib.stem_max_pool(jnp.asarray(x))[0, :, :, 0],
+                                expected)
 
 
 def test_conv_init_is_kaiming_fan_out():

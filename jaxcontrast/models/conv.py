@@ -3,15 +3,16 @@
 - `"xla"`: `lax.conv_general_dilated`, exactly what `flax.linen.Conv` runs.
 - `"matmul"`: im2col + one matrix product. `lax.conv_general_dilated_patches` gathers every
   `kh x kw x C` window into a feature vector, and an einsum with the reshaped kernel finishes the
-  convolution. On CPU, XLA's convolution *weight gradient* is several times slower than its
-  forward pass, while the gradient of a matmul is two matmuls, so this path trains faster there.
-  On GPU/TPU prefer `"xla"`.
+  convolution; the weight gradient is a matmul too. Meant for CPUs where XLA's convolution
+  weight gradient is slow. Measure before choosing it (benchmarks/bench_conv.py): with jax
+  0.10.2 on a 2-core AMD EPYC, "xla" trains ResNet-18 faster than "matmul".
 
 Both paths read the same parameter (`kernel`, shape `(kh, kw, C_in, C_out)`, plus `bias` when
 `use_bias`), so a parameter tree trained with one runs with the other.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -37,6 +38,55 @@ def conv_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: P
       dimension_numbers=_DIMENSION_NUMBERS)
 
 
+def _patches(x: jax.Array, kh: int, kw: int, strides: Sequence[int], padding: Padding
+             ) -> jax.Array:
+  """`(B, H', W', C * kh * kw)` windows, feature axis ordered `(C, kh, kw)` (channel slowest).
+
+  The extraction only copies values; it runs at HIGHEST precision so that accelerators that
+  would round float32 convolutions to bfloat16 passes copy them exactly.
+  """
+  return lax.conv_general_dilated_patches(
+      x, filter_shape=(kh, kw), window_strides=tuple(strides), padding=tuple(padding),
+      dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST)
+
+
+def _flat_kernel(kernel: jax.Array) -> jax.Array:
+  """HWIO kernel -> `(C * kh * kw, O)` in the patches' `(C, kh, kw)` feature order."""
+  kh, kw, cin, cout = kernel.shape
+  return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_patches_matmul(x, kernel, strides, padding):
+  kh, kw = kernel.shape[:2]
+  return jnp.einsum("bhwk,ko->bhwo", _patches(x, kh, kw, strides, padding),
+                    _flat_kernel(kernel))
+
+
+def _conv_patches_matmul_fwd(x, kernel, strides, padding):
+  kh, kw = kernel.shape[:2]
+  patches = _patches(x, kh, kw, strides, padding)
+  y = jnp.einsum("bhwk,ko->bhwo", patches, _flat_kernel(kernel))
+  return y, (x, kernel, patches)
+
+
+def _conv_patches_matmul_bwd(strides, padding, residuals, dy):
+  x, kernel, patches = residuals
+  kh, kw, cin, cout = kernel.shape
+  # Weight gradient: one matmul, dW[(c, u, v), o] = sum_{b, i, j} patches[b, i, j, (c, u, v)]
+  # * dy[b, i, j, o], reshaped back to HWIO.
+  dw = jnp.einsum("bhwk,bhwo->ko", patches, dy).reshape(cin, kh, kw, cout)
+  dw = jnp.transpose(dw, (1, 2, 0, 3)).astype(kernel.dtype)
+  # Input gradient: XLA's transposed convolution. Autodiff through the patch extraction would
+  # transpose a grouped identity convolution, which is 5-10x slower than this on CPU.
+  _, conv_vjp = jax.vjp(lambda x: conv_xla(x, kernel, strides, padding), x)
+  (dx,) = conv_vjp(dy)
+  return dx, dw
+
+
+_conv_patches_matmul.defvjp(_conv_patches_matmul_fwd, _conv_patches_matmul_bwd)
+
+
 def conv_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
                 ) -> jax.Array:
   """Convolution as patches + matmul; same result as `conv_xla` up to float rounding.
@@ -45,21 +95,18 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
   ordered `(C, kh, kw)` (input channel slowest), so the HWIO kernel is transposed to
   `(C, kh, kw, O)` before flattening:
     y[b, i, j, o] = sum_{c, u, v} patches[b, i, j, (c, u, v)] * kernel[u, v, c, o].
-  The patch extraction only copies values; it runs at HIGHEST precision so that accelerators
-  that would round float32 convolutions to bfloat16 passes copy them exactly. A 1x1 kernel with
-  no padding needs no patches: subsample the input by the stride and multiply.
+  The weight gradient is the matmul `patches^T dy` (that is the point of this path); the input
+  gradient uses XLA's transposed convolution (custom VJP). A 1x1 kernel with no padding needs no
+  patches: subsample the input by the stride and multiply (plain autodiff).
   """
-  kh, kw, cin, cout = kernel.shape
+  kh, kw, cin, _ = kernel.shape
   if x.shape[-1] != cin:
     raise ValueError(f"input has {x.shape[-1]} channels, kernel expects {cin}")
   sh, sw = strides
-  if (kh, kw) == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
+  padding = tuple(tuple(int(v) for v in p) for p in padding)
+  if (kh, kw) == (1, 1) and all(p == (0, 0) for p in padding):
     return jnp.einsum("bhwc,co->bhwo", x[:, ::sh, ::sw, :], kernel[0, 0])
-  patches = lax.conv_general_dilated_patches(
-      x, filter_shape=(kh, kw), window_strides=(sh, sw), padding=tuple(padding),
-      dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST)
-  w = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
-  return jnp.einsum("bhwk,ko->bhwo", patches, w)
+  return _conv_patches_matmul(x, kernel, (int(sh), int(sw)), padding)
 
 
 class Conv(nn.Module):

@@ -31,6 +31,11 @@ def scaled(channels: int, width: float) -> int:
   return max(1, int(round(channels * width)))
 
 
+def stem_max_pool(x: jax.Array) -> jax.Array:
+  """torchvision's MaxPool2d(3, stride=2, padding=1): -inf padding, one pixel on every side."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 class BasicBlock(nn.Module):
   """3x3 -> 3x3 residual block (expansion 1)."""
   planes: int
@@ -121,7 +126,7 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = conv(stem_ch, (7, 7), (2, 2), name="conv1")(x)
       x = nn.relu(norm(stem_ch, name="bn1")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = stem_max_pool(x)
     else:
       x = conv(stem_ch, (3, 3), name="conv1")(x)
       x = nn.relu(norm(stem_ch, name="bn1")(x))
