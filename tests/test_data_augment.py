@@ -154,6 +154,8 @@ def test_crop_and_resize_identity_box():
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (9, 9, 1)).astype(np.uint8))
   out = augment.crop_and_resize(image, tf.constant([0, 0, 9, 9]), 9).numpy()
   np.testing.assert_allclose(out * 255, image.numpy(), atol=1e-3)
+  flipped = augment.crop_and_resize(image, tf.constant([0, 0, 9, 9]), 9, flip=tf.constant(True))
+  np.testing.assert_allclose(flipped.numpy() * 255, image.numpy()[:, ::-1], atol=1e-3)
 
 
 def test_eval_resize_centre_crop():
@@ -250,3 +252,13 @@ def test_default_config_keys():
   cfg.view1.blur_prob = 0.3
   with pytest.raises(TypeError):
     cfg.image_size = "big"
+
+
+def test_selected_ops_with_nothing_or_everything_selected():
+  x = _batch(3, shape=(3, 8, 8, 3))
+  none, every = tf.fill([3], False), tf.fill([3], True)
+  np.testing.assert_array_equal(augment.gaussian_blur(x, tf.zeros([3])), x)
+  np.testing.assert_array_equal(augment.grayscale(x, none), x)
+  np.testing.assert_array_equal(augment.solarize(x, none), x)
+  assert np.abs(augment.gaussian_blur(x, tf.ones([3])).numpy() - x.numpy()).max() > 0.01
+  assert (augment.solarize(x, every).numpy() <= 0.5).all()

@@ -17,6 +17,7 @@ in a random order per example; ITU-R 601-2 luma grayscale; RandomResizedCrop's s
 Single-channel images skip saturation, hue and grayscale, which are identities on them.
 """
 import dataclasses
+import functools
 from typing import Mapping
 
 import tensorflow as tf
@@ -156,16 +157,22 @@ def sample_crop_box(key: tf.Tensor, height, width, scale=(0.2, 1.0), ratio=(3 / 
                      tf.constant([ratio], tf.float32))[0]
 
 
-def crop_and_resize(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
+def crop_and_resize(image: tf.Tensor, box: tf.Tensor, size: int, flip=None) -> tf.Tensor:
   """Crops `box` = [top, left, h, w] from uint8 (H, W, C) and resizes to float (size, size, C).
 
   Bilinear with antialiasing (as PIL when shrinking); a crop smaller than `size` is upsampled.
+  `flip` (bool scalar) mirrors the crop horizontally: done here, per example, because every
+  later op commutes with it (pointwise ops, whole-image means, symmetric blur kernels with
+  reflect padding), and one conditional reverse is cheaper than a batched select.
   The output is float32 in [0, 1].
   """
   crop = tf.slice(image, [box[0], box[1], 0], [box[2], box[3], -1])
   out = tf.image.resize(tf.cast(crop, tf.float32), [size, size], method="bilinear",
                         antialias=True)
-  return tf.clip_by_value(out / 255.0, 0.0, 1.0)
+  out = tf.clip_by_value(out / 255.0, 0.0, 1.0)
+  if flip is not None:
+    out = tf.cond(flip, lambda: tf.reverse(out, axis=[1]), lambda: out)
+  return out
 
 
 def resize_shorter_and_centre_crop(image: tf.Tensor, size: int, crop_ratio: float) -> tf.Tensor:
@@ -312,12 +319,30 @@ def color_jitter(images, params: Mapping[str, tf.Tensor]) -> tf.Tensor:
   return images
 
 
+def _on_selected(images, apply, fn, *args) -> tf.Tensor:
+  """fn(selected images, *args gathered for them) on the images where `apply` is True.
+
+  Partitions the batch, so an op drawn with probability p costs p of the batched op (plus a
+  copy), not the whole batch followed by a select.
+  """
+  static_shape = images.shape
+  which = tf.cast(apply, tf.int32)
+  index = tf.range(tf.shape(images)[0])
+  parts = tf.dynamic_partition(images, which, 2)
+  indices = tf.dynamic_partition(index, which, 2)
+  selected_args = [tf.gather(a, indices[1]) for a in args]
+  done = tf.cond(tf.size(indices[1]) > 0, lambda: fn(parts[1], *selected_args),
+                 lambda: parts[1])  # Some ops (mirror padding) reject empty batches.
+  out = tf.dynamic_stitch(indices, [parts[0], done])
+  out.set_shape(static_shape)
+  return out
+
+
 def grayscale(images, apply) -> tf.Tensor:
   """Replaces the selected images by their luma, replicated over the channels."""
   if images.shape[-1] != 3:
     return images
-  gray = tf.tile(_luma(images), [1, 1, 1, 3])
-  return tf.where(tf.reshape(apply, [-1, 1, 1, 1]), gray, images)
+  return _on_selected(images, apply, lambda x: tf.tile(_luma(x), [1, 1, 1, 3]))
 
 
 def blur_kernel_size(side: int) -> int:
@@ -328,9 +353,15 @@ def blur_kernel_size(side: int) -> int:
 def gaussian_blur(images, sigma, kernel_size: int | None = None) -> tf.Tensor:
   """Separable Gaussian blur with a per-image sigma (B,); sigma <= 0 leaves the image as is.
 
-  Reflect padding, as torchvision's GaussianBlur. The per-image kernels run as one depthwise
-  convolution over a (1, H, W, B * C) tensor.
+  Reflect padding, as torchvision's GaussianBlur. Only the images with sigma > 0 are blurred.
   """
+  return _on_selected(images, sigma > 0, functools.partial(_blur, kernel_size=kernel_size),
+                      sigma)
+
+
+def _blur(images, sigma, kernel_size: int | None = None) -> tf.Tensor:
+  """`gaussian_blur` of every image: the per-image kernels run as one depthwise convolution
+  over a (1, H, W, B * C) tensor."""
   b, h, w, c = (tf.shape(images)[i] if images.shape[i] is None else images.shape[i]
                 for i in range(4))
   k = kernel_size or blur_kernel_size(min(images.shape[1], images.shape[2]))
@@ -351,15 +382,12 @@ def gaussian_blur(images, sigma, kernel_size: int | None = None) -> tf.Tensor:
   vertical = tf.reshape(tf.transpose(kernel), [k, 1, b * c, 1])
   x = tf.nn.depthwise_conv2d(x, horizontal, [1, 1, 1, 1], "VALID")
   x = tf.nn.depthwise_conv2d(x, vertical, [1, 1, 1, 1], "VALID")
-  out = tf.transpose(tf.reshape(x, [h, w, b, c]), [2, 0, 1, 3])
-  # Exact identity where no blur was drawn.
-  return tf.where(tf.reshape(sigma > 0, [-1, 1, 1, 1]), out, images)
+  return tf.transpose(tf.reshape(x, [h, w, b, c]), [2, 0, 1, 3])
 
 
 def solarize(images, apply, threshold: float = 0.5) -> tf.Tensor:
   """Inverts values >= threshold in the selected images (torchvision's solarize)."""
-  solarized = tf.where(images >= threshold, 1.0 - images, images)
-  return tf.where(tf.reshape(apply, [-1, 1, 1, 1]), solarized, images)
+  return _on_selected(images, apply, lambda x: tf.where(x >= threshold, 1.0 - x, x))
 
 
 def flip_left_right(images, apply) -> tf.Tensor:
@@ -376,7 +404,8 @@ def apply_view_params(images: tf.Tensor, params: Mapping[str, tf.Tensor],
                       recipe: ViewRecipe) -> tf.Tensor:
   """Applies a view's photometric ops to a batch of crops, in torchvision/MoCo order.
 
-  colour jitter -> grayscale -> blur -> solarize -> flip (flip commutes with the others).
+  colour jitter -> grayscale -> blur -> solarize. The flip is not applied here: it commutes
+  with all of these and `crop_and_resize(..., flip=params["flip"])` does it per example.
   Ops whose probability is 0 in `recipe` are skipped at trace time (less work per batch).
   Returns float32 in [0, 1]; normalisation is separate.
   """
@@ -388,6 +417,4 @@ def apply_view_params(images: tf.Tensor, params: Mapping[str, tf.Tensor],
     images = gaussian_blur(images, params["blur_sigma"])
   if recipe.solarize_prob > 0:
     images = solarize(images, params["solarize"], recipe.solarize_threshold)
-  if recipe.flip_prob > 0:
-    images = flip_left_right(images, params["flip"])
   return images

@@ -250,7 +250,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
     boxes = params.pop("box")
     for v, (name, kind, size) in enumerate(views):
       source = anchor if kind in ("view1", "local") else target
-      crop = augment.crop_and_resize(source, boxes[v], size)
+      crop = augment.crop_and_resize(source, boxes[v], size, flip=params["flip"][v])
       out[name] = tf.ensure_shape(crop, [size, size, r.num_channels])
     out["params"] = params
     return out
