@@ -67,7 +67,7 @@ def _imagenet(c) -> None:
 
 def _sce(c, small: bool) -> None:
   c.objective.loss = "sce"
-  c.ema.update = "after_step"
+  c.ema.update_at = "after_step"
   if small:  # SCE CIFAR-10: weak view to the target, 8-group BN in the target only.
     c.objective.update(temperature=0.1)
     c.objective.sce.update(target_temperature=0.05, coeff=0.5)
@@ -110,7 +110,7 @@ def method_config(method: str, dataset: str = "fashion_mnist",
     c.objective.fnc.update(threshold=0.7, top_k=10, mode="attraction",
                            num_support_views=2 if small else 8)
     c.data.num_support_views = c.objective.fnc.num_support_views
-    c.ema.update = "after_step"
+    c.ema.update_at = "after_step"
   elif method == "sepp":  # key views from semantic partners; set data.semantic_pairs.
     c.data.p_semantic = 0.5
     if variant == "queue_ids":

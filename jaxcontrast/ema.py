@@ -14,7 +14,8 @@ def default_ema_config() -> ml_collections.ConfigDict:
   c.momentum = 0.99           # m_0: MoCo 0.999 (ImageNet), 0.99 (CIFAR); SCE 0.99 -> 1 (cosine)
   c.schedule = "constant"     # "constant" | "cosine": m_t = 1 - (1 - m_0)(cos(pi t / T) + 1) / 2
   c.init = "copy"             # "copy" (MoCo: target starts as the online net) | "independent"
-  c.update = "before_keys"    # "before_keys" (MoCo v2) | "after_step" (SCE, FNC)
+  # When the EMA step happens. (Not "update": that would shadow ConfigDict.update.)
+  c.update_at = "before_keys"  # "before_keys" (MoCo v2) | "after_step" (SCE, FNC)
   return c
 
 
@@ -22,7 +23,7 @@ def validate(ema: ml_collections.ConfigDict) -> None:
   if not 0.0 <= ema.momentum <= 1.0:
     raise ValueError(f"ema.momentum must be in [0, 1], got {ema.momentum}")
   for key, allowed in (("schedule", SCHEDULES), ("init", ("copy", "independent")),
-                       ("update", ("before_keys", "after_step"))):
+                       ("update_at", ("before_keys", "after_step"))):
     if ema[key] not in allowed:
       raise ValueError(f"ema.{key} must be one of {allowed}, got {ema[key]!r}")
 

@@ -2,11 +2,11 @@
 
 One step (METHODS.md section 0), all inside one `jax.jit` over the mesh, the state donated:
   1. key = fold_in(base_key, step); EMA momentum m from the step (no recompiles);
-  2. [ema.update == before_keys] target <- m target + (1 - m) online   (MoCo v2);
+  2. [ema.update_at == before_keys] target <- m target + (1 - m) online   (MoCo v2);
   3. target forward (train-mode BN, its own statistics) on the key view(s) and support views,
      with the BN-shuffle permutation of `bn.mode`; no gradient;
   4. online forward + objective against the queue *as it was before this step*; gradients;
-  5. optimizer update; [ema.update == after_step] target EMA from the new params (SCE, FNC);
+  5. optimizer update; [ema.update_at == after_step] target EMA from the new params (SCE, FNC);
   6. enqueue this step's keys (both views' when symmetric); step + 1.
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
     m = ema.momentum(state.step, base=cfg_ema.momentum, schedule=cfg_ema.schedule,
                      total_steps=total_steps)
     ema_params = state.ema_params
-    if cfg_ema.update == "before_keys":
+    if cfg_ema.update_at == "before_keys":
       ema_params = ema.update(ema_params, state.params, m)
 
     # Target branch: keys of the key view (and of view 1 when symmetric).
@@ -186,7 +186,7 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if cfg_ema.update == "after_step":
+    if cfg_ema.update_at == "after_step":
       ema_params = ema.update(ema_params, params, m)
 
     if queue is not None:
