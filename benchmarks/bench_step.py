@@ -13,7 +13,7 @@ import time
 parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=1)
 parser.add_argument("--steps", type=int, default=10)
-parser.add_argument("--conv_impl", default="matmul", choices=["xla", "matmul"])
+parser.add_argument("--conv_impl", default="xla", choices=["xla", "matmul"])
 parser.add_argument("--methods", default="moco,co2,xmoco,sce,fnc,sepp")
 args = parser.parse_args()
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
