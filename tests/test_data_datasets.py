@@ -130,6 +130,9 @@ def test_missing_split_lists_the_available_ones(fashion_dir):
   with pytest.raises(ValueError, match="does not exist"):
     pipeline.make_eval_dataset(fashion_config(fashion_dir), batch_size=2, split="val",
                                process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="mixes base splits"):  # Ids index one base split.
+    pipeline.make_train_dataset(fashion_config(fashion_dir, train_split="train+test"),
+                                batch_size=2, seed=0, process_index=0, process_count=1)
 
 
 def test_unprepared_dataset_is_a_clear_error_without_download(tmp_path):
@@ -147,7 +150,7 @@ def test_missing_fashion_mnist_files_give_the_install_command(tmp_path, monkeypa
   monkeypatch.setenv(fashion_mnist_tfds.SOURCE_DIR_ENV, str(tmp_path))
   cfg = default_data_config()
   cfg.data_dir = str(tmp_path / "tfds")
-  with pytest.raises(Exception, match="sudo apt-get install dataset-fashion-mnist"):
+  with pytest.raises(FileNotFoundError, match="sudo apt-get install dataset-fashion-mnist"):
     pipeline.dataset_info(cfg)
 
 

@@ -96,6 +96,8 @@ def test_views_depend_on_seed_epoch_and_id_not_on_sharding(fashion_dir):
   np.testing.assert_array_equal(one["id"], np.arange(8))  # No shuffle: file order.
   np.testing.assert_array_equal(one["id"], two["id"])
   np.testing.assert_array_equal(one["view1"], two["view1"])  # Same (seed, epoch, id).
+  default = first_batch(pipeline.make_train_dataset(cfg, batch_size=8, seed=0))  # jax: 1 process.
+  np.testing.assert_array_equal(one["view1"], default["view1"])
   # A second epoch gives the same image new views.
   stream = pipeline.make_train_iterator(cfg, batch_size=32, seed=0, process_index=0,
                                         process_count=1)
