@@ -14,7 +14,6 @@ lands in or the number of processes. Options follow big_vision (private thread p
 per op, deterministic order). Element dict: see `make_train_dataset`.
 """
 import dataclasses
-import math
 
 import numpy as np
 import tensorflow as tf
@@ -133,38 +132,6 @@ def _seed_tensor(seed: int) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sepp_source(cfg, r: _Resolved, process_index: int, process_count: int):
-  """SePP: (ids dataset of this process, id -> image fn, pair indices variable, id offset)."""
-  path = cfg.semantic_pairs
-  builder, spec = r.builder, r.spec
-  shape = datasets.image_feature(builder, spec).shape
-  if any(d is None for d in shape):
-    raise ValueError(f"SePP holds the train split in memory and needs fixed-size images; "
-                     f"{builder.name} images vary in size (not supported).")
-  full = datasets.read_split(builder, spec, r.train_split, base_split=r.train_split, decode=True)
-  n = datasets.split_size(builder, r.train_split) or _cardinality(full, r.train_split)
-  nbytes = n * math.prod(shape)
-  cap = int(cfg.get("in_memory_max_bytes") or 0)
-  if nbytes > cap:
-    raise ValueError(f"SePP needs random access to the train split, held in memory: "
-                     f"{nbytes / 2**30:.2f} GiB > in_memory_max_bytes = {cap / 2**30:.2f} GiB. "
-                     "Raise the cap if the host has the memory, or use a smaller split.")
-  offset = datasets.split_offset(builder, r.train_split)
-  indices = sepp.load_pair_indices(path)
-  sepp.check_pairs(indices, n, path)
-  images, labels = sepp.load_split_in_memory(full, n, shape, id_offset=offset)
-  images_var = tf.Variable(images, trainable=False, name="sepp_images")
-  labels_t = tf.constant(labels)
-  pairs_var = tf.Variable(indices, trainable=False, name="sepp_pairs")
-  sizes = [n // process_count + (i < n % process_count) for i in range(process_count)]
-  start = sum(sizes[:process_index])
-  rows = tf.data.Dataset.range(start, start + sizes[process_index]).map(
-      lambda i: tf.cast(i, tf.int32))
-  ids = rows.map(lambda row: {"id": row + offset, "label": tf.gather(labels_t, row)})
-  get_image = lambda i: augment.convert_channels(tf.gather(images_var, i - offset), r.convert_to)
-  return ids, get_image, pairs_var, offset
-
-
 def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index=None,
                        process_count=None) -> tf.data.Dataset:
   """The infinite training stream of this process.
@@ -201,7 +168,10 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
   datasets.check_split(r.builder, r.train_split)
   get_image, pairs_var, sepp_offset = None, None, 0
   if semantic:
-    ds, get_image, pairs_var, sepp_offset = _sepp_source(cfg, r, process_index, process_count)
+    ds, get_image, pairs_var, sepp_offset = sepp.in_memory_source(
+        r.builder, r.spec, r.train_split, pairs_path=semantic, convert_to=r.convert_to,
+        max_bytes=int(cfg.get("in_memory_max_bytes") or 0), process_index=process_index,
+        process_count=process_count)
     decoded = True
   else:
     local = datasets.process_split(r.train_split, process_index, process_count)

@@ -11,9 +11,13 @@ Limitation: this needs fixed-size images and a split that fits in host memory; a
 random-access source (e.g. ArrayRecord via `tfds.data_sources`), not implemented.
 """
 import logging
+import math
 
 import numpy as np
 import tensorflow as tf
+
+from jaxcontrast.data import augment
+from jaxcontrast.data import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +87,49 @@ def load_split_in_memory(dataset: tf.data.Dataset, num_examples: int, image_shap
     raise ValueError(f"Split has {int(seen.sum())} distinct ids for {num_examples} examples")
   logger.info("SePP: %d images (%.1f MB) held in memory", num_examples, images.nbytes / 2**20)
   return images, labels
+
+
+def in_memory_source(builder, spec, split: str, *, pairs_path: str, convert_to: int | None,
+                     max_bytes: int, process_index: int, process_count: int):
+  """The SePP training source: the whole split in memory, this process's anchors as ids.
+
+  Every process holds the whole split (a partner can be any image); anchors are split between
+  processes as `tfds.even_splits` does.
+
+  Returns:
+    (dataset of {"id", "label"} for this process's anchors, `get_image(id)` -> uint8 image with
+    `convert_to` channels, tf.Variable of pair indices (N, k), id of row 0).
+
+  Raises:
+    ValueError: variable-size images, split above `max_bytes`, or a pairs file that does not
+      match the split.
+  """
+  shape = datasets.image_feature(builder, spec).shape
+  if any(d is None for d in shape):
+    raise ValueError(f"SePP holds the train split in memory and needs fixed-size images; "
+                     f"{builder.name} images vary in size (not supported).")
+  full = datasets.read_split(builder, spec, split, base_split=split, decode=True)
+  n = datasets.split_size(builder, split) or int(full.cardinality())
+  nbytes = n * math.prod(shape)
+  if nbytes > max_bytes:
+    raise ValueError(f"SePP needs random access to the train split, held in memory: "
+                     f"{nbytes / 2**30:.2f} GiB > in_memory_max_bytes = "
+                     f"{max_bytes / 2**30:.2f} GiB. Raise the cap if the host has the memory, "
+                     "or use a smaller split.")
+  offset = datasets.split_offset(builder, split)
+  indices = load_pair_indices(pairs_path)
+  check_pairs(indices, n, pairs_path)
+  images, labels = load_split_in_memory(full, n, shape, id_offset=offset)
+  images_var = tf.Variable(images, trainable=False, name="sepp_images")
+  labels_t = tf.constant(labels)
+  pairs_var = tf.Variable(indices, trainable=False, name="sepp_pairs")
+  sizes = [n // process_count + (i < n % process_count) for i in range(process_count)]
+  start = sum(sizes[:process_index])
+  rows = tf.data.Dataset.range(start, start + sizes[process_index]).map(
+      lambda i: tf.cast(i, tf.int32))
+  ids = rows.map(lambda row: {"id": row + offset, "label": tf.gather(labels_t, row)})
+
+  def get_image(i):
+    return augment.convert_channels(tf.gather(images_var, i - offset), convert_to)
+
+  return ids, get_image, pairs_var, offset
