@@ -91,13 +91,19 @@ def test_support_views_and_multicrop(fashion_dir):
 
 def test_views_depend_on_seed_epoch_and_id_not_on_sharding(fashion_dir):
   cfg = fashion_config(fashion_dir, train_split="test[:64]", shuffle_buffer=0)
-  one = first_batch(_train(cfg, process_index=0, process_count=1))
-  two = first_batch(_train(cfg, process_index=0, process_count=2))
-  np.testing.assert_array_equal(one["id"], np.arange(8))  # No shuffle: file order.
-  np.testing.assert_array_equal(one["id"], two["id"])
-  np.testing.assert_array_equal(one["view1"], two["view1"])  # Same (seed, epoch, id).
+  stream = pipeline.make_train_iterator(cfg, batch_size=8, seed=0, process_index=0,
+                                        process_count=1)
+  single = [next(stream) for _ in range(5)]
+  second = first_batch(_train(cfg, process_index=1, process_count=2))
+  np.testing.assert_array_equal(single[0]["id"], np.arange(8))  # No shuffle: file order.
+  np.testing.assert_array_equal(second["id"], np.arange(32, 40))
+  np.testing.assert_array_equal(single[4]["id"], second["id"])
+  # Same (seed, epoch, id): same views, although the image is at position 32 of one stream
+  # and at position 0 of the other.
+  np.testing.assert_array_equal(single[4]["view1"], second["view1"])
+  np.testing.assert_array_equal(single[4]["view2"], second["view2"])
   default = first_batch(pipeline.make_train_dataset(cfg, batch_size=8, seed=0))  # jax: 1 process.
-  np.testing.assert_array_equal(one["view1"], default["view1"])
+  np.testing.assert_array_equal(single[0]["view1"], default["view1"])
   # A second epoch gives the same image new views.
   stream = pipeline.make_train_iterator(cfg, batch_size=32, seed=0, process_index=0,
                                         process_count=1)
