@@ -1,5 +1,5 @@
 """The compiled train step: 1 vs 8 devices, no queue all-gather, target without gradient,
-BN-shuffle modes, for every method."""
+BN-shuffle modes, learning on real images, for every method."""
 import re
 
 import jax
@@ -10,6 +10,7 @@ import pytest
 
 from jaxcontrast import config_lib, train
 from jaxcontrast import queue as queue_lib
+from jaxcontrast.data.fashion_mnist import load_fashion_mnist_numpy
 from jaxcontrast.sharding import global_batch_from_local, make_mesh
 
 LR = 0.05
@@ -172,3 +173,42 @@ def test_bn_shuffle_modes_train(bn_mode):
   _, final, metrics, _ = run_steps(c, 8 if bn_mode == "shuffle" else 1, batches)
   assert all(np.isfinite(m["loss"]) for m in metrics)
   assert int(final.queue.filled) == 32
+
+
+def real_batch(c, images, ids):
+  """Two fixed, different crops (+ a flip) of the same real images: a task with signal."""
+  crop = lambda x, dy, dx: x[:, dy:dy + 16, dx:dx + 16]
+  batch = {"view1": crop(images, 4, 4), "view2": crop(images, 8, 7)[:, :, ::-1],
+           "id": ids.astype(np.int32), "key_id": ids.astype(np.int32)}
+  if c.objective.fnc.num_support_views:
+    batch["support"] = np.stack([crop(images, 6, 5), crop(images, 5, 8)], axis=1)
+  return batch
+
+
+@pytest.fixture(scope="module")
+def fashion_images():
+  images, _ = load_fashion_mnist_numpy("train")
+  return (images[:128].astype(np.float32) / 255.0 - 0.3) / 0.35
+
+
+@pytest.mark.parametrize("method,variant", METHOD_VARIANTS)
+def test_training_on_real_images_lowers_the_loss(method, variant, fashion_images):
+  """48 Adam steps over a fixed pool of 128 Fashion-MNIST images (4 batches of 32, cycled; K = 64
+  holds the two previous batches, i.e. other images, as in a real epoch): the loss averaged over
+  the last cycle is clearly below the first cycle after the queue's initial noise is gone, and
+  instance-discrimination accuracy rises. Measured (loss; acc): MoCo 3.27 -> 1.18 (0.23 -> 0.93),
+  CO2 4.25 -> 2.51 (0.16 -> 0.98), XMoCo 3.82 -> 2.40, SCE 3.75 -> 2.54, FNC 3.85 -> 3.05
+  (0.05 -> 0.23), SePP 3.27 -> 1.17 (0.22 -> 0.92)."""
+  c = tiny_config(method, variant)
+  c.global_batch_size = 32
+  ids = np.arange(128)
+  batches = [real_batch(c, fashion_images[i * 32:(i + 1) * 32], ids[i * 32:(i + 1) * 32])
+             for i in range(4)]
+  # Adam: plain SGD at this size needs several times more steps to leave chance level.
+  _, _, metrics, _ = run_steps(c, 1, batches * 12, tx=optax.adam(1e-3), total_steps=48)
+  losses = np.array([m["loss"] for m in metrics])
+  acc = np.array([m[f"{c.objective.loss}/acc"] for m in metrics])
+  assert np.isfinite(losses).all()
+  first, last = losses[4:8].mean(), losses[-4:].mean()
+  assert last < first - 0.1 * abs(first), (method, losses.round(3))
+  assert acc[-4:].mean() > acc[4:8].mean() + 0.1, (method, acc.round(2))
