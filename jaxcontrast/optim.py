@@ -27,6 +27,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from jaxcontrast.config_merge import override_known
 import optax
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -66,12 +68,7 @@ def _number(v: Any) -> bool:
 
 def resolve_optim_config(optim_config: Any) -> ml_collections.ConfigDict:
   """Defaults overridden by `optim_config` (ConfigDict or dict); ValueError names a bad key."""
-  merged = default_optim_config().to_dict()
-  for key, value in dict(optim_config).items():
-    if key not in merged:
-      raise ValueError(f"optim config: unknown key {key!r}; known keys: {sorted(merged)}")
-    merged[key] = value
-  c = ml_collections.ConfigDict(merged, type_safe=False)
+  c = override_known(default_optim_config(), optim_config, "optim")
   for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES),
                        ("lr_scaling", LR_SCALINGS)):
     if c[key] not in allowed:

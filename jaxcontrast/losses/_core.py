@@ -131,12 +131,7 @@ def split_logsumexp(head: Optional[Array], block: Optional[Array], dist: Dist) -
   value, so it carries no gradient and needs none), then one psum of the shifted exponentials.
   Columns equal to -inf contribute nothing; at least one column of each row must be finite.
   """
-  shift = None
-  if block is not None:
-    shift = dist.pmax(lax.stop_gradient(jnp.max(block, axis=-1)))
-  if head is not None:
-    head_max = lax.stop_gradient(jnp.max(head, axis=-1))
-    shift = head_max if shift is None else jnp.maximum(shift, head_max)
+  shift = split_max(head, block, dist)
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   total = 0.0
   if block is not None:

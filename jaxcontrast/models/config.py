@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from jaxcontrast.config_merge import override_known
 from jaxcontrast.models.conv import CONV_IMPLS
 from jaxcontrast.models.encoder import Encoder
 from jaxcontrast.models.heads import MLPHead
@@ -57,17 +58,8 @@ def _check_dims(key: str, value: Any) -> tuple[int, ...]:
 
 
 def resolve_model_config(model_config: Any) -> ml_collections.ConfigDict:
-  """Defaults overridden by `model_config` (a ConfigDict or dict), validated.
-
-  Merged as plain dicts, so a wrong type surfaces as our ValueError naming the key rather than
-  as ConfigDict's type-safety TypeError.
-  """
-  merged = default_model_config().to_dict()
-  for key, value in dict(model_config).items():
-    if key not in merged:
-      raise ValueError(f"model config: unknown key {key!r}; known keys: {sorted(merged)}")
-    merged[key] = value
-  cfg = ml_collections.ConfigDict(merged, type_safe=False)
+  """Defaults overridden by `model_config` (a ConfigDict or dict), validated."""
+  cfg = override_known(default_model_config(), model_config, "model")
   validate_model_config(cfg)
   return cfg
 
