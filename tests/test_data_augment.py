@@ -262,3 +262,15 @@ def test_selected_ops_with_nothing_or_everything_selected():
   np.testing.assert_array_equal(augment.solarize(x, none), x)
   assert np.abs(augment.gaussian_blur(x, tf.ones([3])).numpy() - x.numpy()).max() > 0.01
   assert (augment.solarize(x, every).numpy() <= 0.5).all()
+
+
+def test_crop_and_resize_antialias_switch():
+  """Shrinking a 9x9 checkerboard 3x: plain bilinear samples input pixels exactly (half-pixel
+  centres land on pixels 1, 4, 7), so every output is 0 or 1; the antialiased shrink averages
+  a neighbourhood, so every output lies strictly between."""
+  board = (np.indices((9, 9)).sum(0) % 2 * 255).astype(np.uint8)[..., None]
+  box = tf.constant([0, 0, 9, 9])
+  plain = augment.crop_and_resize(tf.constant(board), box, 3, antialias=False).numpy()
+  np.testing.assert_allclose(plain[..., 0], board[1::3, 1::3, 0] / 255.0, atol=1e-6)
+  smooth = augment.crop_and_resize(tf.constant(board), box, 3).numpy()
+  assert ((smooth > 0.2) & (smooth < 0.8)).all(), smooth[..., 0]

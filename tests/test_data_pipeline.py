@@ -49,6 +49,23 @@ def test_ids_labels_and_pixels_match_the_files(fashion_dir, numpy_test_split):
   np.testing.assert_allclose(pixels, images[batch["id"]].astype(np.float32), atol=1e-2)
 
 
+def test_antialias_switch_in_the_pipeline(fashion_dir, numpy_test_split):
+  """Whole image 28 -> 14: plain bilinear samples between pixel pairs, i.e. 2x2 average pooling;
+  the antialiased (default) shrink weights a wider neighbourhood, so it differs."""
+  images, _ = numpy_test_split
+  cfg = fashion_config(fashion_dir, recipe="crop_flip", train_split="test", image_size=14)
+  cfg.view1.update(crop_scale=(1.0, 1.0), flip_prob=0.0)
+  cfg.antialias = False
+  batch = first_batch(_train(cfg))
+  pooled = images[batch["id"]].astype(np.float32).reshape(8, 14, 2, 14, 2).mean(axis=(2, 4))
+  np.testing.assert_allclose(unnormalize(batch["view1"], MEAN, STD)[..., 0] * 255, pooled,
+                             atol=1e-2)
+  cfg.antialias = True
+  smooth = first_batch(_train(cfg))
+  np.testing.assert_array_equal(smooth["id"], batch["id"])
+  assert np.abs(smooth["view1"] - batch["view1"]).max() > 0.1
+
+
 def test_views_follow_the_recipe(fashion_dir):
   cfg = fashion_config(fashion_dir, recipe="crop_flip", train_split="test", num_channels=3)
   cfg.view1.crop_scale = (1.0, 1.0)

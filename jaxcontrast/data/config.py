@@ -76,6 +76,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Normalisation mean / std per channel (in [0, 1] units); None = dataset statistics.
   c.mean = config_dict.placeholder(tuple)
   c.std = config_dict.placeholder(tuple)
+  # Antialiased shrink in RandomResizedCrop, as PIL / torchvision (False: plain bilinear, about
+  # 1.4x faster input on ImageNet-sized JPEGs; see benchmarks/bench_data.py).
+  c.antialias = True
   # tf.data private thread pool size (big_vision: 48); 0 = the default shared pool.
   c.threadpool_size = 48
   return c

@@ -187,6 +187,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
                      f"{r.train_split}")
 
   base_key = _seed_tensor(seed)
+  antialias = bool(cfg.antialias)
 
   @tf.autograph.experimental.do_not_convert
   def to_image(ex):
@@ -220,7 +221,8 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
     boxes = params.pop("box")
     for v, (name, kind, size) in enumerate(views):
       source = anchor if kind in ("view1", "local") else target
-      crop = augment.crop_and_resize(source, boxes[v], size, flip=params["flip"][v])
+      crop = augment.crop_and_resize(source, boxes[v], size, flip=params["flip"][v],
+                                     antialias=antialias)
       out[name] = tf.ensure_shape(crop, [size, size, r.num_channels])
     out["params"] = params
     return out
