@@ -1,10 +1,11 @@
 """Time the compiled train step of every method on this machine (not a test).
 
   .venv/bin/python benchmarks/bench_step.py [--devices 1] [--steps 10] [--conv_impl matmul]
+      [--queue_mode sharded] [--methods moco,sce]
 
 ResNet-18 at width 1/4 (CIFAR stem), 32x32x3 inputs, global batch 64, K 4096, projector
-128-128 (tiny but real). Prints compile time and images/s (steps after compilation, timed with
-`block_until_ready`) per method.
+128-128 (tiny but real), each method's CIFAR-10 preset otherwise (8-group ghost BN). Prints
+compile time and images/s (steps after compilation, timed with `block_until_ready`) per method.
 """
 import argparse
 import os
@@ -14,6 +15,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=1)
 parser.add_argument("--steps", type=int, default=10)
 parser.add_argument("--conv_impl", default="xla", choices=["xla", "matmul"])
+parser.add_argument("--queue_mode", default="replicated", choices=["replicated", "sharded"])
 parser.add_argument("--methods", default="moco,co2,xmoco,sce,fnc,sepp")
 args = parser.parse_args()
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
@@ -34,6 +36,7 @@ def bench(method):
   if c.model.pred_dim:
     c.model.update(pred_hidden_dims=(128,), pred_dim=128)
   c.queue.size, c.global_batch_size = 4096, 64
+  c.queue.mode = args.queue_mode
   mesh = make_mesh(args.devices)
   models = train.build_models(c, mesh)
   tx = optax.sgd(0.06, momentum=0.9)
@@ -67,6 +70,7 @@ def bench(method):
 
 
 print(f"devices={args.devices} ({jax.devices()[0].platform}), conv_impl={args.conv_impl}, "
-      f"ResNet-18 x1/4, 32x32, batch 64, K 4096, {args.steps} timed steps")
+      f"queue {args.queue_mode}, ResNet-18 x1/4, 32x32, batch 64, K 4096, CIFAR presets "
+      f"(ghost BN), {args.steps} timed steps")
 for method in args.methods.split(","):
   bench(method)
