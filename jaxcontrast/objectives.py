@@ -91,21 +91,24 @@ def _positive_mask(anchor_ids, key_ids, neighbors, queue_ids):
   return mask & (qid >= 0)
 
 
-def _terms(cfg, q, k, queue_keys, queue_ids, extras, axis_name):
+def _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name):
   """One direction (query q against key k) of the objective; (total, metrics)."""
   tau = cfg.temperature
   loss_name = cfg.loss
+  # In-batch negatives (no queue) take no mask; otherwise pass it only when masking is on.
+  qv = {} if queue_valid is None else {"queue_valid": queue_valid}
   if loss_name == "moco":
-    loss, metrics = losses.moco_infonce(q, k, queue_keys, temperature=tau, axis_name=axis_name)
+    loss, metrics = losses.moco_infonce(q, k, queue_keys, temperature=tau, axis_name=axis_name,
+                                        **qv)
   elif loss_name == "sce":
     loss, metrics = losses.sce(q, k, queue_keys, temperature=tau,
                                target_temperature=cfg.sce.target_temperature,
                                coeff=cfg.sce.coeff, mask_self=cfg.sce.mask_self,
-                               axis_name=axis_name)
+                               axis_name=axis_name, **qv)
   elif loss_name == "fnc":
     loss, metrics = losses.fnc(q, k, queue_keys, support_keys=extras.get("support"),
                                temperature=tau, threshold=cfg.fnc.threshold, top_k=cfg.fnc.top_k,
-                               mode=cfg.fnc.mode, axis_name=axis_name)
+                               mode=cfg.fnc.mode, axis_name=axis_name, **qv)
   else:  # multi_positive
     gather = (lambda x: x) if axis_name is None else (
         lambda x: lax.all_gather(x, axis_name, axis=0, tiled=True))
@@ -113,14 +116,14 @@ def _terms(cfg, q, k, queue_keys, queue_ids, extras, axis_name):
     mask = _positive_mask(gather(extras["id"]), gather(extras["key_id"]),
                           None if neighbors is None else gather(neighbors), queue_ids)
     loss, metrics = losses.multi_positive_infonce(q, k, queue_keys, positive_mask=mask,
-                                                  temperature=tau, axis_name=axis_name)
+                                                  temperature=tau, axis_name=axis_name, **qv)
   metrics = {f"{loss_name}/{name}": value for name, value in metrics.items()}
   metrics[f"{loss_name}/loss"] = loss
   total = loss
   if cfg.co2.weight:
     reg, _ = losses.co2_consistency(q, k, queue_keys, temperature=cfg.co2.temperature,
                                     include_positive=cfg.co2.include_positive,
-                                    axis_name=axis_name)
+                                    axis_name=axis_name, **qv)
     total, metrics["co2/reg"] = total + cfg.co2.weight * reg, reg
   if cfg.xmoco_cross.weight:
     reg, _ = losses.xmoco_cross_consistency(q, k, temperature=cfg.xmoco_cross.temperature,
@@ -131,22 +134,23 @@ def _terms(cfg, q, k, queue_keys, queue_ids, extras, axis_name):
     reg, _ = losses.xmoco_negative_uniformity(q, queue_keys,
                                               temperature=cfg.xmoco_uniformity.temperature,
                                               per_sample=cfg.xmoco_uniformity.per_sample,
-                                              axis_name=axis_name)
+                                              axis_name=axis_name, **qv)
     total, metrics["xmoco_uniformity/reg"] = total + cfg.xmoco_uniformity.weight * reg, reg
   return total, metrics
 
 
-def objective_value(cfg, queries, keys, queue_keys, queue_ids, extras,
+def objective_value(cfg, queries, keys, queue_keys, queue_ids, queue_valid, extras,
                     axis_name: Optional[str] = None):
   """The whole objective for one step.
 
   queries / keys: tuples of (B, D) embeddings, one per direction: `(q1,)`, `(k2,)` for the
   asymmetric loss; `(q1, q2)`, `(k2, k1)` for the symmetric one (averaged). The queue is the one
-  from before this step. Returns (loss, metrics), metrics averaged over directions.
+  from before this step; `queue_valid` (K,) bool or None marks the rows holding real keys
+  (`queue.mask_unfilled`). Returns (loss, metrics), metrics averaged over directions.
   """
   totals, all_metrics = [], []
   for q, k in zip(queries, keys):
-    total, metrics = _terms(cfg, q, k, queue_keys, queue_ids, extras, axis_name)
+    total, metrics = _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name)
     totals.append(total)
     all_metrics.append(metrics)
   n = len(totals)
@@ -157,23 +161,25 @@ def objective_value(cfg, queries, keys, queue_keys, queue_ids, extras,
 
 
 def make_objective_fn(cfg, *, mesh, queue_mode: str, axis_name: str = "data"):
-  """`fn(queries, keys, queue_keys, queue_ids, extras) -> (loss, metrics)` for the jitted step.
+  """`fn(queries, keys, queue_keys, queue_ids, queue_valid, extras) -> (loss, metrics)`.
 
   `replicated`: plain global-array code (XLA partitions the batch; the queue is on every device).
   `sharded`: one `jax.shard_map` over `axis_name`; queue rows and batch rows split, outputs
-  replicated. `extras` (support views, ids, neighbours) are batch-split in both.
+  replicated; the queue's ids and valid mask are split like its rows. `extras` (support views,
+  ids, neighbours) are batch-split in both.
   """
   if queue_mode == "replicated":
-    return lambda qs, ks, qk, qi, extras: objective_value(cfg, qs, ks, qk, qi, extras, None)
+    return lambda qs, ks, qk, qi, qv, extras: objective_value(cfg, qs, ks, qk, qi, qv, extras,
+                                                              None)
   if queue_mode != "sharded":
     raise ValueError(f"queue.mode must be 'replicated' or 'sharded', got {queue_mode!r}")
 
-  def fn(queries, keys, queue_keys, queue_ids, extras):
-    body = lambda qs, ks, qk, qi, ex: objective_value(cfg, qs, ks, qk, qi, ex, axis_name)
+  def fn(queries, keys, queue_keys, queue_ids, queue_valid, extras):
+    body = lambda qs, ks, qk, qi, qv, ex: objective_value(cfg, qs, ks, qk, qi, qv, ex, axis_name)
     batch_spec = P(axis_name)
     specs = (jax.tree.map(lambda _: batch_spec, queries), jax.tree.map(lambda _: batch_spec, keys),
-             P(axis_name), P(axis_name), jax.tree.map(lambda _: batch_spec, extras))
+             P(axis_name), P(axis_name), P(axis_name), jax.tree.map(lambda _: batch_spec, extras))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)(
-        queries, keys, queue_keys, queue_ids, extras)
+        queries, keys, queue_keys, queue_ids, queue_valid, extras)
 
   return fn

@@ -88,6 +88,23 @@ def enqueue(queue: QueueState, keys: jax.Array, ids: Optional[jax.Array] = None)
       filled=jnp.minimum(queue.filled + n, size).astype(jnp.int32))
 
 
+def valid_rows(queue: QueueState, num_blocks: int = 1) -> jax.Array:
+  """(K,) bool: the rows holding real keys, i.e. the `filled` newest rows (METHODS.md's "valid
+  count"), for a queue laid out in `num_blocks` blocks (1: replicated; n: sharded over n devices).
+
+  Local row j of block b has local age a = (j - ptr) mod K/n (0 = oldest) and global age
+  g = a * n + b, as `age_order` orders them; the row is valid iff g >= K - filled. This holds for
+  a fresh queue and after `reblock` alike. Traceable (used inside the jitted step).
+  """
+  size = queue.keys.shape[0]
+  if size % num_blocks:
+    raise ValueError(f"queue size {size} is not divisible by {num_blocks} blocks")
+  local = size // num_blocks
+  rows = jnp.arange(size)
+  age = (rows % local - queue.ptr) % local * num_blocks + rows // local
+  return age >= size - queue.filled
+
+
 def age_order(keys: np.ndarray, ptr: int, num_blocks: int) -> np.ndarray:
   """Row indices of a queue laid out in `num_blocks` blocks, oldest first.
 

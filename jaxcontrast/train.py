@@ -35,6 +35,7 @@ def default_queue_config() -> ml_collections.ConfigDict:
   c.size = 4096            # K; 0 = no queue: the other keys of the global batch are the negatives
   c.mode = "replicated"    # "replicated" | "sharded" (rows split over devices, K % devices == 0)
   c.store_ids = False      # keep each row's source image id (SePP multi_positive, diagnostics)
+  c.mask_unfilled = False  # leave rows not yet written out of every loss (MoCo: False, noise)
   return c
 
 
@@ -168,6 +169,10 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
     queue = state.queue
     queue_keys = None if queue is None else queue.keys
     queue_ids = None if queue is None else queue.ids
+    queue_valid = None
+    if queue is not None and cfg_queue.mask_unfilled:
+      queue_valid = queue_lib.valid_rows(
+          queue, devices if cfg_queue.mode == "sharded" else 1)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
@@ -180,7 +185,7 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
                                             batch["view2"], train=True, mutable=["batch_stats"])
         queries, keys = queries + (query_embedding(out2),), (k2, k1)
         stats = updates["batch_stats"]
-      loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, extras)
+      loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, queue_valid, extras)
       return loss, (metrics, stats)
 
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

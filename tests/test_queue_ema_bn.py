@@ -104,6 +104,27 @@ def test_reblock_between_device_counts_keeps_keys_and_age():
   np.testing.assert_array_equal(np.sort(overwritten), np.arange(1000, 1016))
 
 
+@pytest.mark.parametrize("num_devices,size,batch,steps", [
+    (1, 10, 4, 1), (1, 10, 4, 2), (1, 10, 4, 3), (1, 7, 7, 1), (8, 32, 16, 1), (8, 64, 16, 3),
+    (8, 32, 8, 5), (2, 12, 4, 2)])
+def test_valid_rows_are_the_rows_holding_keys(num_devices, size, batch, steps):
+  """`valid_rows` (from ptr and filled alone) marks exactly the rows whose id is a real key's
+  (all keys here have ids >= 0, noise has -1): fresh, partly filled, wrapped, and re-blocked."""
+  batches = [np.ones((batch, 2), np.float32) for _ in range(steps)]
+  if num_devices == 1:
+    q = queue_lib.init_queue(jax.random.key(0), size, 2)
+    for step, b in enumerate(batches):
+      q = queue_lib.enqueue(q, jnp.asarray(b), jnp.arange(batch) + 1000 * step)
+  else:
+    q = _run_sharded(num_devices, size, batches)
+  np.testing.assert_array_equal(np.asarray(queue_lib.valid_rows(q, num_devices)),
+                                np.asarray(q.ids) >= 0)
+  for num_to in [n for n in (1, 2) if size % n == 0]:
+    moved = queue_lib.reblock(q, num_devices, num_to)
+    np.testing.assert_array_equal(np.asarray(queue_lib.valid_rows(moved, num_to)),
+                                  np.asarray(moved.ids) >= 0)
+
+
 def test_reblock_rejects_indivisible_counts():
   q = queue_lib.init_queue(jax.random.key(0), 30, 2)
   with pytest.raises(ValueError, match="divisible"):

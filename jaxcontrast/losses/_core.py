@@ -185,7 +185,10 @@ def infonce_metrics(pos: Array, neg_sum: Array, neg_count: int, neg_max: Array,
   """Mean positive logit, mean negative logit, and the fraction of rows whose positive is ranked
   first (positive >= every negative). All arguments are per-row over the global batch."""
   metrics = {"pos_logit": dist.batch_mean(lax.stop_gradient(pos))}
-  if neg_count > 0:
+  if not isinstance(neg_count, int):  # Masked queue: a traced count, possibly 0 (max is MASKED).
+    metrics["neg_logit"] = dist.batch_mean(lax.stop_gradient(neg_sum) / jnp.maximum(neg_count, 1))
+    metrics["acc"] = dist.batch_mean((lax.stop_gradient(pos) >= neg_max).astype(jnp.float32))
+  elif neg_count > 0:
     metrics["neg_logit"] = dist.batch_mean(lax.stop_gradient(neg_sum) / neg_count)
     metrics["acc"] = dist.batch_mean((lax.stop_gradient(pos) >= neg_max).astype(jnp.float32))
   else:  # A global batch of one with in-batch negatives: nothing to rank against.
@@ -201,6 +204,40 @@ def prepare(query: Array, key: Optional[Array], dist: Dist):
     return q, None
   k = dist.gather(lax.stop_gradient(l2_normalize(as_float(key))))
   return q, k
+
+
+# The logit of a masked (unfilled) queue row: finite, so 0 * MASKED stays 0 where -inf would give
+# NaN, and far enough below any real logit (|l| <= 1 / temperature) that exp underflows to 0.
+MASKED = -1e30
+
+
+def check_queue_valid(queue_valid, rows: int) -> Optional[Array]:
+  """None, or the (rows,) boolean mask of queue rows holding real keys, without gradient."""
+  if queue_valid is None:
+    return None
+  if getattr(queue_valid, "shape", None) != (rows,):
+    raise ValueError(f"queue_valid must have shape ({rows},) (one flag per queue row on this "
+                     f"device), got {getattr(queue_valid, 'shape', None)}")
+  return lax.stop_gradient(jnp.asarray(queue_valid, bool))
+
+
+def mask_columns(logits: Array, valid: Optional[Array], fill: float = MASKED) -> Array:
+  """(Bg, K_local) logits with the columns of invalid queue rows set to `fill`."""
+  return logits if valid is None else jnp.where(valid[None, :], logits, fill)
+
+
+def num_valid(block: Array, valid: Optional[Array], dist: Dist):
+  """How many queue columns count, over all devices: an int, or a scalar array when masked."""
+  if valid is None:
+    return block.shape[1] * dist.size
+  return dist.psum(jnp.sum(valid.astype(jnp.float32)))
+
+
+def negative_metrics(pos: Array, neg: Array, valid: Optional[Array], dist: Dist) -> dict:
+  """`infonce_metrics` over the valid queue columns of `neg` (Bg, K_local)."""
+  neg_sum = split_sum(None, neg if valid is None else jnp.where(valid[None, :], neg, 0.0), dist)
+  return infonce_metrics(pos, neg_sum, num_valid(neg, valid, dist), split_max(None, neg, dist),
+                         dist)
 
 
 def queue_block(queue: Array) -> Array:

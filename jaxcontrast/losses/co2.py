@@ -11,7 +11,8 @@ from jaxcontrast.losses import _core
 
 def co2_consistency(query: jax.Array, key: jax.Array, queue: jax.Array, *,
                     temperature: float = 0.04, include_positive: bool = False,
-                    axis_name: Optional[str] = None):
+                    axis_name: Optional[str] = None,
+                    queue_valid: Optional[jax.Array] = None):
   """CO2 consistency regulariser: symmetric KL between the query's and the key's similarity
   distributions over the same negatives (the key's acts as a pseudo-label).
 
@@ -30,6 +31,9 @@ def co2_consistency(query: jax.Array, key: jax.Array, queue: jax.Array, *,
   The value returned is unweighted: the objective multiplies it by alpha. tau_con (0.04) and
   alpha (10 on MoCo v1) come from the paper's text and are *unverified* (no official code).
 
+  `queue_valid` (optional, see `moco_infonce`) leaves unfilled queue rows out of both
+  distributions; with no valid row (and no positive column) the regulariser is 0.
+
   Returns:
     (reg, metrics) with metrics `symmetric_kl` (the same value, for logging).
   """
@@ -39,14 +43,16 @@ def co2_consistency(query: jax.Array, key: jax.Array, queue: jax.Array, *,
   dist = _core.Dist(axis_name, query.shape[0])
   q, k = _core.prepare(query, key, dist)
   block = _core.queue_block(queue)
-  lp = q @ block.T / temperature
-  lr = k @ block.T / temperature
+  valid = _core.check_queue_valid(queue_valid, queue.shape[0])
+  lp = _core.mask_columns(q @ block.T / temperature, valid)
+  lr = _core.mask_columns(k @ block.T / temperature, valid)
   head = jnp.sum(q * k, axis=-1, keepdims=True) / temperature if include_positive else None
   lse_p = _core.split_logsumexp(head, lp, dist)[:, None]
   lse_r = _core.split_logsumexp(head, lr, dist)[:, None]
   # (p - r)(log p - log r), summed over columns, is KL(p||r) + KL(r||p).
   sym = lambda log_a, log_b: (jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b)
   head_terms = sym(head - lse_p, head - lse_r) if include_positive else None
-  per_row = 0.5 * _core.split_sum(head_terms, sym(lp - lse_p, lr - lse_r), dist)
+  block_terms = _core.mask_columns(sym(lp - lse_p, lr - lse_r), valid, 0.0)
+  per_row = 0.5 * _core.split_sum(head_terms, block_terms, dist)
   reg = dist.batch_mean(per_row)
   return reg, {"symmetric_kl": jax.lax.stop_gradient(reg)}

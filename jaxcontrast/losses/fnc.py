@@ -21,7 +21,7 @@ def _max_similarity(views: jax.Array, block: jax.Array) -> jax.Array:
 
 
 def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshold: float,
-                           top_k: int, dist: _core.Dist, head_similarity=None):
+                           top_k: int, dist: _core.Dist, head_similarity=None, valid=None):
   """FNC detection (official code): the max cosine similarity of each candidate to any of the
   anchor's target views, kept when above `threshold` and within the row's `top_k`.
 
@@ -29,9 +29,10 @@ def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshol
       fn = (s > threshold) & in_top_k(s, top_k)
 
   `in_top_k` follows TensorFlow: s is in the top k iff s >= the k-th largest value of its row, so
-  ties at the boundary all count. Returns (fn_head, fn_block) boolean masks (no gradient).
+  ties at the boundary all count. Rows with `valid` False are not candidates. Returns
+  (fn_head, fn_block) boolean masks (no gradient).
   """
-  s_block = _max_similarity(views, queue_block)
+  s_block = _core.mask_columns(_max_similarity(views, queue_block), valid, -jnp.inf)
   kth = _core.split_kth_largest(head_similarity, s_block, top_k, dist)[:, None]
   fn_block = (s_block > threshold) & (s_block >= kth)
   fn_head = None
@@ -52,7 +53,8 @@ def _check_fnc_args(temperature, threshold, top_k, mode=None):
 
 def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Optional[jax.Array],
         temperature: float = 0.1, threshold: float = 0.7, top_k: int = 10,
-        mode: str = "attraction", axis_name: Optional[str] = None):
+        mode: str = "attraction", axis_name: Optional[str] = None,
+        queue_valid: Optional[jax.Array] = None):
   """FNC on a MoCo queue: detect false negatives among the queue with support views, then attract
   them (extra positives) or eliminate them (drop from the denominator).
 
@@ -68,7 +70,8 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
   With `threshold` above 1 nothing is detected and both modes equal `moco_infonce`.
 
   Args:
-    query, key, queue, temperature, axis_name: as `moco_infonce` (queue required).
+    query, key, queue, temperature, axis_name, queue_valid: as `moco_infonce` (queue required;
+      an invalid row is never detected, nor a negative).
     support_keys: (B, S, D) target-encoder embeddings of S extra views of each anchor (or None
       for S = 0: detection by the key view alone). Normalised here; no gradient.
     threshold: cosine-similarity threshold of detection.
@@ -94,19 +97,19 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
     support = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(support_keys))))
     views = jnp.concatenate([views, support], axis=1)
   block = _core.queue_block(queue)
-  _, fn = detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist)
+  valid = _core.check_queue_valid(queue_valid, queue.shape[0])
+  _, fn = detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist,
+                                 valid=valid)
   pos = jnp.sum(q * k, axis=-1) / temperature
-  neg = q @ block.T / temperature
+  neg = _core.mask_columns(q @ block.T / temperature, valid)
   num_fn = dist.batch_mean(_core.split_sum(None, fn.astype(neg.dtype), dist))
   if mode == "attraction":
-    loss, metrics = _multi_positive_from_logits(pos, neg, fn, dist)
+    loss, metrics = _multi_positive_from_logits(pos, neg, fn, dist, valid)
     del metrics["num_positives"]
   else:
     lse = _core.split_logsumexp(pos[:, None], jnp.where(fn, -jnp.inf, neg), dist)
     loss = dist.batch_mean(lse - pos)
-    num_neg = neg.shape[1] * dist.size
-    metrics = _core.infonce_metrics(pos, _core.split_sum(None, neg, dist), num_neg,
-                                    _core.split_max(None, neg, dist), dist)
+    metrics = _core.negative_metrics(pos, neg, valid, dist)
   metrics["num_false_negatives"] = num_fn
   return loss, metrics
 

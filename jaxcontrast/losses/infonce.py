@@ -10,7 +10,8 @@ from jaxcontrast.losses import _core
 
 
 def moco_infonce(query: jax.Array, key: jax.Array, queue: Optional[jax.Array], *,
-                 temperature: float = 0.2, axis_name: Optional[str] = None):
+                 temperature: float = 0.2, axis_name: Optional[str] = None,
+                 queue_valid: Optional[jax.Array] = None):
   """MoCo v2 InfoNCE (Chen et al. 2020; facebookresearch/moco `builder.py`, exact).
 
       q = n(query); k = sg(n(key))                      # (B, D)
@@ -27,6 +28,9 @@ def moco_infonce(query: jax.Array, key: jax.Array, queue: Optional[jax.Array], *
       the device's (K/n, D) block of the K-sharded queue.
     temperature: softmax temperature tau (> 0).
     axis_name: mesh axis when called inside `jax.shard_map` with batch and queue split over it.
+    queue_valid: optional (K,) bool, False for rows holding no real key yet (METHODS.md's "valid
+      count"; with `axis_name` the device's (K/n,) block). Those rows are left out: the result
+      equals the call on `queue[queue_valid]`. With no valid row the positive is alone (loss 0).
 
   Returns:
     (loss, metrics) with metrics `pos_logit`, `neg_logit` (means, in logit units) and `acc`
@@ -39,14 +43,12 @@ def moco_infonce(query: jax.Array, key: jax.Array, queue: Optional[jax.Array], *
   if queue is None:
     return _in_batch_infonce(q, k, temperature, dist)
   _core.check_queue(queue, query.shape[1])
+  valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   pos = jnp.sum(q * k, axis=-1) / temperature
-  neg = q @ _core.queue_block(queue).T / temperature
+  neg = _core.mask_columns(q @ _core.queue_block(queue).T / temperature, valid)
   lse = _core.split_logsumexp(pos[:, None], neg, dist)
   loss = dist.batch_mean(lse - pos)
-  num_neg = neg.shape[1] * dist.size
-  metrics = _core.infonce_metrics(pos, _core.split_sum(None, neg, dist), num_neg,
-                                  _core.split_max(None, neg, dist), dist)
-  return loss, metrics
+  return loss, _core.negative_metrics(pos, neg, valid, dist)
 
 
 def _in_batch_infonce(q, k, temperature, dist):
@@ -64,7 +66,8 @@ def _in_batch_infonce(q, k, temperature, dist):
 
 def multi_positive_infonce(query: jax.Array, key: jax.Array, queue: jax.Array, *,
                            positive_mask: jax.Array, temperature: float,
-                           axis_name: Optional[str] = None):
+                           axis_name: Optional[str] = None,
+                           queue_valid: Optional[jax.Array] = None):
   """InfoNCE with several positives per anchor: the key and the queue entries marked positive.
 
       logits = [q.k, q @ sg(queue).T] / temperature                 # (B, 1+K)
@@ -75,7 +78,8 @@ def multi_positive_infonce(query: jax.Array, key: jax.Array, queue: jax.Array, *
   mask this is `moco_infonce`.
 
   Args:
-    query, key, queue, temperature, axis_name: as `moco_infonce` (queue required).
+    query, key, queue, temperature, axis_name, queue_valid: as `moco_infonce` (queue required;
+      an invalid row is neither a negative nor a positive).
     positive_mask: (B, K) bool, which queue rows are positives of which anchor. With `axis_name`
       it is split by *columns*: each device passes the (Bg, K/n) block matching its queue rows
       (shard_map in_specs `P(None, axis)`), so no device ever holds a Bg x K mask it does not use.
@@ -92,21 +96,22 @@ def multi_positive_infonce(query: jax.Array, key: jax.Array, queue: jax.Array, *
   if getattr(positive_mask, "shape", None) != expected:
     raise ValueError(f"positive_mask must have shape {expected} (global batch, queue rows on this "
                      f"device), got {getattr(positive_mask, 'shape', None)}")
+  valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   q, k = _core.prepare(query, key, dist)
   pos = jnp.sum(q * k, axis=-1) / temperature
-  neg = q @ _core.queue_block(queue).T / temperature
+  neg = _core.mask_columns(q @ _core.queue_block(queue).T / temperature, valid)
   mask = jax.lax.stop_gradient(jnp.asarray(positive_mask, bool))
-  return _multi_positive_from_logits(pos, neg, mask, dist)
+  return _multi_positive_from_logits(pos, neg, mask, dist, valid)
 
 
-def _multi_positive_from_logits(pos, neg, mask, dist):
+def _multi_positive_from_logits(pos, neg, mask, dist, valid=None):
   """Shared by `multi_positive_infonce` and FNC attraction."""
+  if valid is not None:
+    mask = mask & valid[None, :]
   lse = _core.split_logsumexp(pos[:, None], neg, dist)
   num_pos = _core.split_sum(None, mask.astype(neg.dtype), dist)
   pos_sum = pos + _core.split_sum(None, jnp.where(mask, neg, 0.0), dist)
   loss = dist.batch_mean(lse - pos_sum / (1.0 + num_pos))
-  num_neg = neg.shape[1] * dist.size
-  metrics = _core.infonce_metrics(pos, _core.split_sum(None, neg, dist), num_neg,
-                                  _core.split_max(None, neg, dist), dist)
+  metrics = _core.negative_metrics(pos, neg, valid, dist)
   metrics["num_positives"] = dist.batch_mean(num_pos)
   return loss, metrics

@@ -11,7 +11,7 @@ from jaxcontrast.losses import _core
 
 def sce(query: jax.Array, key: jax.Array, queue: jax.Array, *, temperature: float = 0.1,
         target_temperature: float = 0.07, coeff: float = 0.5, mask_self: bool = False,
-        axis_name: Optional[str] = None):
+        axis_name: Optional[str] = None, queue_valid: Optional[jax.Array] = None):
   """SCE loss: cross-entropy to a target mixing the one-hot positive with the key's similarities.
 
   Exact semantics of the official code (CEA-LIST/SCE `sce.py`, eztorch `sce_loss.py`):
@@ -34,6 +34,9 @@ def sce(query: jax.Array, key: jax.Array, queue: jax.Array, *, temperature: floa
     coeff: weight lambda of the one-hot part, in [0, 1].
     mask_self: paper (True) or code (False, default) treatment of the target's self column.
     axis_name: mesh axis when called inside `jax.shard_map` (see `moco_infonce`).
+    queue_valid: optional mask of the queue rows that hold real keys (see `moco_infonce`); the
+      others are out of both distributions. With `mask_self` and no valid row, the target is the
+      one-hot positive.
 
   Returns:
     (loss, metrics): `pos_logit`, `neg_logit`, `acc` of the online logits, and `target_entropy`
@@ -48,22 +51,25 @@ def sce(query: jax.Array, key: jax.Array, queue: jax.Array, *, temperature: floa
   dist = _core.Dist(axis_name, query.shape[0])
   q, k = _core.prepare(query, key, dist)
   block = _core.queue_block(queue)
+  valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   lq_pos = jnp.sum(q * k, axis=-1) / temperature                   # (Bg,)
-  lq_neg = q @ block.T / temperature                               # (Bg, K_local)
-  lk_neg = k @ block.T / target_temperature
+  lq_neg = _core.mask_columns(q @ block.T / temperature, valid)    # (Bg, K_local)
+  lk_neg = _core.mask_columns(k @ block.T / target_temperature, valid)
   lk_head = None if mask_self else jnp.zeros_like(lq_pos)[:, None]
   lse_k = _core.split_logsumexp(lk_head, lk_neg, dist)
   p_self = jnp.zeros_like(lse_k) if mask_self else jnp.exp(-lse_k)
   p_neg = jnp.exp(lk_neg - lse_k[:, None])
+  if valid is not None:
+    p_neg = jnp.where(valid[None, :], p_neg, 0.0)
+    if mask_self:  # No valid negative: nothing to spread the similarity part over.
+      p_self = jnp.where(_core.num_valid(lq_neg, valid, dist) > 0, p_self, 1.0)
   w_pos = jax.lax.stop_gradient(coeff + (1.0 - coeff) * p_self)
   w_neg = jax.lax.stop_gradient((1.0 - coeff) * p_neg)
   lse_q = _core.split_logsumexp(lq_pos[:, None], lq_neg, dist)
   # sum_j w_j (lse - l_j) with sum_j w_j = 1.
   per_row = lse_q - w_pos * lq_pos - _core.split_sum(None, w_neg * lq_neg, dist)
   loss = dist.batch_mean(per_row)
-  num_neg = lq_neg.shape[1] * dist.size
-  metrics = _core.infonce_metrics(lq_pos, _core.split_sum(None, lq_neg, dist), num_neg,
-                                  _core.split_max(None, lq_neg, dist), dist)
+  metrics = _core.negative_metrics(lq_pos, lq_neg, valid, dist)
   log_p_neg = lk_neg - lse_k[:, None]
   entropy = -_core.split_sum(None, jnp.where(p_neg > 0, p_neg * log_p_neg, 0.0), dist)
   if not mask_self:

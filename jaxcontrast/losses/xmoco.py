@@ -57,7 +57,8 @@ def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: fl
 
 
 def xmoco_negative_uniformity(query: jax.Array, queue: jax.Array, *, temperature: float = 0.2,
-                              per_sample: bool = False, axis_name: Optional[str] = None):
+                              per_sample: bool = False, axis_name: Optional[str] = None,
+                              queue_valid: Optional[jax.Array] = None):
   """Uniform similarity over the negatives across the batch (interpretation, see module docstring).
 
       p_i  = softmax(n(query_i) @ sg(queue).T / tau)          # (Bg, K)
@@ -67,7 +68,8 @@ def xmoco_negative_uniformity(query: jax.Array, queue: jax.Array, *, temperature
 
   Computed in log space (log pbar = logsumexp_i log p_ij - log Bg), so negatives no query
   looks at give 0 * log 0 = 0 without NaNs. With `axis_name` each device reduces its own K/n
-  columns and one psum adds them.
+  columns and one psum adds them. `queue_valid` (optional, see `moco_infonce`) leaves unfilled
+  rows out: K becomes the number of valid rows; with none the regulariser is 0.
 
   Returns:
     (reg, metrics) with metrics `negative_uniformity` (the same value).
@@ -77,13 +79,17 @@ def xmoco_negative_uniformity(query: jax.Array, queue: jax.Array, *, temperature
   _core.check_temperature(temperature)
   dist = _core.Dist(axis_name, query.shape[0])
   q, _ = _core.prepare(query, None, dist)
+  valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   logits = q @ _core.queue_block(queue).T / temperature          # (Bg, K_local)
+  logits = _core.mask_columns(logits, valid)
   log_p = logits - _core.split_logsumexp(None, logits, dist)[:, None]
-  log_k = math.log(logits.shape[1] * dist.size)
+  count = _core.num_valid(logits, valid, dist)
+  log_k = math.log(count) if valid is None else jnp.log(jnp.maximum(count, 1.0))
   if per_sample:
-    per_row = _core.split_sum(None, jnp.exp(log_p) * (log_p + log_k), dist)
-    reg = dist.batch_mean(per_row)
+    terms = _core.mask_columns(jnp.exp(log_p) * (log_p + log_k), valid, 0.0)
+    reg = dist.batch_mean(_core.split_sum(None, terms, dist))
   else:
     log_pbar = jax.nn.logsumexp(log_p, axis=0) - math.log(log_p.shape[0])
-    reg = dist.psum(jnp.sum(jnp.exp(log_pbar) * (log_pbar + log_k)))
+    terms = jnp.exp(log_pbar) * (log_pbar + log_k)
+    reg = dist.psum(jnp.sum(terms if valid is None else jnp.where(valid, terms, 0.0)))
   return reg, {"negative_uniformity": jax.lax.stop_gradient(reg)}
