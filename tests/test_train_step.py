@@ -2,6 +2,7 @@
 BN-shuffle modes, learning on real images, for every method."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,10 +88,18 @@ def queue_rows_as_set(q, num_blocks):
 
 
 @pytest.mark.parametrize("method,variant", METHOD_VARIANTS)
-def test_one_device_equals_eight(method, variant):
+def test_one_device_equals_eight(method, variant, monkeypatch):
   """Same global batch on 1 device and on 8 devices with the replicated and with the K-sharded
   queue: same losses, gradients (from the SGD update), new params, EMA params, BN statistics
-  and queue, over two steps (the second reads the first's keys from the queue)."""
+  and queue, over two steps (the second reads the first's keys from the queue).
+
+  The nets here use GELU for ReLU. A ReLU net's gradient jumps where a pre-activation crosses 0,
+  and the 1- and 8-device runs reach step 2 at params a float rounding apart: with ReLU, CO2's
+  second-step gradient differed by 2.7% of a layer's largest entry, only in the layers at and
+  below one unit (layer2_0.conv1 and earlier), and by the same amount between two 1-device runs
+  on permuted batch rows; with GELU, by 8e-5 (measured). The sharding is what is under test, and
+  it does not depend on the activation; the other tests here keep ReLU."""
+  monkeypatch.setattr(nn, "relu", jax.nn.gelu)
   rng = np.random.RandomState(0)
   c = tiny_config(method, variant)
   batches = [random_batch(c, rng) for _ in range(2)]
@@ -109,13 +118,11 @@ def test_one_device_equals_eight(method, variant):
         np.testing.assert_allclose(a[name], b[name], rtol=2e-4, atol=2e-5,
                                    err_msg=f"{what} step {step} metric {name}")
     grads8 = step_gradients(init8.params, history8)
-    # The first step's gradients agree to float precision. The second step's are ill-conditioned
-    # here: a tiny random net maps random images to nearly one point, so the queries' gradient
-    # against the first step's keys is a difference of nearly equal vectors, and reordering the
-    # same float sums (1 device on the batch rows permuted, measured) moves SCE's by up to 2% of
-    # a layer's largest gradient (MoCo's by 1e-4). Hence a tolerance relative to each layer.
-    assert_trees_close(grads1[0], grads8[0], 2e-4, f"{what} first-step gradient")
-    assert_trees_close(grads1[1], grads8[1], 0.0, f"{what} second-step gradient", leaf_rel=0.03)
+    # Worst measured per-layer difference, all methods and both queue modes: 1.4e-4 of the
+    # layer's largest gradient; the tolerance is 1e-3 of it.
+    for step in range(2):
+      assert_trees_close(grads1[step], grads8[step], 1e-6, f"{what} step {step} gradient",
+                         leaf_rel=1e-3)
     # (The final params are the initial ones, equal, minus LR times these two gradients.)
     assert_trees_close(final1.ema_params, final8.ema_params, 1e-4, f"{what} ema params")
     assert_trees_close(final1.batch_stats, final8.batch_stats, 1e-4, f"{what} batch stats")
