@@ -95,20 +95,18 @@ def _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name):
   """One direction (query q against key k) of the objective; (total, metrics)."""
   tau = cfg.temperature
   loss_name = cfg.loss
-  # In-batch negatives (no queue) take no mask; otherwise pass it only when masking is on.
-  qv = {} if queue_valid is None else {"queue_valid": queue_valid}
   if loss_name == "moco":
     loss, metrics = losses.moco_infonce(q, k, queue_keys, temperature=tau, axis_name=axis_name,
-                                        **qv)
+                                        queue_valid=queue_valid)
   elif loss_name == "sce":
     loss, metrics = losses.sce(q, k, queue_keys, temperature=tau,
                                target_temperature=cfg.sce.target_temperature,
                                coeff=cfg.sce.coeff, mask_self=cfg.sce.mask_self,
-                               axis_name=axis_name, **qv)
+                               axis_name=axis_name, queue_valid=queue_valid)
   elif loss_name == "fnc":
     loss, metrics = losses.fnc(q, k, queue_keys, support_keys=extras.get("support"),
                                temperature=tau, threshold=cfg.fnc.threshold, top_k=cfg.fnc.top_k,
-                               mode=cfg.fnc.mode, axis_name=axis_name, **qv)
+                               mode=cfg.fnc.mode, axis_name=axis_name, queue_valid=queue_valid)
   else:  # multi_positive
     gather = (lambda x: x) if axis_name is None else (
         lambda x: lax.all_gather(x, axis_name, axis=0, tiled=True))
@@ -116,14 +114,15 @@ def _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name):
     mask = _positive_mask(gather(extras["id"]), gather(extras["key_id"]),
                           None if neighbors is None else gather(neighbors), queue_ids)
     loss, metrics = losses.multi_positive_infonce(q, k, queue_keys, positive_mask=mask,
-                                                  temperature=tau, axis_name=axis_name, **qv)
+                                                  temperature=tau, axis_name=axis_name,
+                                                  queue_valid=queue_valid)
   metrics = {f"{loss_name}/{name}": value for name, value in metrics.items()}
   metrics[f"{loss_name}/loss"] = loss
   total = loss
   if cfg.co2.weight:
     reg, _ = losses.co2_consistency(q, k, queue_keys, temperature=cfg.co2.temperature,
                                     include_positive=cfg.co2.include_positive,
-                                    axis_name=axis_name, **qv)
+                                    axis_name=axis_name, queue_valid=queue_valid)
     total, metrics["co2/reg"] = total + cfg.co2.weight * reg, reg
   if cfg.xmoco_cross.weight:
     reg, _ = losses.xmoco_cross_consistency(q, k, temperature=cfg.xmoco_cross.temperature,
@@ -134,7 +133,7 @@ def _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name):
     reg, _ = losses.xmoco_negative_uniformity(q, queue_keys,
                                               temperature=cfg.xmoco_uniformity.temperature,
                                               per_sample=cfg.xmoco_uniformity.per_sample,
-                                              axis_name=axis_name, **qv)
+                                              axis_name=axis_name, queue_valid=queue_valid)
     total, metrics["xmoco_uniformity/reg"] = total + cfg.xmoco_uniformity.weight * reg, reg
   return total, metrics
 

@@ -58,15 +58,7 @@ def _run(case, arrays, axis_name=None, **extra):
 
 
 def _assert_same(got, want):
-  (loss_g, metrics_g), grad_g = got
-  (loss_w, metrics_w), grad_w = want
-  np.testing.assert_allclose(loss_g, loss_w, rtol=2e-5, atol=2e-6)
-  assert set(metrics_g) == set(metrics_w)
-  for name in metrics_w:
-    np.testing.assert_allclose(metrics_g[name], metrics_w[name], rtol=2e-5, atol=2e-6,
-                               err_msg=name)
-  scale = float(np.max(np.abs(grad_w)))
-  np.testing.assert_allclose(grad_g, grad_w, rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
+  tls.assert_same_value_and_grad(got, want, grad_floor=1e-6)
 
 
 def _kept(case, mask):

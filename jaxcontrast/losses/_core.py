@@ -185,15 +185,13 @@ def infonce_metrics(pos: Array, neg_sum: Array, neg_count: int, neg_max: Array,
   """Mean positive logit, mean negative logit, and the fraction of rows whose positive is ranked
   first (positive >= every negative). All arguments are per-row over the global batch."""
   metrics = {"pos_logit": dist.batch_mean(lax.stop_gradient(pos))}
-  if not isinstance(neg_count, int):  # Masked queue: a traced count, possibly 0 (max is MASKED).
-    metrics["neg_logit"] = dist.batch_mean(lax.stop_gradient(neg_sum) / jnp.maximum(neg_count, 1))
-    metrics["acc"] = dist.batch_mean((lax.stop_gradient(pos) >= neg_max).astype(jnp.float32))
-  elif neg_count > 0:
-    metrics["neg_logit"] = dist.batch_mean(lax.stop_gradient(neg_sum) / neg_count)
-    metrics["acc"] = dist.batch_mean((lax.stop_gradient(pos) >= neg_max).astype(jnp.float32))
-  else:  # A global batch of one with in-batch negatives: nothing to rank against.
+  if isinstance(neg_count, int) and neg_count == 0:
+    # A global batch of one with in-batch negatives: nothing to rank against.
     metrics["neg_logit"] = jnp.zeros((), pos.dtype)
     metrics["acc"] = jnp.ones((), pos.dtype)
+  else:  # A traced count (masked queue) may be 0: then neg_sum is 0 and neg_max is MASKED.
+    metrics["neg_logit"] = dist.batch_mean(lax.stop_gradient(neg_sum) / jnp.maximum(neg_count, 1))
+    metrics["acc"] = dist.batch_mean((lax.stop_gradient(pos) >= neg_max).astype(jnp.float32))
   return metrics
 
 
