@@ -1,0 +1,276 @@
+"""Checkpoints of a run: Orbax CheckpointManager over WORKDIR/checkpoints, paths through epath.
+
+Layout (every path through `etils.epath`, so local folders and gs:// behave alike):
+
+  WORKDIR/config.json               the resolved config (process 0, at start)
+  WORKDIR/checkpoints/<step>/state  the whole TrainState: params, EMA params, both BN statistics,
+                                    optimizer state, queue (keys, ids, ptr, filled), step
+  WORKDIR/checkpoints/<step>/data   JSON: where the input stream stood (`data_position`)
+  WORKDIR/checkpoints/<step>/config JSON: the resolved config of the run that saved it
+
+A checkpoint is only useful with the config that made it: before any restore, `check_compatible`
+compares the saved config's structural keys and the saved array shapes (from Orbax's metadata,
+no array is read) with the new run's, and raises a ValueError naming the first mismatch, instead
+of an Orbax shape traceback.
+
+`load_run(workdir)` rebuilds a trained run (config, state, models) from its workdir alone, for
+evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxcontrast import queue as queue_lib
+from jaxcontrast import train
+from jaxcontrast.optim import make_optimizer
+from jaxcontrast.sharding import DATA_AXIS, make_mesh
+
+log = logging.getLogger("jaxcontrast")
+
+ITEMS = ("state", "data", "config")
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+# Config keys a checkpoint must agree on (dotted prefixes): they decide which arrays the state
+# holds and what they mean. Everything else (learning rate, data recipe, logging, ...) may change
+# on resume.
+STRUCTURAL_KEYS = ("method", "model", "queue.size", "queue.mode", "queue.store_ids",
+                   "objective.loss", "objective.symmetric", "optim.name", "ema.init", "bn.mode",
+                   "bn.groups", "bn.target_only")
+
+
+def workdir_path(workdir) -> epath.Path:
+  """The workdir as an `epath.Path`. Accepts str, `os.PathLike`, `epath.Path`, and `file://`
+  URIs (which epath does not know: they name a local path)."""
+  if isinstance(workdir, str) and workdir.startswith("file://"):
+    workdir = workdir[len("file://"):]
+  return epath.Path(workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config <-> JSON.
+# ---------------------------------------------------------------------------------------------
+
+
+def config_to_dict(config) -> dict:
+  """A JSON-able dict of the config (tuples become lists, placeholders None)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config))
+
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Inverse of `config_to_dict`; lists become tuples, as the config files write them."""
+  return ml_collections.ConfigDict(_tuples(d))
+
+
+def write_config(workdir, config) -> None:
+  """WORKDIR/config.json (process 0 only: one writer per file, also on gs://)."""
+  if jax.process_index() != 0:
+    return
+  path = workdir_path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _structural(flat: dict) -> dict:
+  return {k: v for k, v in flat.items()
+          if any(k == p or k.startswith(p + ".") for p in STRUCTURAL_KEYS)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract state.
+# ---------------------------------------------------------------------------------------------
+
+
+def abstract_state(config, *, models, tx, mesh, image_shape) -> tuple[Any, Any]:
+  """(state of jax.ShapeDtypeStruct with shardings, shardings) without allocating anything."""
+  sample = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda r: train.create_state(config, models=models, tx=tx, mesh=mesh,
+                                   sample_images=sample, rng=r)[0], jax.random.key(0))
+  shardings = train.state_shardings(shapes, mesh, config.queue.mode)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  data: dict
+  config: dict
+
+
+class Checkpointer:
+  """Orbax CheckpointManager over WORKDIR/checkpoints with items state / data / config.
+
+  Saves are asynchronous (Orbax writes in a background thread; the next save or `close` waits).
+  Every process must call `save` and `restore` (collective).
+  """
+
+  def __init__(self, workdir, *, keep: Optional[int] = 2, read_only: bool = False):
+    self.directory = workdir_path(workdir) / CHECKPOINT_DIR
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           read_only=read_only)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def reached_preemption(self, step: int) -> bool:
+    """JAX's preemption sync point (multi-process runs): True on every process at the same
+    step after any of them got a preemption notice (SIGTERM)."""
+    return self._manager.reached_preemption(step)
+
+  def save(self, step: int, state, *, data: dict, config) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+        config=ocp.args.JsonSave(config_to_dict(config))), force=True)
+
+  def saved_json(self, step: int) -> tuple[dict, dict]:
+    """(data position, config) of a checkpoint; reads no array."""
+    r = self._manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    return dict(r["data"]), dict(r["config"])
+
+  def check_compatible(self, step: int, config, abstract) -> None:
+    """ValueError naming the first mismatched config key (both values) or array, if the
+    checkpoint at `step` cannot be restored into `abstract` for `config`."""
+    where = self.directory / str(step)
+    _, saved = self.saved_json(step)
+    old = _structural(_flatten(saved))
+    new = _structural(_flatten(config_to_dict(config)))
+    for key in sorted(set(old) | set(new)):
+      if old.get(key) != new.get(key):
+        raise ValueError(
+            f"The checkpoint in {where} does not fit this config: {key} = {old.get(key)!r} in "
+            f"the checkpoint but {new.get(key)!r} now. Use a fresh --workdir, or set "
+            f"--config.{key} to the checkpoint's value.")
+    saved_arrays = ocp.tree.to_flat_dict(self._manager.item_metadata(step)["state"])
+    wanted = ocp.tree.to_flat_dict(abstract)
+    for path in sorted(set(saved_arrays) | set(wanted), key=str):
+      name = ".".join(str(p) for p in path)
+      if path not in saved_arrays or path not in wanted:
+        raise ValueError(f"The checkpoint in {where} does not fit this config: state array "
+                         f"{name} is {'missing from' if path not in saved_arrays else 'not in'} "
+                         "the checkpoint's state. Use a fresh --workdir.")
+      a, b = saved_arrays[path], wanted[path]
+      if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
+        raise ValueError(f"The checkpoint in {where} does not fit this config: state array "
+                         f"{name} has shape {tuple(a.shape)} {np.dtype(a.dtype)} in the "
+                         f"checkpoint but {tuple(b.shape)} {np.dtype(b.dtype)} now. Use a fresh "
+                         "--workdir.")
+
+  def restore(self, step: int, abstract, config=None, *, mesh=None) -> Restored:
+    """The checkpoint at `step` restored into `abstract`'s shapes and shardings.
+
+    With `config`, checks compatibility first. A `sharded` queue saved on another number of
+    devices is re-blocked for `mesh` (`queue.reblock`).
+    """
+    if config is not None:
+      self.check_compatible(step, config, abstract)
+    r = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore()))
+    state, data, saved_config = r["state"], dict(r["data"]), dict(r["config"])
+    saved_devices = data.get("data_devices")
+    if (mesh is not None and state.queue is not None and saved_devices
+        and saved_config.get("queue", {}).get("mode") == "sharded"
+        and saved_devices != mesh.shape[DATA_AXIS]):
+      log.info("re-blocking the sharded queue from %d to %d devices", saved_devices,
+               mesh.shape[DATA_AXIS])
+      queue = queue_lib.reblock(jax.device_get(state.queue), saved_devices,
+                                mesh.shape[DATA_AXIS])
+      state = state.replace(queue=jax.device_put(
+          queue, jax.tree.map(lambda a: a.sharding, abstract.queue)))
+    return Restored(step=step, state=state, data=data, config=saved_config)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a finished (or running) run for evaluation.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RestoredRun:
+  """A run restored from its workdir: the saved config, the step, the state on `mesh`, and the
+  flax modules (`models.target.apply({"params": state.ema_params, "batch_stats":
+  state.ema_batch_stats}, images, train=False, predict=False)` -> {"features", "projection"})."""
+  config: ml_collections.ConfigDict
+  step: int
+  state: Any
+  models: train.Models
+
+
+def load_run(workdir, *, step: Optional[int] = None, mesh=None) -> RestoredRun:
+  """The run in `workdir` at `step` (default: the latest checkpoint), state placed on `mesh`
+  (default: all devices). Needs only the workdir: the config comes from the checkpoint."""
+  ckpt = Checkpointer(workdir, keep=None, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise ValueError(f"No checkpoint in {ckpt.directory}: nothing to load (train first, or "
+                     "check --workdir).")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise ValueError(f"No checkpoint at step {step} in {ckpt.directory}; saved steps: "
+                     f"{sorted(steps)}")
+  data, saved = ckpt.saved_json(step)
+  config = config_from_dict(saved)
+  mesh = make_mesh() if mesh is None else mesh
+  models = train.build_models(config, mesh)
+  tx, _ = make_optimizer(config.optim, global_batch_size=config.global_batch_size,
+                         total_steps=int(data.get("total_steps") or 1))
+  image_shape = data.get("image_shape")
+  if image_shape is None:
+    from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
+    image_shape = pipeline.dataset_info(config.data)["image_shape"]
+  abstract, _ = abstract_state(config, models=models, tx=tx, mesh=mesh, image_shape=image_shape)
+  restored = ckpt.restore(step, abstract, mesh=mesh)
+  ckpt.close()
+  return RestoredRun(config=config, step=step, state=restored.state, models=models)
