@@ -20,9 +20,8 @@ METHOD_VARIANTS = [("moco", None), ("co2", None), ("xmoco", None), ("sce", None)
 
 
 def tiny_config(method, variant=None, *, queue_mode="replicated", bn_mode="sync", **objective):
-  c = config_lib.method_config(method, "fashion_mnist", "tiny" if variant is None else variant)
-  if variant is not None:
-    config_lib._tiny(c)
+  variants = "tiny" if variant is None else f"tiny,{variant}"
+  c = config_lib.load_config(f"configs/{method}_fashion_mnist.py:{variants}")
   c.queue.mode = queue_mode
   c.bn.mode = bn_mode
   c.objective.update(objective)

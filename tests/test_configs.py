@@ -1,0 +1,147 @@
+"""Config files: every file x variant loads, validates and is locked; variants combine; typos and
+unknown variants fail clearly; loading works from any directory; docstrings name their file."""
+import ast
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from jaxcontrast import config_lib, optim, train
+from jaxcontrast.data import datasets, recipes
+from jaxcontrast.models import resolve_model_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "common.py")
+# Variants of a file beyond the shared ones (common.VARIANTS), by method.
+OWN_VARIANTS = {"sepp": ["queue_ids"]}
+
+
+def variants_of(path):
+  own = OWN_VARIANTS.get(path.name.split("_")[0], [])
+  return ["", "tiny"] + own + [f"tiny,{v}" for v in own]
+
+
+CASES = [(p, v) for p in CONFIG_FILES for v in variants_of(p)]
+
+
+def spec(path, variant=""):
+  return f"configs/{path.name}" + (f":{variant}" if variant else "")
+
+
+def test_every_method_has_configs():
+  names = {p.name for p in CONFIG_FILES}
+  for method in config_lib.METHODS:
+    assert f"{method}_fashion_mnist.py" in names and f"{method}_imagenet2012.py" in names
+
+
+@pytest.mark.parametrize("path,variant", CASES, ids=[f"{p.stem}:{v}" for p, v in CASES])
+def test_config_loads_and_validates(path, variant):
+  c = config_lib.load_config(spec(path, variant))
+  assert c.is_locked
+  assert path.name == f"{c.method}_{c.data.dataset}.py"
+  train.validate_config(c)
+  resolve_model_config(c.model)
+  optim.resolve_optim_config(c.optim)
+  recipes.view_recipes(c.data)
+  datasets.get_spec(c.data.dataset)
+  assert c.data.num_support_views == c.objective.fnc.num_support_views
+  assert c.checkpoint_every > 0 and c.keep_checkpoints > 0 and c.knn_every >= 0
+  assert c.to_json()   # the run layer saves it as JSON
+  if "tiny" in variant:
+    assert (c.global_batch_size, c.queue.size, c.data.image_size, c.knn_every) == (16, 64, 16, 0)
+    assert c.model.width == 0.125 and c.optim.warmup_steps <= 1
+  if "queue_ids" in variant:
+    assert c.objective.loss == "multi_positive" and c.queue.store_ids
+
+
+def test_base_config_has_run_layer_keys():
+  c = config_lib.base_config()
+  assert (c.checkpoint_every, c.keep_checkpoints, c.log_every, c.knn_every) == (1000, 2, 100, 0)
+  assert (c.knn.k, c.knn.temperature, c.knn.num_train, c.knn.batch_size) == (200, 0.1, None, 256)
+
+
+def test_recipe_values_come_from_the_files():
+  sce = config_lib.load_config("configs/sce_imagenet2012.py")
+  assert sce.objective.symmetric and sce.optim.name == "lars" and sce.optim.base_lr == 0.3
+  assert (sce.model.proj_dim, sce.model.pred_hidden_dims, sce.model.pred_dim) == (256, (4096,), 256)
+  assert sce.optim.warmup_steps == 10 * 1_281_167 // 4096   # 10 epochs at batch 4096
+  moco = config_lib.load_config("configs/moco_cifar10.py")
+  assert (moco.queue.size, moco.ema.momentum, moco.objective.temperature) == (4096, 0.99, 0.1)
+
+
+def test_variants_combine_in_any_order():
+  a = config_lib.load_config("configs/sepp_fashion_mnist.py:tiny,queue_ids")
+  b = config_lib.load_config("configs/sepp_fashion_mnist.py: queue_ids , tiny")
+  assert a.to_dict() == b.to_dict()
+  assert a.queue.store_ids and a.queue.size == 64
+
+
+@pytest.mark.parametrize("bad,known", [("configs/sepp_fashion_mnist.py:tiny,big", "queue_ids"),
+                                       ("configs/moco_fashion_mnist.py:queue_ids", "tiny")])
+def test_unknown_variant_lists_known_ones(bad, known):
+  with pytest.raises(ValueError, match=f"unknown config variant.*known variants.*{known}"):
+    config_lib.load_config(bad)
+
+
+def test_missing_file_and_unknown_key_fail_clearly():
+  with pytest.raises(ValueError, match="not found"):
+    config_lib.load_config("configs/nope.py:tiny")
+  c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  c.queue.size = 8                        # existing keys stay writable
+  with pytest.raises(AttributeError, match='Did you mean "size"'):
+    c.queue.sise = 5
+  with c.unlocked():                      # the explicit way to add a key
+    c.extra = 1
+
+
+def _parse_flags(*args):
+  """What `python -m jaxcontrast.main <args>` gets as its config (config_flags, in-process)."""
+  argv = ["main"] + list(args)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_command_line_matches_load_config_and_overrides_placeholders():
+  path = "configs/sce_cifar10.py:tiny"
+  c = _parse_flags(f"--config={path}", "--config.queue.size=8", "--config.data.image_size=20",
+                   "--config.knn.num_train=100")
+  expected = config_lib.load_config(path)
+  expected.queue.size, expected.data.image_size, expected.knn.num_train = 8, 20, 100
+  assert c.is_locked and c.to_dict() == expected.to_dict()
+
+
+def test_batch_size_override_moves_settings_given_in_epochs():
+  c = _parse_flags("--config=configs/sce_cifar10.py", "--config.global_batch_size=256")
+  assert c.optim.warmup_steps == 5 * 50_000 // 256 and c.knn_every == 2 * 50_000 // 256
+  c = _parse_flags("--config=configs/fnc_fashion_mnist.py", "--config.objective.fnc.num_support_views=4")
+  assert c.data.num_support_views == 4
+
+
+@pytest.mark.parametrize("typo", ["--config.queue.sise=5", "--config.typo=1"])
+def test_command_line_typo_fails(typo):
+  with pytest.raises((AttributeError, KeyError, flags.Error), match="sise|typo"):
+    _parse_flags("--config=configs/moco_fashion_mnist.py:tiny", typo)
+
+
+def test_loads_from_another_directory(tmp_path, monkeypatch):
+  expected = config_lib.load_config("configs/sce_fashion_mnist.py:tiny").to_dict()
+  monkeypatch.chdir(tmp_path)
+  absolute = str(REPO / "configs" / "sce_fashion_mnist.py") + ":tiny"
+  assert _parse_flags(f"--config={absolute}").to_dict() == expected   # common.py found by path
+  assert config_lib.load_config(absolute).to_dict() == expected
+  assert config_lib.load_config("configs/sce_fashion_mnist.py:tiny").to_dict() == expected
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
+def test_docstring_holds_its_own_command_lines(path):
+  doc = ast.get_docstring(ast.parse(path.read_text()))
+  lines = [l.strip() for l in doc.splitlines() if "python -m jaxcontrast.main" in l]
+  assert lines, f"{path.name}: no command line in the docstring"
+  for line in lines:
+    assert f"--config configs/{path.name}" in line, line
+    assert f"--workdir /tmp/{path.stem}" in line, line
+  assert any(f"configs/{path.name}:tiny " in l and l.endswith("# smoke") for l in lines)
+  assert "shared" not in doc and "docs/METHODS.md" in doc
