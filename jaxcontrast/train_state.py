@@ -54,10 +54,11 @@ def init_train_state(rng: jax.Array, *, model, tx: optax.GradientTransformation,
 
 
 def state_shardings(state_shape: TrainState, mesh, queue_mode: str) -> TrainState:
-  """Everything replicated, except the queue rows in `sharded` mode (split over `data`)."""
+  """Everything replicated, except the queue rows (keys, ids, labels) in `sharded` mode (split
+  over `data`)."""
   replicated = NamedSharding(mesh, P())
   shardings = jax.tree.map(lambda _: replicated, state_shape)
   if state_shape.queue is not None and queue_mode == "sharded":
     rows = NamedSharding(mesh, P(DATA_AXIS))
-    shardings = shardings.replace(queue=shardings.queue.replace(keys=rows, ids=rows))
+    shardings = shardings.replace(queue=shardings.queue.replace(keys=rows, ids=rows, labels=rows))
   return shardings

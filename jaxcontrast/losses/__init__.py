@@ -15,16 +15,17 @@ and return the same loss and gradients as the unsharded call on the concatenated
 | xmoco_negative_uniformity     | XMoCo (b)              | interpretation           |
 | fnc                           | FNC on a MoCo queue    | code (detection, attraction), paper (elimination) |
 | fnc_multiview                 | FNC official form      | official code (parity)   |
+| fnc_detect                    | FNC's detection alone  | official code (diagnostics) |
 | multi_positive_infonce        | SePP queue ids, FNC    | known positive mask      |
 """
 from jaxcontrast.losses._core import l2_normalize
 from jaxcontrast.losses.co2 import co2_consistency
-from jaxcontrast.losses.fnc import fnc, fnc_multiview
+from jaxcontrast.losses.fnc import fnc, fnc_detect, fnc_multiview
 from jaxcontrast.losses.infonce import moco_infonce, multi_positive_infonce
 from jaxcontrast.losses.sce import sce
 from jaxcontrast.losses.xmoco import xmoco_cross_consistency, xmoco_negative_uniformity
 
 __all__ = [
     "l2_normalize", "moco_infonce", "multi_positive_infonce", "sce", "co2_consistency",
-    "xmoco_cross_consistency", "xmoco_negative_uniformity", "fnc", "fnc_multiview",
+    "xmoco_cross_consistency", "xmoco_negative_uniformity", "fnc", "fnc_multiview", "fnc_detect",
 ]

@@ -41,14 +41,76 @@ def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshol
   return fn_head, fn_block
 
 
-def _check_fnc_args(temperature, threshold, top_k, mode=None):
-  _core.check_temperature(temperature)
+def _check_detection_args(threshold, top_k):
   if not isinstance(top_k, int) or top_k < 1:
     raise ValueError(f"top_k must be a positive int, got {top_k!r}")
   if isinstance(threshold, (int, float)) and threshold != threshold:
     raise ValueError("threshold must not be NaN")
+
+
+def _check_fnc_args(temperature, threshold, top_k, mode=None):
+  _core.check_temperature(temperature)
+  _check_detection_args(threshold, top_k)
   if mode is not None:
     _core.check_choice(mode, "mode", {"attraction", "elimination"})
+
+
+def _check_support(support_keys, b: int, d: int) -> None:
+  if support_keys is not None and (getattr(support_keys, "ndim", None) != 3 or
+                                   support_keys.shape[0] != b or support_keys.shape[2] != d):
+    raise ValueError(f"support_keys must have shape ({b}, S, {d}), got "
+                     f"{getattr(support_keys, 'shape', None)}")
+
+
+def _detect(k: jax.Array, support_keys: Optional[jax.Array], block: jax.Array,
+            valid: Optional[jax.Array], dist: _core.Dist, *, threshold, top_k: int) -> jax.Array:
+  """The one definition of FNC's detection on a MoCo queue, shared by `fnc` and `fnc_detect`.
+
+  k: (Bg, D) normalised global keys without gradient; support_keys: this device's raw (B, S, D)
+  or None; block: (K_local, D) queue rows. Returns fn (Bg, K_local) bool.
+  """
+  views = k[:, None]
+  if support_keys is not None and support_keys.shape[1] > 0:
+    support = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(support_keys))))
+    views = jnp.concatenate([views, support], axis=1)
+  _, fn = detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist,
+                                 valid=valid)
+  return fn
+
+
+def fnc_detect(key: jax.Array, support_keys: Optional[jax.Array], queue: jax.Array, *,
+               threshold: float = 0.7, top_k: int = 10, queue_valid: Optional[jax.Array] = None,
+               axis_name: Optional[str] = None) -> jax.Array:
+  """FNC's false-negative detection alone: which queue rows `fnc` treats as false negatives.
+
+      views = sg(n([key, support_1..S]))                 # (B, 1+S, D)
+      s     = max_v views_v @ sg(queue).T                 # (B, K)
+      fn    = (s > threshold) & in_top_k(s, top_k)        # ties at the k-th value all count
+
+  `fnc` calls the same code, so a diagnostic built on this mask (e.g. the precision and recall
+  of the detected rows against class labels) measures exactly what the loss used.
+
+  Args:
+    key: (B, D) target-encoder embedding of the key view (normalised here; no gradient).
+    support_keys: (B, S, D) target embeddings of S support views, or None (S = 0).
+    queue: (K, D) queue rows (this device's K/n rows under `axis_name`).
+    threshold, top_k: as `fnc`.
+    queue_valid: optional (K,) bool (this device's rows); invalid rows are never detected.
+    axis_name: inside `jax.shard_map`, the mesh axis splitting the batch and the queue rows.
+
+  Returns:
+    (B, K) bool, no gradient. Under `axis_name`: (Bg, K/n), the whole global batch (device
+    order) against this device's queue rows, as the loss computes it.
+  """
+  _core.check_matrix(key, "key")
+  _core.check_queue(queue, key.shape[1])
+  _check_detection_args(threshold, top_k)
+  _check_support(support_keys, *key.shape)
+  dist = _core.Dist(axis_name, key.shape[0])
+  k = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(key))))
+  valid = _core.check_queue_valid(queue_valid, queue.shape[0])
+  return _detect(k, support_keys, _core.queue_block(queue), valid, dist, threshold=threshold,
+                 top_k=top_k)
 
 
 def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Optional[jax.Array],
@@ -65,7 +127,8 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
       attraction:  loss_i = logsumexp(logits_i) - mean_{c in {0} U fn_i} logits_i[c]
       elimination: loss_i = logsumexp(logits_i[{0} U (neg \\ fn_i)]) - logits_i[0]
 
-  Detection is the official code's (google-research/fnc); the official release implements only
+  Detection is the official code's (google-research/fnc), the same code as `fnc_detect`; the
+  official release implements only
   attraction, in a multi-view form (`fnc_multiview`). Elimination follows the paper's text.
   With `threshold` above 1 nothing is detected and both modes equal `moco_infonce`.
 
@@ -86,20 +149,12 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
   _core.check_queue(queue, query.shape[1])
   _check_fnc_args(temperature, threshold, top_k, mode)
   b, d = query.shape
-  if support_keys is not None and (getattr(support_keys, "ndim", None) != 3 or
-                                   support_keys.shape[0] != b or support_keys.shape[2] != d):
-    raise ValueError(f"support_keys must have shape ({b}, S, {d}), got "
-                     f"{getattr(support_keys, 'shape', None)}")
+  _check_support(support_keys, b, d)
   dist = _core.Dist(axis_name, b)
   q, k = _core.prepare(query, key, dist)
-  views = k[:, None]
-  if support_keys is not None and support_keys.shape[1] > 0:
-    support = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(support_keys))))
-    views = jnp.concatenate([views, support], axis=1)
   block = _core.queue_block(queue)
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
-  _, fn = detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist,
-                                 valid=valid)
+  fn = _detect(k, support_keys, block, valid, dist, threshold=threshold, top_k=top_k)
   pos = jnp.sum(q * k, axis=-1) / temperature
   neg = _core.mask_columns(q @ block.T / temperature, valid)
   num_fn = dist.batch_mean(_core.split_sum(None, fn.astype(neg.dtype), dist))
