@@ -1,10 +1,12 @@
 """Entry point: `python -m jaxcontrast.main --config configs/moco_fashion_mnist.py --workdir DIR`.
 
 `--config path.py:variant` passes `variant` to `get_config` (e.g. `:tiny`); any key can be
-overridden on the command line (`--config.queue.size=8192`). Runs on one process or many
-(TPU pod workers, SLURM tasks: `jax.distributed.initialize` auto-detects them).
+overridden on the command line (`--config.queue.size=8192`). `--workdir` is a local folder or a
+gs:// path; running the same command again resumes from its latest checkpoint. Runs on one
+process or many (TPU pod workers, SLURM tasks: `jax.distributed.initialize` auto-detects them).
 """
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,7 +24,11 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax logs every save step at INFO.
   maybe_initialize_distributed()
-  pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except pretrain.NonFiniteLossError as e:
+    logging.getLogger("jaxcontrast").error("%s", e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

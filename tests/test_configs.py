@@ -11,6 +11,7 @@ from jaxcontrast import config_lib, optim, train
 from jaxcontrast.data import datasets, recipes
 from jaxcontrast.models import resolve_model_config
 
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "common.py")
 # Variants of a file beyond the shared ones (common.VARIANTS), by method.
@@ -124,6 +125,21 @@ def test_batch_size_override_moves_settings_given_in_epochs():
 def test_command_line_typo_fails(typo):
   with pytest.raises((AttributeError, KeyError, flags.Error), match="sise|typo"):
     _parse_flags("--config=configs/moco_fashion_mnist.py:tiny", typo)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config.queue.sise=5"], "config.queue has no key 'sise' (did you mean 'size'?)"),
+    (["--config.typo", "1"], "config has no key 'typo'; its keys: bn, "),
+    (["--config.queue.size.x=1"], "config.queue.size is not a section"),
+    (["--config.queue.size=8", "--noconfig.queue.store_ids"], None)])
+def test_main_names_a_mistyped_override(argv, message, capsys):
+  argv = ["main", "--config", "configs/moco_fashion_mnist.py:tiny"] + argv + ["--workdir=/tmp/x"]
+  error = config_lib.override_error(argv)
+  assert error == message or message in error
+  if message:   # what `python -m jaxcontrast.main` prints before exiting with status 1
+    with pytest.raises(SystemExit, match="1"):
+      config_lib.parse_flags(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_loads_from_another_directory(tmp_path, monkeypatch):
