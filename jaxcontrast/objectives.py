@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from jaxcontrast import losses
+from jaxcontrast import diagnostics, losses
 
 P = jax.sharding.PartitionSpec
 MAIN_LOSSES = ("moco", "sce", "fnc", "multi_positive")
@@ -139,13 +139,17 @@ def _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name):
 
 
 def objective_value(cfg, queries, keys, queue_keys, queue_ids, queue_valid, extras,
-                    axis_name: Optional[str] = None):
+                    axis_name: Optional[str] = None, queue_labels=None):
   """The whole objective for one step.
 
   queries / keys: tuples of (B, D) embeddings, one per direction: `(q1,)`, `(k2,)` for the
   asymmetric loss; `(q1, q2)`, `(k2, k1)` for the symmetric one (averaged). The queue is the one
   from before this step; `queue_valid` (K,) bool or None marks the rows holding real keys
   (`queue.mask_unfilled`). Returns (loss, metrics), metrics averaged over directions.
+
+  With `queue_labels` (K,) and `extras["label"]` (B,) the metrics also hold the label
+  diagnostics (`diagnostics.label_metrics`: "diag/queue_same_label", and for FNC
+  "diag/fn_precision", "diag/fn_recall"); labels never enter the loss.
   """
   totals, all_metrics = [], []
   for q, k in zip(queries, keys):
@@ -156,29 +160,36 @@ def objective_value(cfg, queries, keys, queue_keys, queue_ids, queue_valid, extr
   metrics = {name: sum(m[name] for m in all_metrics) / n for name in all_metrics[0]}
   loss = sum(totals) / n
   metrics["loss"] = loss
+  if queue_labels is not None and "label" in extras:
+    metrics.update(diagnostics.label_metrics(
+        cfg, keys, extras["label"], queue_keys, queue_labels, queue_valid=queue_valid,
+        support=extras.get("support"), axis_name=axis_name))
   return loss, metrics
 
 
 def make_objective_fn(cfg, *, mesh, queue_mode: str, axis_name: str = "data"):
-  """`fn(queries, keys, queue_keys, queue_ids, queue_valid, extras) -> (loss, metrics)`.
+  """`fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None)
+  -> (loss, metrics)`.
 
   `replicated`: plain global-array code (XLA partitions the batch; the queue is on every device).
   `sharded`: one `jax.shard_map` over `axis_name`; queue rows and batch rows split, outputs
-  replicated; the queue's ids and valid mask are split like its rows. `extras` (support views,
-  ids, neighbours) are batch-split in both.
+  replicated; the queue's ids, labels and valid mask are split like its rows (the label
+  diagnostics psum their counts over `axis_name`). `extras` (support views, ids, labels,
+  neighbours) are batch-split in both.
   """
   if queue_mode == "replicated":
-    return lambda qs, ks, qk, qi, qv, extras: objective_value(cfg, qs, ks, qk, qi, qv, extras,
-                                                              None)
+    return lambda qs, ks, qk, qi, qv, extras, ql=None: objective_value(
+        cfg, qs, ks, qk, qi, qv, extras, None, ql)
   if queue_mode != "sharded":
     raise ValueError(f"queue.mode must be 'replicated' or 'sharded', got {queue_mode!r}")
 
-  def fn(queries, keys, queue_keys, queue_ids, queue_valid, extras):
-    body = lambda qs, ks, qk, qi, qv, ex: objective_value(cfg, qs, ks, qk, qi, qv, ex, axis_name)
-    batch_spec = P(axis_name)
+  def fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None):
+    body = lambda qs, ks, qk, qi, qv, ex, ql: objective_value(cfg, qs, ks, qk, qi, qv, ex,
+                                                              axis_name, ql)
+    batch_spec, rows = P(axis_name), P(axis_name)
     specs = (jax.tree.map(lambda _: batch_spec, queries), jax.tree.map(lambda _: batch_spec, keys),
-             P(axis_name), P(axis_name), P(axis_name), jax.tree.map(lambda _: batch_spec, extras))
+             rows, rows, rows, jax.tree.map(lambda _: batch_spec, extras), rows)
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)(
-        queries, keys, queue_keys, queue_ids, queue_valid, extras)
+        queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels)
 
   return fn

@@ -7,7 +7,10 @@ One step (METHODS.md section 0), all inside one `jax.jit` over the mesh, the sta
      with the BN-shuffle permutation of `bn.mode`; no gradient;
   4. online forward + objective against the queue *as it was before this step*; gradients;
   5. optimizer update; [ema.update_at == after_step] target EMA from the new params (SCE, FNC);
-  6. enqueue this step's keys (both views' when symmetric); step + 1.
+  6. enqueue this step's keys (both views' when symmetric) with their ids and labels; step + 1.
+
+With class labels in the batch ("label") and `queue.store_labels`, the metrics also hold the
+false-negative diagnostics of `diagnostics.py` ("diag/..."); labels never enter the loss.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def default_queue_config() -> ml_collections.ConfigDict:
   c.size = 4096            # K; 0 = no queue: the other keys of the global batch are the negatives
   c.mode = "replicated"    # "replicated" | "sharded" (rows split over devices, K % devices == 0)
   c.store_ids = False      # keep each row's source image id (SePP multi_positive, diagnostics)
+  c.store_labels = True    # keep each row's class label (batch "label"): "diag/..." metrics
   c.mask_unfilled = False  # leave rows not yet written out of every loss (MoCo: False, noise)
   return c
 
@@ -101,12 +105,37 @@ def query_embedding(out: dict) -> jax.Array:
   return out["prediction"] if "prediction" in out else out["projection"]
 
 
-def _interleave_per_device(a: jax.Array, b: jax.Array, devices: int) -> jax.Array:
-  """[a; b] arranged so each device's rows of the result are its own rows of a then of b."""
-  shape = a.shape[1:]
-  a = a.reshape(devices, -1, *shape)
-  b = b.reshape(devices, -1, *shape)
-  return jnp.concatenate([a, b], axis=1).reshape(-1, *shape)
+def _concat_per_device(parts, devices: int) -> jax.Array:
+  """[a; b; ...] arranged so each device's rows of the result are its own rows of a, then of b,
+  ...: what each device writes into its own block of a sharded queue."""
+  shape = parts[0].shape[1:]
+  return jnp.concatenate([p.reshape(devices, -1, *shape) for p in parts],
+                         axis=1).reshape(-1, *shape)
+
+
+def enqueue_step_keys(queue: queue_lib.QueueState, keys, ids, labels, *, queue_mode: str,
+                      mesh) -> queue_lib.QueueState:
+  """Enqueue this step's keys, normalised, with their source ids and class labels.
+
+  keys: tuple of global (B, D) keys, one per enqueued view: `(k2,)`, or `(k1, k2)` when the
+  loss is symmetric; ids, labels: tuples of (B,) int32 (or None: -1, unknown) in the same order.
+  Replicated: the views one after the other, [k1; k2] (each in device order), at `ptr`. Sharded:
+  device i writes its own rows of k1 then of k2 into its own block, without communication.
+  """
+  n = keys[0].shape[0]
+  unknown = lambda v: jnp.full((n,), -1, jnp.int32) if v is None else jnp.asarray(v, jnp.int32)
+  ids, labels = tuple(map(unknown, ids)), tuple(map(unknown, labels))
+  if queue_mode == "sharded":
+    devices = mesh.shape[DATA_AXIS]
+    join = lambda parts: parts[0] if len(parts) == 1 else _concat_per_device(parts, devices)
+  else:
+    join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  new_keys, new_ids, new_labels = join(keys), join(ids), join(labels)
+  new_keys = new_keys / jnp.linalg.norm(new_keys, axis=-1, keepdims=True).clip(1e-12)
+  if queue_mode == "sharded":
+    return queue_lib.enqueue_sharded(queue, new_keys, new_ids, new_labels, mesh=mesh,
+                                     axis_name=DATA_AXIS)
+  return queue_lib.enqueue(queue, new_keys, new_ids, new_labels)
 
 
 def make_train_step(config, *, models: Models, tx: optax.GradientTransformation, mesh,
@@ -114,7 +143,10 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
   """The un-jitted step `(state, batch) -> (state, metrics)`; `jit_train_step` compiles it.
 
   batch: dict of global arrays split on `data`: "view1" (online view), "view2" (key view),
-  optional "support" (B, S, H, W, C), "id", "key_id", "neighbors".
+  optional "support" (B, S, H, W, C), "id", "key_id", "neighbors", "label" (int32 class of the
+  anchor image, -1 = unknown) and "key_label" (class of the image view2 was cut from; default
+  "label"). The "diag/..." metrics are present iff "label" is in the batch, the queue exists and
+  `queue.store_labels` is on.
   """
   validate_config(config)
   cfg_ema, cfg_obj, cfg_queue = config.ema, config.objective, config.queue
@@ -169,6 +201,12 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
     queue = state.queue
     queue_keys = None if queue is None else queue.keys
     queue_ids = None if queue is None else queue.ids
+    labels = batch.get("label") if cfg_queue.store_labels else None
+    key_labels = None if labels is None else batch.get("key_label", labels)
+    queue_labels = None
+    if labels is not None and queue is not None:   # label diagnostics (diagnostics.py)
+      extras["label"] = labels
+      queue_labels = queue.labels
     queue_valid = None
     if queue is not None and cfg_queue.mask_unfilled:
       queue_valid = queue_lib.valid_rows(
@@ -185,7 +223,8 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
                                             batch["view2"], train=True, mutable=["batch_stats"])
         queries, keys = queries + (query_embedding(out2),), (k2, k1)
         stats = updates["batch_stats"]
-      loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, queue_valid, extras)
+      loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, queue_valid, extras,
+                                   queue_labels)
       return loss, (metrics, stats)
 
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -195,20 +234,13 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
       ema_params = ema.update(ema_params, params, m)
 
     if queue is not None:
-      new_keys, new_ids = k2, key_ids
-      if symmetric:
-        if cfg_queue.mode == "sharded":
-          new_keys = _interleave_per_device(k1, k2, devices)
-          new_ids = _interleave_per_device(ids, key_ids, devices)
-        else:
-          new_keys, new_ids = jnp.concatenate([k1, k2]), jnp.concatenate([ids, key_ids])
-      new_keys = new_keys / jnp.linalg.norm(new_keys, axis=-1, keepdims=True).clip(1e-12)
       if not cfg_queue.store_ids:
-        new_ids = None
-      if cfg_queue.mode == "sharded":
-        queue = queue_lib.enqueue_sharded(queue, new_keys, new_ids, mesh=mesh, axis_name=DATA_AXIS)
+        ids = key_ids = None
+      if symmetric:
+        views = ((k1, k2), (ids, key_ids), (labels, key_labels))
       else:
-        queue = queue_lib.enqueue(queue, new_keys, new_ids)
+        views = ((k2,), (key_ids,), (key_labels,))
+      queue = enqueue_step_keys(queue, *views, queue_mode=cfg_queue.mode, mesh=mesh)
 
     metrics = dict(metrics, ema_momentum=m,
                    grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
