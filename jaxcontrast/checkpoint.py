@@ -41,12 +41,15 @@ ITEMS = ("state", "data", "config")
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
-# Config keys a checkpoint must agree on (dotted prefixes): they decide which arrays the state
-# holds and what they mean. Everything else (learning rate, data recipe, logging, ...) may change
-# on resume.
+# Config keys a checkpoint must agree on (dotted prefixes): the first ones decide which arrays
+# the state holds and what they mean; the last ones decide the order of the input stream, which
+# resumes at the saved position (a different order there would skip or repeat examples).
+# Everything else (learning rate, augmentations, logging, ...) may change on resume.
 STRUCTURAL_KEYS = ("method", "model", "queue.size", "queue.mode", "queue.store_ids",
                    "objective.loss", "objective.symmetric", "optim.name", "ema.init", "bn.mode",
-                   "bn.groups", "bn.target_only")
+                   "bn.groups", "bn.target_only",
+                   "seed", "data.dataset", "data.train_split", "data.shuffle_buffer",
+                   "data.semantic_pairs")
 
 
 def workdir_path(workdir) -> epath.Path:

@@ -1,27 +1,42 @@
 """The pretraining loop: config -> data -> state -> compiled steps -> logs and checkpoints.
 
-Resumes automatically from the latest checkpoint in `workdir` (Orbax CheckpointManager; every
-process takes part in saves). The state, queue included, resumes exactly; the input pipeline is
-re-seeded with the resumed step, so the data order after a resume differs from an uninterrupted
-run. Metrics are pulled to the host only every `log_every` steps.
+`train_and_evaluate(config, workdir)` resumes from the latest checkpoint in `workdir` if there is
+one (after checking that it fits the config), and continues exactly: the whole state (queue,
+EMA, BN statistics, optimizer) comes from the checkpoint, the per-step randomness is
+`fold_in(key, step)`, and the input stream restarts at the saved position (examples consumed
+per process; `pipeline.make_train_dataset(start_example=...)`), so a killed and resumed run ends
+bitwise equal to an uninterrupted one (on the same devices) and sees every example once per
+epoch.
+
+Per step the host only dispatches: metrics are pulled every `log_every` steps, and non-finite
+losses are tracked on the device (the first bad step, one int32) and checked at log, kNN and
+save points. A checkpoint is written every `checkpoint_every` steps, at the end and on SIGTERM
+(see `preemption.py`), never of a non-finite state.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
+import numpy as np
 
-from jaxcontrast import train
+from jaxcontrast import checkpoint as checkpoint_lib
+from jaxcontrast import metrics as metrics_lib
+from jaxcontrast import preemption, progress as progress_lib, train
 from jaxcontrast.data import pipeline
 from jaxcontrast.optim import make_optimizer
-from jaxcontrast.sharding import global_batch_from_local, make_mesh
+from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh
 
 log = logging.getLogger("jaxcontrast")
+
+# What the train step reads from a batch (interfaces: view1, view2, support, id, key_id, label).
+BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or gradient norm, or state) became NaN/Inf; nothing non-finite was saved."""
 
 
 def total_steps(config, num_train) -> int:
@@ -32,63 +47,203 @@ def total_steps(config, num_train) -> int:
   return max(1, int(config.num_epochs * num_train // config.global_batch_size))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Pretrain per `config`, writing checkpoints and `metrics.jsonl` to `workdir`; returns the
-  last logged metrics."""
-  os.makedirs(workdir, exist_ok=True)
+# ---------------------------------------------------------------------------------------------
+# Data position.
+# ---------------------------------------------------------------------------------------------
+
+
+def data_position(*, step: int, examples: int, local_batch: int, local_size: Optional[int],
+                  **extra) -> dict:
+  """The checkpoint's "data" item: where this run's input stream stood after `step` steps.
+
+  examples: examples consumed per process (every process consumes `local_batch` a step);
+  epoch / index_in_epoch: of process 0's part of the split (informational; each process
+  derives its own from `examples`).
+  """
+  pos = {"step": int(step), "examples_per_process": int(examples),
+         "local_batch": int(local_batch), "process_count": jax.process_count()}
+  if local_size:
+    pos.update(epoch=examples // local_size, index_in_epoch=examples % local_size,
+               local_examples=int(local_size))
+  pos.update(extra)
+  return pos
+
+
+def resume_examples(saved: dict, *, step: int, local_batch: int) -> int:
+  """Examples per process already consumed at a checkpoint, checked against this run.
+
+  The split is cut per process, so a position is only meaningful for the same process count;
+  a different local batch is fine (the stream continues at the same example).
+  """
+  count = saved.get("process_count")
+  if count is not None and count != jax.process_count():
+    raise ValueError(
+        f"The checkpoint at step {step} was written by {count} processes, this run has "
+        f"{jax.process_count()}: each process reads its own part of the split, so the saved "
+        "input position does not carry over (resuming would skip or repeat examples). Resume "
+        f"with {count} processes, or start a fresh --workdir.")
+  if "examples_per_process" not in saved:
+    raise ValueError(f"The checkpoint at step {step} has no input position (data item).")
+  examples = int(saved["examples_per_process"])
+  if saved.get("local_batch") != local_batch:
+    log.info("local batch %s -> %d: the input stream continues at example %d of each process",
+             saved.get("local_batch"), local_batch, examples)
+  return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# On-device checks.
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _track_first_bad(first_bad, step, loss, grad_norm):
+  """first_bad <- step if it is still -1 and this step's loss or gradient is not finite."""
+  bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  return jnp.where((first_bad < 0) & bad, step.astype(jnp.int32), first_bad)
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _knn_monitor(config, mesh, models):
+  """EVAL's kNN monitor (interfaces §3) when `knn_every` > 0 and the dataset has labels."""
+  if not config.get("knn_every"):
+    return None
+  from jaxcontrast.eval.knn import KnnMonitor  # pylint: disable=g-import-not-at-top
+  if not KnnMonitor.available(config):
+    log.info("knn_every is set but the dataset has no labels: kNN monitor off")
+    return None
+  return KnnMonitor(config, mesh=mesh, model=models.target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Pretrain per `config` in `workdir` (str, `file://` URI, gs://, or epath.Path); resumes
+  from its latest checkpoint. Returns the last logged metrics (host floats, with "step")."""
+  workdir = checkpoint_lib.workdir_path(workdir)
   mesh = make_mesh()
-  if config.global_batch_size % jax.process_count():
+  process_count = jax.process_count()
+  if config.global_batch_size % process_count:
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  local_batch = config.global_batch_size // jax.process_count()
+                     f"{process_count} processes")
+  local_batch = config.global_batch_size // process_count
   info = pipeline.dataset_info(config.data)
+  local_size = pipeline.local_train_size(config.data)
   steps = total_steps(config, info["num_train"])
+  log_every = max(1, int(config.log_every))
+  checkpoint_every = int(config.get("checkpoint_every") or 0)
+  knn_every = int(config.get("knn_every") or 0)
   tx, schedule = make_optimizer(config.optim, global_batch_size=config.global_batch_size,
                                 total_steps=steps)
   models = train.build_models(config, mesh)
-  sample = jnp.zeros((2,) + tuple(info["image_shape"]), jnp.float32)
-  state, shardings = train.create_state(config, models=models, tx=tx, mesh=mesh,
-                                        sample_images=sample,
-                                        rng=jax.random.key(config.seed))
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2,
-                                           save_interval_steps=config.get("checkpoint_every", 1000)))
-  start = 0
-  if manager.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-    start = int(state.step)
-    log.info("resumed from step %d", start)
+  abstract, shardings = checkpoint_lib.abstract_state(
+      config, models=models, tx=tx, mesh=mesh, image_shape=info["image_shape"])
+
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
+  start, examples = 0, 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    restored = ckpt.restore(latest, abstract, config, mesh=mesh)  # Checks the fit first.
+    state, start = restored.state, latest
+    examples = resume_examples(restored.data, step=latest, local_batch=local_batch)
+    log.info("resumed from %s at step %d (input: example %d of each process)",
+             ckpt.directory / str(latest), start, examples)
+  else:
+    sample = jnp.zeros((2,) + tuple(info["image_shape"]), jnp.float32)
+    state, _ = train.create_state(config, models=models, tx=tx, mesh=mesh,
+                                  sample_images=sample, rng=jax.random.key(config.seed))
+  checkpoint_lib.write_config(workdir, config)
+
   step_fn = train.jit_train_step(
       train.make_train_step(config, models=models, tx=tx, mesh=mesh, total_steps=steps,
                             base_rng=jax.random.fold_in(jax.random.key(config.seed), 1)),
       mesh=mesh, shardings=shardings)
-  data = pipeline.make_train_iterator(config.data, batch_size=local_batch,
-                                      seed=config.seed + start)
-  keep = ("view1", "view2", "support", "id", "key_id")
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  last, t0, done_at_t0 = {}, time.perf_counter(), start
-  log.info("training %s for %d steps (global batch %d, %d devices)", config.method, steps,
-           config.global_batch_size, jax.device_count())
-  for step in range(start, steps):
-    batch = next(data)
-    batch = global_batch_from_local(mesh, {k: v for k, v in batch.items() if k in keep})
-    state, metrics = step_fn(state, batch)
-    manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    if (step + 1) % config.log_every == 0 or step + 1 == steps:
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - t0
-      last = {k: float(v) for k, v in metrics.items()}
-      last.update(step=step + 1, lr=float(schedule(step)),
-                  images_per_s=(step + 1 - done_at_t0) * config.global_batch_size / elapsed)
-      t0, done_at_t0 = time.perf_counter(), step + 1
-      if jax.process_index() == 0:
-        log.info("step %d/%d loss %.4f acc %.3f %.1f img/s", step + 1, steps, last["loss"],
-                 last.get(f"{config.objective.loss}/acc", float("nan")), last["images_per_s"])
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(last) + "\n")
-  manager.save(steps, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-  manager.wait_until_finished()
+  data = pipeline.make_train_iterator(config.data, batch_size=local_batch, seed=config.seed,
+                                      start_example=examples)
+  knn = _knn_monitor(config, mesh, models)
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  bar = progress_lib.Progress(total=steps, start=start, global_batch=config.global_batch_size,
+                              enabled=is_main)
+  watcher = preemption.PreemptionWatcher(ckpt)
+  position_extra = dict(seed=int(config.seed), data_devices=int(mesh.shape[DATA_AXIS]),
+                        image_shape=list(info["image_shape"]), total_steps=steps)
+  first_bad = jnp.array(-1, jnp.int32)
+  last: dict = {}
+  log.info("training %s for %d steps from step %d (global batch %d, %d devices, %d processes)",
+           config.method, steps, start, config.global_batch_size, jax.device_count(),
+           process_count)
+
+  def check_finite(step: int) -> None:
+    bad = int(jax.device_get(first_bad))
+    if bad >= 0:
+      ckpt.wait()
+      good = ckpt.latest_step()
+      where = (f"step {good} ({ckpt.directory / str(good)})" if good is not None else "none")
+      raise NonFiniteLossError(
+          f"Non-finite loss or gradient at step {bad} (checked at step {step}); stopping. "
+          f"Last good checkpoint: {where}. Nothing non-finite was saved.")
+
+  try:
+    for step in range(start, steps):
+      batch = next(data)
+      batch = global_batch_from_local(mesh, {k: batch[k] for k in BATCH_KEYS if k in batch})
+      state, metrics = step_fn(state, batch)
+      examples += local_batch
+      first_bad = _track_first_bad(first_bad, state.step, metrics["loss"], metrics["grad_norm"])
+      done = step + 1
+      if step == start:  # Leave compilation out of images/s.
+        jax.block_until_ready(metrics)
+        bar.started(done)
+      stop = watcher.reached(done)
+      log_now = done % log_every == 0 or done == steps
+      knn_now = knn is not None and (done % knn_every == 0 or done == steps)
+      save_now = stop or done == steps or (checkpoint_every and done % checkpoint_every == 0)
+      if log_now or knn_now or save_now:
+        check_finite(done)
+      host = {}
+      if log_now:
+        host = dict(jax.device_get(metrics))
+        host.update(lr=float(schedule(step)), images_per_s=bar.rate(done),
+                    epoch=examples / local_size if local_size else float("nan"))
+      if knn_now:
+        knn_metrics = knn(state.ema_params, state.ema_batch_stats)
+        host.update(knn_metrics)
+        if is_main:
+          log.info("step %d kNN %s", done, {k: round(float(v), 4) for k, v in knn_metrics.items()})
+      if host:  # One line per step in metrics.jsonl.
+        last = writer.write(done, host)
+      if log_now:
+        bar.log(done, last.get("loss"))
+      else:
+        bar.update(done)
+      if save_now:
+        if not bool(jax.device_get(_all_finite(state))):
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f"The state at step {done} holds NaN/Inf although every loss so far was finite; "
+              f"not saved. Last good checkpoint: step {ckpt.latest_step()}.")
+        ckpt.save(done, state, data=data_position(
+            step=done, examples=examples, local_batch=local_batch, local_size=local_size,
+            **position_extra), config=config)
+      if stop:
+        ckpt.wait()
+        log.warning("preempted (SIGTERM): saved the checkpoint of step %d in %s; exiting. "
+                    "Run the same command again to resume.", done, ckpt.directory / str(done))
+        break
+  finally:
+    bar.close()
+    watcher.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   return last
