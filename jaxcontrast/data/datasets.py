@@ -197,8 +197,12 @@ def read_split(builder, spec: DatasetSpec, split, *, base_split: str, shuffle_fi
   """
   image_feature(builder, spec)  # Clear error if there is no image.
   decoders = None if decode else {spec.image_key: tfds.decode.SkipDecoding()}
+  # The file order is the same on every pass over the dataset (a function of `seed`): the
+  # training stream re-reads the files once per epoch and must not depend on how many passes
+  # this process made before (exact resume); the pipeline reshuffles the examples per epoch.
   read_config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed, try_autocache=False,
-                                skip_prefetch=True, options=options)
+                                skip_prefetch=True, options=options,
+                                shuffle_reshuffle_each_iteration=False)
   if builder.info.disable_shuffling:  # tfds refuses to shuffle the files of ordered datasets.
     shuffle_files = False
   try:

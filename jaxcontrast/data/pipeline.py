@@ -2,16 +2,21 @@
 
 Training (`make_train_dataset`), per process:
 
-  read this process's part of the split (tfds, ids from tfds_id)
-  -> [cache] -> repeat -> enumerate (epoch = count // examples) -> shuffle (encoded bytes)
+  read this process's part of the split (tfds, ids from tfds_id; file order fixed by seed)
+  -> [cache] -> for epoch e = e0, e0 + 1, ...: shuffle (encoded bytes, buffer seeded from
+     (seed, e), so the order of an epoch is a function of (seed, e) alone) [-> skip the examples
+     of epoch e0 already consumed]
   -> per example: decode, draw every random choice from a stateless seed
      fold_in(fold_in(seed, epoch), id), cut and resize every view's crop
   -> batch (drop remainder) -> per batch: photometric ops with the per-example choices,
      normalise -> prefetch
 
 An example's views depend only on (seed, epoch, id): not on the shuffle order, the batch it
-lands in or the number of processes. Options follow big_vision (private thread pool, one thread
-per op, deterministic order). Element dict: see `make_train_dataset`.
+lands in or the number of processes. The stream is a function of (seed, position), so a resumed
+run passes `start_example` (examples this process already consumed) and continues exactly where
+the checkpoint was taken; the skipped examples are never decoded. Options follow big_vision
+(private thread pool, one thread per op, deterministic order). Element dict: see
+`make_train_dataset`.
 """
 import dataclasses
 
@@ -27,6 +32,10 @@ from jaxcontrast.data import sepp
 # fold_in constants separating the random streams of one example.
 _VIEWS_STREAM = 0
 _PARTNER_STREAM = 1
+# fold_in constant of the per-epoch shuffle seeds (a stream apart from the examples' seeds).
+_SHUFFLE_STREAM = 0x5EED
+# Epochs of the training stream: "infinite" (2**40 epochs of one example outlast any run).
+_MAX_EPOCHS = 2**40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +142,7 @@ def _seed_tensor(seed: int) -> tf.Tensor:
 
 
 def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index=None,
-                       process_count=None) -> tf.data.Dataset:
+                       process_count=None, start_example: int = 0) -> tf.data.Dataset:
   """The infinite training stream of this process.
 
   Args:
@@ -142,6 +151,8 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
     seed: base seed; same seed -> same batches.
     process_index: this process (default `jax.process_index()`).
     process_count: number of processes (default `jax.process_count()`).
+    start_example: examples of this process's stream to skip (a resumed run: steps done x
+      batch_size). The stream from there is the same as the tail of the stream from 0.
 
   Returns:
     A tf.data.Dataset of dicts (B = batch_size, H = W = image_size, C = channels):
@@ -199,8 +210,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
                                     r.convert_to)
 
   @tf.autograph.experimental.do_not_convert
-  def per_example(count, ex):
-    epoch = count // local_n
+  def per_example(epoch, ex):
     key = tf.random.experimental.stateless_fold_in(base_key, epoch)
     key = tf.random.experimental.stateless_fold_in(key, tf.cast(ex["id"], tf.int64))
     anchor = to_image(ex)
@@ -247,9 +257,28 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       out["support"] = tf.reshape(augment.normalize(flat, r.mean, r.std), images.shape)
     return out
 
-  ds = ds.repeat().enumerate()
-  if cfg.shuffle_buffer and cfg.shuffle_buffer > 1:
-    ds = ds.shuffle(int(cfg.shuffle_buffer), seed=seed)
+  if start_example < 0:
+    raise ValueError(f"start_example must be >= 0, got {start_example}")
+  start_epoch, skip = divmod(int(start_example), local_n)
+  buffer = int(cfg.shuffle_buffer or 0)
+  shuffle_key = tf.random.experimental.stateless_fold_in(base_key, _SHUFFLE_STREAM)
+  source = ds
+
+  @tf.autograph.experimental.do_not_convert
+  def epoch_examples(epoch):
+    """Epoch `epoch` of this process's part: its order depends on (seed, epoch) only."""
+    ds = source
+    if buffer > 1:
+      # One int64 drawn from the (seed, epoch) key (the key's own entries are not hashed).
+      epoch_seed = tf.random.stateless_uniform(
+          [], tf.random.experimental.stateless_fold_in(shuffle_key, epoch), minval=None,
+          maxval=None, dtype=tf.int64)
+      ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    # Resume inside epoch `start_epoch`: skip what was consumed, before any decoding.
+    ds = ds.skip(tf.where(epoch == start_epoch, tf.constant(skip, tf.int64), 0))
+    return ds.map(lambda ex: (epoch, ex))
+
+  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_examples)
   ds = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
@@ -258,11 +287,22 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
 
 
 def make_train_iterator(data_config, *, batch_size: int, seed: int, process_index=None,
-                        process_count=None):
+                        process_count=None, start_example: int = 0):
   """`make_train_dataset` as an iterator of NumPy dicts."""
   return iter(tfds.as_numpy(make_train_dataset(
       data_config, batch_size=batch_size, seed=seed, process_index=process_index,
-      process_count=process_count)))
+      process_count=process_count, start_example=start_example)))
+
+
+def local_train_size(data_config, *, process_index=None, process_count=None) -> int | None:
+  """Examples of the train split read by this process per epoch (None if tfds does not know)."""
+  r = _resolve(data_config)
+  process_index, process_count = _process(process_index, process_count)
+  sizes = datasets.process_sizes(r.builder, r.train_split, process_count)
+  if data_config.get("semantic_pairs") and sizes:  # sepp.in_memory_source's split of the ids.
+    n = sum(sizes)
+    sizes = [n // process_count + (i < n % process_count) for i in range(process_count)]
+  return sizes[process_index] if sizes else None
 
 
 # ---------------------------------------------------------------------------------------------
