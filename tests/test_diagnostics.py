@@ -122,11 +122,12 @@ def test_queue_labels_follow_a_numpy_fifo(mode, symmetric):
 
 
 def test_queue_labels_default_to_unknown():
+  enqueue = jax.jit(queue_lib.enqueue)
   q = queue_lib.init_queue(jax.random.key(0), 6, 2)
   assert (np.asarray(q.labels) == -1).all()
-  q = queue_lib.enqueue(q, jnp.ones((4, 2)), jnp.arange(4))      # no labels given: -1
+  q = enqueue(q, jnp.ones((4, 2)), jnp.arange(4))      # no labels given: -1
   assert (np.asarray(q.labels) == -1).all() and (np.asarray(q.ids)[:4] == np.arange(4)).all()
-  q = queue_lib.enqueue(q, jnp.ones((8, 2)), None, jnp.arange(8) + 10)   # 8 > K: last 6 kept
+  q = enqueue(q, jnp.ones((8, 2)), None, jnp.arange(8) + 10)   # 8 > K: the last 6 are kept
   assert sorted(np.asarray(q.labels)) == list(range(12, 18))
 
 
@@ -137,8 +138,9 @@ def test_label_pair_counts_match_numpy():
   rng = np.random.RandomState(1)
   labels, queue_labels = rng.randint(-1, 3, 7), rng.randint(-1, 3, 11)
   valid, detected = rng.rand(11) > 0.3, rng.rand(7, 11) > 0.5
-  got = jax.device_get(diagnostics.label_pair_counts(labels, queue_labels, queue_valid=valid,
-                                                     detected=detected))
+  counts = jax.jit(lambda *a: diagnostics.label_pair_counts(*a[:2], queue_valid=a[2],
+                                                            detected=a[3]))
+  got = jax.device_get(counts(labels, queue_labels, valid, detected))
   ok = (labels >= 0)[:, None] & ((queue_labels >= 0) & valid)[None]
   same = ok & (labels[:, None] == queue_labels[None])
   want = {"pairs": ok.sum(), "same": same.sum(), "detected": (ok & detected).sum(),
@@ -167,13 +169,15 @@ def test_fnc_detect_matches_numpy_and_the_loss(num_support, masked):
   queue = clustered(rng, queue_labels, centres)
   queue /= np.linalg.norm(queue, axis=1, keepdims=True)
   valid = (rng.rand(20) > 0.25) if masked else None
-  got = np.asarray(losses.fnc_detect(key, support, queue, threshold=0.5, top_k=4,
-                                     queue_valid=valid))
+  detect = jax.jit(lambda *a: losses.fnc_detect(*a[:3], threshold=0.5, top_k=4,
+                                                 queue_valid=a[3]))
+  got = np.asarray(detect(key, support, queue, valid))
   want = numpy_detect(key, support, queue, 0.5, 4, valid)
   np.testing.assert_array_equal(got, want)
   assert 0 < want.sum() < want.size
-  _, metrics = losses.fnc(key + 0.1, key, queue, support_keys=support, threshold=0.5, top_k=4,
-                          queue_valid=valid)
+  loss = jax.jit(lambda *a: losses.fnc(a[0], a[1], a[2], support_keys=a[3], threshold=0.5,
+                                        top_k=4, queue_valid=a[4]))
+  _, metrics = loss(key + 0.1, key, queue, support, valid)
   np.testing.assert_allclose(metrics["num_false_negatives"], want.sum(1).mean(), rtol=1e-6)
 
 
@@ -205,9 +209,10 @@ def test_label_metrics_match_numpy(loss, directions, masked):
   cfg = fnc_objective() if loss == "fnc" else objectives.default_objective_config()
   keys = x["keys"][:directions]
   valid = x["valid"] if masked else None
-  got = jax.device_get(diagnostics.label_metrics(cfg, keys, x["labels"], x["queue"],
-                                                 x["queue_labels"], queue_valid=valid,
-                                                 support=x["support"]))
+  metrics = jax.jit(lambda keys, *a: diagnostics.label_metrics(cfg, keys, *a[:3],
+                                                               queue_valid=a[3], support=a[4]))
+  got = jax.device_get(metrics(keys, x["labels"], x["queue"], x["queue_labels"], valid,
+                               x["support"]))
   detected = [] if loss != "fnc" else [numpy_detect(k, x["support"], x["queue"], 0.5, 4, valid)
                                        for k in keys]
   want = numpy_label_metrics(x["labels"], x["queue_labels"], valid, detected)
