@@ -72,7 +72,7 @@ def test_full_width_parameter_counts_match_torchvision(arch, expected):
 
 
 @pytest.mark.parametrize("arch,feat", [("resnet18", 128), ("resnet34", 128), ("resnet50", 512)])
-@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+@pytest.mark.parametrize("stem", ["imagenet", "cifar", "cifar_s2"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_backbone_shapes(arch, feat, stem, channels):
   net = models.build_resnet(arch, stem=stem, width=0.25)
@@ -84,8 +84,9 @@ def test_backbone_shapes(arch, feat, stem, channels):
   assert y.shape == (2, feat) == (2, models.feature_dim(arch, 0.25))
   stem_k = 7 if stem == "imagenet" else 3
   assert variables["params"]["conv1"]["kernel"].shape == (stem_k, stem_k, channels, 16)
-  # ImageNet stem: /2 conv and /2 max-pool before stage 1; CIFAR stem keeps the resolution.
-  side = 8 if stem == "imagenet" else 32
+  # ImageNet stem: /2 conv and /2 max-pool before stage 1; CIFAR stem keeps the resolution;
+  # cifar_s2 halves it.
+  side = {"imagenet": 8, "cifar": 32, "cifar_s2": 16}[stem]
   assert state["intermediates"]["layer1_0"]["__call__"][0].shape[1:3] == (side, side)
   assert state["intermediates"]["layer4_0"]["__call__"][0].shape[1:3] == (side // 8, side // 8)
 

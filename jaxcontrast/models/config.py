@@ -26,6 +26,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.arch = "resnet50"            # "resnet18" | "resnet34" | "resnet50"
   c.stem = "imagenet"            # "imagenet" (7x7/2 conv + max-pool) | "cifar" (3x3/1, no pool)
+  #                                | "cifar_s2" (3x3/2, no pool: 4x fewer activations)
   c.width = 1.0                  # channel multiplier (> 0); 0.25 gives a tiny model
   c.norm = "batch"               # "batch" | "group" (GroupNorm, 32 groups or fewer)
   c.bn_groups = 1                # G: BN statistics per group of the batch; 1 = whole batch
