@@ -149,8 +149,11 @@ class Checkpointer:
 
   def __init__(self, workdir, *, keep: Optional[int] = 2, read_only: bool = False):
     self.directory = workdir_path(workdir) / CHECKPOINT_DIR
+    # cleanup_tmp_directories: a killed run can leave a half-written step behind; the resumed
+    # run removes it and writes that step again.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           read_only=read_only)
+                                           read_only=read_only,
+                                           cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> Optional[int]:
