@@ -1,0 +1,92 @@
+"""The linear probe's own config: `default_probe_config()`, overridable as --config.KEY=VALUE.
+
+The pretrained run's config (model, data set, normalisation) comes from its checkpoint; this
+config only says how to probe it. It is locked by the command line (absl `config_flags`), so a
+mistyped key fails instead of silently probing with the default.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+ENCODERS = ("target", "online", "random", "pixels")
+PROTOCOLS = ("auto", "full_batch", "sgd")
+
+
+def default_probe_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # What is probed: "target" (EMA / key encoder, the MoCo convention), "online" (query
+  # encoder), "random" (same architecture, randomly initialised from the run's config: the
+  # baseline to beat) or "pixels" (normalised raw pixels, the other baseline).
+  c.encoder = "target"
+  # "backbone" (pooled backbone features, the standard probe input) or "projection".
+  c.features = "backbone"
+  # Checkpoint step to load; None = the latest.
+  c.step = config_dict.placeholder(int)
+  # "full_batch" (precomputed features, L-BFGS, L2 chosen on held-out train rows), "sgd" (MoCo
+  # v2 protocol: augmented images through the frozen encoder, SGD), or "auto": full_batch when
+  # the train split has at most `full_batch_max_train` examples, else sgd.
+  c.protocol = "auto"
+  c.full_batch_max_train = 200_000
+  # Labelled splits (tfds syntax, e.g. "train[:10%]"); test_split None = the dataset's eval split
+  # (Fashion-MNIST / CIFAR "test", ImageNet "validation").
+  c.train_split = "train"
+  c.test_split = config_dict.placeholder(str)
+  # tfds data_dir; None = the run's data.data_dir (set it when evaluating on another machine).
+  c.data_dir = config_dict.placeholder(str)
+  # Global batch of feature extraction and evaluation.
+  c.batch_size = 256
+  # Held-out split, random encoder initialisation, SGD data order and classifier init.
+  c.seed = 0
+  # Result file in the workdir; None = linear_probe.json for the target encoder's backbone,
+  # else linear_probe_<encoder>[_<features>].json (baselines do not overwrite the main result).
+  c.output = config_dict.placeholder(str)
+
+  # Full-batch protocol: min_W,b mean CE + l2/2 ||W||^2 on standardised features.
+  c.full_batch = ml_collections.ConfigDict()
+  c.full_batch.l2_grid = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # candidates, chosen on held-out rows
+  c.full_batch.held_out_fraction = 0.1   # train rows held out for the choice (never test)
+  c.full_batch.max_iter = 200            # L-BFGS iterations per fit
+  c.full_batch.tol = 1e-4                # stop when ||gradient||_2 < tol
+
+  # SGD protocol (MoCo v2 linear classification; SCE: lr 0.4, batch 1024, 90 epochs cosine).
+  c.sgd = ml_collections.ConfigDict()
+  c.sgd.batch_size = 256
+  c.sgd.epochs = 100
+  c.sgd.total_steps = config_dict.placeholder(int)  # None = epochs x train examples / batch
+  c.sgd.lr = 30.0
+  c.sgd.momentum = 0.9
+  c.sgd.weight_decay = 0.0
+  c.sgd.schedule = "step"                # "step" (x drop_factor at drop_epochs) | "cosine"
+  c.sgd.drop_epochs = (60, 80)
+  c.sgd.drop_factor = 0.1
+  c.sgd.crop_scale = (0.08, 1.0)         # RandomResizedCrop area range (torchvision default)
+  c.sgd.checkpoint_every = 1000          # steps; checkpoints in WORKDIR/linear_probe_sgd[_...]/
+  c.sgd.log_every = 100
+  return c
+
+
+def validate(c) -> None:
+  """ValueErrors naming the key."""
+  if c.encoder not in ENCODERS:
+    raise ValueError(f"probe config: encoder must be one of {ENCODERS}, got {c.encoder!r}")
+  if c.features not in ("backbone", "projection"):
+    raise ValueError(f"probe config: features must be 'backbone' or 'projection', got "
+                     f"{c.features!r}")
+  if c.encoder == "pixels" and c.features != "backbone":
+    raise ValueError("probe config: features does not apply to encoder='pixels'")
+  if c.protocol not in PROTOCOLS:
+    raise ValueError(f"probe config: protocol must be one of {PROTOCOLS}, got {c.protocol!r}")
+  if c.sgd.schedule not in ("step", "cosine"):
+    raise ValueError(f"probe config: sgd.schedule must be 'step' or 'cosine', got "
+                     f"{c.sgd.schedule!r}")
+  if c.batch_size < 1 or c.sgd.batch_size < 1:
+    raise ValueError("probe config: batch_size and sgd.batch_size must be >= 1")
+
+
+def output_stem(c) -> str:
+  """"linear_probe" for the target backbone; linear_probe_<encoder>[_<features>] otherwise."""
+  stem = "linear_probe"
+  if c.encoder != "target":
+    stem += f"_{c.encoder}"
+  if c.features != "backbone":
+    stem += f"_{c.features}"
+  return stem

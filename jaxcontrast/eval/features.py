@@ -1,0 +1,123 @@
+"""Frozen-encoder features of an evaluation split: global arrays over the mesh, or host arrays.
+
+The eval pipeline (`make_eval_dataset`: resize, centre crop, normalise; padded batches with a
+mask) feeds a jitted apply whose inputs and outputs are split on the mesh's `data` axis, as in
+training. Two ways out:
+
+* `host_features`: NumPy (N, D) features and labels in dataset order (sorted by example id), on
+  every process (`process_allgather`), for the full-batch probe and mining;
+* `device_batches`: the global per-batch arrays, left on the devices; `concat_sharded` joins them
+  without moving rows between devices (the kNN memory never goes through one device or the host).
+
+An "apply function" maps (variables, images (B, H, W, C)) -> (B, D); `encoder_apply` makes one
+from an `Encoder` (BatchNorm in inference mode: `train=False`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local
+
+FEATURES = ("backbone", "projection")
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def encoder_apply(model, features: str = "backbone") -> ApplyFn:
+  """(variables, images) -> pooled backbone features ("backbone") or projector output.
+
+  BatchNorm uses its running statistics (`train=False`): the probe and the kNN monitor see the
+  frozen network, and a batch's features do not depend on the rest of the batch (or padding).
+  """
+  if features not in FEATURES:
+    raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+  key = "features" if features == "backbone" else "projection"
+
+  def apply(variables, images):
+    return model.apply(variables, images, train=False, predict=False)[key]
+  return apply
+
+
+def pixels_apply(variables, images):
+  """The raw-pixel baseline: normalised images flattened to (B, H*W*C)."""
+  del variables
+  return images.reshape(images.shape[0], -1).astype(jnp.float32)
+
+
+def global_batch_size(batch_size: int, mesh) -> int:
+  """`batch_size` rounded up so every process and every device gets whole rows."""
+  devices = mesh.devices.size
+  unit = devices * jax.process_count() // np.gcd(devices, jax.process_count())
+  return -(-int(batch_size) // unit) * unit
+
+
+class FeatureExtractor:
+  """Runs a frozen apply function over an evaluation split, sharded like training.
+
+  Args:
+    apply_fn: (variables, images) -> (B, D); see `encoder_apply`, `pixels_apply`.
+    mesh: the device mesh; batches are split on `data`.
+  """
+
+  def __init__(self, apply_fn: ApplyFn, *, mesh):
+    self.mesh = mesh
+    rows = NamedSharding(mesh, P(DATA_AXIS))
+
+    def run(variables, batch):
+      out = apply_fn(variables, batch["image"]).astype(jnp.float32)
+      return {"features": out, "label": batch["label"], "id": batch["id"], "mask": batch["mask"]}
+    self._run = jax.jit(run, out_shardings=rows)
+
+  def device_batches(self, variables, data_config, *, split: str, batch_size: int
+                     ) -> Iterator[dict[str, jax.Array]]:
+    """Global arrays per batch: "features" (B, D), "label", "id", "mask" (B,), split on `data`.
+
+    `batch_size` is global (rounded up to whole rows per device); padding rows have mask False.
+    """
+    from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
+    global_bs = global_batch_size(batch_size, self.mesh)
+    ds = pipeline.make_eval_dataset(data_config, batch_size=global_bs // jax.process_count(),
+                                    split=split)
+    for batch in ds.as_numpy_iterator():
+      yield self._run(variables, global_batch_from_local(self.mesh, batch))
+
+  def host_features(self, variables, data_config, *, split: str, batch_size: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 (N, D), labels int32 (N,)) of `split` in dataset order, every process.
+
+    Each batch is gathered from all processes (`process_allgather`), padding dropped, rows sorted
+    by example id (ids are positions in the base split, so "train[100:200]" gives ids 100..199).
+    """
+    feats, labels, ids = [], [], []
+    for out in self.device_batches(variables, data_config, split=split, batch_size=batch_size):
+      out = multihost_utils.process_allgather(out, tiled=True)
+      keep = np.asarray(out["mask"], bool)
+      feats.append(np.asarray(out["features"])[keep])
+      labels.append(np.asarray(out["label"])[keep])
+      ids.append(np.asarray(out["id"])[keep])
+    if not feats:
+      raise ValueError(f"split {split!r} gave no batches")
+    ids = np.concatenate(ids)
+    order = np.argsort(ids, kind="stable")
+    if np.any(np.diff(ids[order]) == 0):
+      raise ValueError(f"split {split!r}: an example id appears twice")
+    return np.concatenate(feats)[order], np.concatenate(labels)[order].astype(np.int32)
+
+
+def concat_sharded(arrays: list[jax.Array], mesh) -> jax.Array:
+  """Concatenates arrays split on `data` along axis 0, each device keeping its own rows.
+
+  The result is split on `data` too, but device d's block is [its rows of arrays[0]; its rows of
+  arrays[1]; ...]: the global row ORDER differs from a plain concatenation (which would move rows
+  between devices). Apply it to features, labels and masks alike and the rows stay aligned.
+  """
+  if not arrays:
+    raise ValueError("concat_sharded: no arrays")
+  spec = P(DATA_AXIS)
+  return jax.jit(jax.shard_map(lambda *xs: jnp.concatenate(xs, axis=0), mesh=mesh,
+                               in_specs=spec, out_specs=spec))(*arrays)
