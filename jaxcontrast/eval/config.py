@@ -37,7 +37,8 @@ def default_probe_config() -> ml_collections.ConfigDict:
   # Held-out split, random encoder initialisation, SGD data order and classifier init.
   c.seed = 0
   # Result file in the workdir; None = linear_probe.json for the target encoder's backbone,
-  # else linear_probe_<encoder>[_<features>].json (baselines do not overwrite the main result).
+  # else linear_probe_<encoder>[_<features>].json (baselines do not overwrite the main result);
+  # a protocol forced against the automatic choice adds _<protocol> (linear_probe_sgd.json).
   c.output = config_dict.placeholder(str)
 
   # Full-batch protocol: min_W,b mean CE + l2/2 ||W||^2 on standardised features.

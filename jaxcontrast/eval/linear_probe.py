@@ -127,10 +127,9 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
                                     features=probe_config.features, step=probe_config.step,
                                     mesh=mesh, seed=probe_config.seed,
                                     image_shape=info["image_shape"])
-  protocol = probe_config.protocol
-  if protocol == "auto":
-    protocol = ("full_batch" if num_train is not None
-                and num_train <= probe_config.full_batch_max_train else "sgd")
+  auto = ("full_batch" if num_train is not None
+          and num_train <= probe_config.full_batch_max_train else "sgd")
+  protocol = auto if probe_config.protocol == "auto" else probe_config.protocol
   if protocol == "full_batch":
     result = full_batch_probe(enc, data_cfg, probe_config, mesh=mesh, num_classes=num_classes)
   else:
@@ -145,7 +144,9 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
             "train_split": data_cfg.train_split, "test_split": data_cfg.get("eval_split"),
             "total_seconds": round(time.perf_counter() - start, 3),
             "probe_config": checkpoint.config_to_dict(probe_config)}
-  name = probe_config.output or f"{config_lib.output_stem(probe_config)}.json"
+  # A protocol forced against the automatic choice gets its own file (linear_probe_sgd.json).
+  stem = config_lib.output_stem(probe_config) + ("" if protocol == auto else f"_{protocol}")
+  name = probe_config.output or f"{stem}.json"
   path = checkpoint.workdir_path(workdir) / name
   result["output"] = str(path)
   if jax.process_index() == 0:
@@ -169,20 +170,28 @@ def main(argv=None) -> int:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import maybe_initialize_distributed  # pylint: disable=g-import-not-at-top
 
-  flag_values = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_dict(
-      "config", config_lib.default_probe_config(), "Probe settings (--config.KEY=VALUE).",
-      flag_values=flag_values)
-  workdir_flag = flags.DEFINE_string("workdir", None, "The pretraining run's workdir.",
-                                     flag_values=flag_values)
-  flags.mark_flag_as_required("workdir", flag_values=flag_values)
   import sys  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
+  flag_values = flags.FlagValues()
+  saved_argv, sys.argv = sys.argv, argv   # config_flags reads the overrides from sys.argv
   try:
+    config_flag = config_flags.DEFINE_config_dict(
+        "config", config_lib.default_probe_config(), "Probe settings (--config.KEY=VALUE).",
+        flag_values=flag_values)
+    workdir_flag = flags.DEFINE_string("workdir", None, "The pretraining run's workdir.",
+                                       flag_values=flag_values)
+    flags.mark_flag_as_required("workdir", flag_values=flag_values)
     flag_values(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+    config_lib.validate(config_flag.value)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # A mistyped --config.KEY raises AttributeError inside config_flags; say it in one line.
+    message = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split())
+    if isinstance(e, (AttributeError, KeyError)):
+      message = f"unknown probe config key: {message}"
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
     return 1
+  finally:
+    sys.argv = saved_argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   maybe_initialize_distributed()
