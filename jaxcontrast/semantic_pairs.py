@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -137,8 +138,29 @@ def validate_pairs(pairs: SemanticPairs, where: str = "pairs") -> None:
     raise ValueError(f"{where}: metadata top_k={top_k} but arrays have {pairs.k} columns")
 
 
+PAIRS_FILE = "semantic_pairs.npz"
+
+
+def _as_path(path):
+  """str / PathLike / gs:// -> etils.epath.Path (file:// URIs name local paths)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if isinstance(path, str) and path.startswith("file://"):
+    path = path[len("file://"):]
+  return epath.Path(path)
+
+
+def resolve_pairs_path(path):
+  """A pairs file, or a workdir holding one (WORKDIR/semantic_pairs.npz, as written by
+  `python -m jaxcontrast.semantic_pairs --workdir WORKDIR`); returns an epath.Path."""
+  path = _as_path(path)
+  if path.is_dir():
+    return path / PAIRS_FILE
+  return path
+
+
 def save_pairs(path: str | os.PathLike, pairs: SemanticPairs, **metadata: Any) -> None:
-  """Writes `pairs` to `path` (.npz, see the module docstring), validating it first.
+  """Writes `pairs` to `path` (.npz, see the module docstring; etils.epath, so gs:// works),
+  validating it first.
 
   Metadata: `pairs.metadata` updated with the keyword arguments; "n" and "top_k" are filled in
   from the arrays when missing, "threshold" and "embedding" must be given somewhere. Values must be
@@ -159,30 +181,34 @@ def save_pairs(path: str | os.PathLike, pairs: SemanticPairs, **metadata: Any) -
     meta_json = json.dumps(meta, sort_keys=True)
   except TypeError as e:
     raise ValueError(f"save_pairs: metadata must be JSON-serialisable: {e}") from e
-  path = os.fspath(path)
-  if not path.endswith(".npz"):
-    path += ".npz"  # np.savez would append it anyway; keep the temp-and-rename exact.
-  tmp = path[:-4] + ".tmp.npz"
-  np.savez(tmp, indices=pairs.indices, similarities=pairs.similarities,
+  path = _as_path(path)
+  if path.suffix != ".npz":
+    path = path.with_name(path.name + ".npz")  # np.savez would append it anyway.
+  buffer = io.BytesIO()
+  np.savez(buffer, indices=pairs.indices, similarities=pairs.similarities,
            metadata=np.asarray(meta_json))
-  os.replace(tmp, path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name[:-4] + ".tmp.npz")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.rename(path)
 
 
 def load_pairs(path: str | os.PathLike) -> SemanticPairs:
-  """Reads and validates a pairs file written by `save_pairs`.
+  """Reads and validates a pairs file written by `save_pairs` (or WORKDIR/semantic_pairs.npz
+  when `path` is a directory). Paths go through etils.epath: gs:// works.
 
   Raises:
     FileNotFoundError: no such file.
     ValueError: not an .npz, missing keys, bad metadata, wrong dtypes or shapes, ids out of range,
       self-pairs, misplaced padding or unsorted rows.
   """
-  path = os.fspath(path)
-  where = f"load_pairs({path!r})"
+  path = resolve_pairs_path(path)
+  where = f"load_pairs({str(path)!r})"
+  if not path.exists():
+    raise FileNotFoundError(f"{where}: no such file")
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
       arrays = {key: data[key] for key in data.files}
-  except FileNotFoundError:
-    raise
   except Exception as e:  # zipfile.BadZipFile, pickle refusal, truncated file, ...
     raise ValueError(f"{where}: not a readable .npz pairs file: {e}") from e
   missing = [key for key in ("indices", "similarities", "metadata") if key not in arrays]
@@ -524,42 +550,117 @@ def _load_dataset(name: str, split: str, limit: int | None):
   return images, labels
 
 
+def _define_flags(flag_values):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "Pretraining workdir: mine with its checkpoint's target "
+                      "encoder on its data set; pairs go to WORKDIR/semantic_pairs.npz.", **f)
+  flags.DEFINE_integer("step", None, "Checkpoint step (--workdir); default the latest.", **f)
+  flags.DEFINE_enum("features", "backbone", ["backbone", "projection"],
+                    "Target-encoder output used as the embedding (--workdir).", **f)
+  flags.DEFINE_enum("dataset", "fashion_mnist", list(DATASETS),
+                    "Data set of --embedding pixels without --workdir.", **f)
+  flags.DEFINE_string("split", None, "Split to mine (its rows = the SePP run's train split); "
+                      "default: the run's train split (--workdir), else 'train'.", **f)
+  flags.DEFINE_enum("embedding", None, list(EMBEDDINGS), "pixels: raw L2-normalised pixels; "
+                    "checkpoint: the target encoder of --workdir (default with --workdir).", **f)
+  flags.DEFINE_string("checkpoint", None, "Same as --workdir (older name).", **f)
+  flags.DEFINE_float("threshold", None, "Keep neighbours with cosine similarity strictly above "
+                     "this.", **f)
+  flags.DEFINE_integer("top_k", None, "Nearest neighbours considered.", **f)
+  flags.DEFINE_integer("block_size", 1024, "Rows per device call.", **f)
+  flags.DEFINE_integer("chunk_size", None, "Columns per merge step (default block_size).", **f)
+  flags.DEFINE_integer("batch_size", 1024, "Embedding batch size.", **f)
+  flags.DEFINE_integer("limit", None, "Use the first LIMIT images only (no --workdir).", **f)
+  flags.DEFINE_string("out", None, "Output .npz path; default WORKDIR/semantic_pairs.npz.", **f)
+  flags.mark_flags_as_required(["threshold", "top_k"], flag_values=flag_values)
+
+
+def _embed_checkpoint(workdir, *, step, split, features, embedding, batch_size):
+  """Host (N, D) embeddings and labels of `split` (dataset order), the metadata describing them,
+  and the split mined. Target encoder (BN in inference mode, centre crop) or the pixels of the
+  run's eval pipeline."""
+  from jaxcontrast.eval import encoders  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.eval import features as features_lib  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh()
+  enc = encoders.load_probe_encoder(workdir, encoder="target" if embedding == "checkpoint"
+                                    else "pixels", features=features, step=step, mesh=mesh)
+  data_cfg = enc.run_config.data.copy_and_resolve_references()
+  if split is None:
+    from jaxcontrast.data import datasets  # pylint: disable=g-import-not-at-top
+    split = data_cfg.get("train_split") or datasets.get_spec(data_cfg.dataset).train_split
+  extractor = features_lib.FeatureExtractor(enc.apply_fn, mesh=mesh)
+  x, labels = extractor.host_features(enc.variables, data_cfg, split=split,
+                                      batch_size=batch_size)
+  what = f"checkpoint:{workdir}@{enc.step}:target/{features}" if embedding == "checkpoint" \
+      else f"pixels:{workdir}"
+  labels = None if (labels < 0).all() else labels
+  return x, labels, {"embedding": what, "dataset": data_cfg.dataset, "split": split,
+                     "step": enc.step}
+
+
 def main(argv: list[str] | None = None) -> int:
-  """`python -m jaxcontrast.semantic_pairs`: mine pairs for a dataset and write the .npz file."""
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m jaxcontrast.semantic_pairs",
-                                   description=main.__doc__)
-  parser.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--embedding", default="pixels", choices=EMBEDDINGS,
-                      help="pixels: raw L2-normalised pixels; checkpoint: not available yet")
-  parser.add_argument("--checkpoint", default=None, help="checkpoint directory (--embedding "
-                      "checkpoint)")
-  parser.add_argument("--threshold", type=float, required=True,
-                      help="keep neighbours with cosine similarity strictly above this")
-  parser.add_argument("--top_k", type=int, required=True, help="nearest neighbours considered")
-  parser.add_argument("--block_size", type=int, default=1024)
-  parser.add_argument("--chunk_size", type=int, default=None)
-  parser.add_argument("--batch_size", type=int, default=1024, help="embedding batch size")
-  parser.add_argument("--limit", type=int, default=None, help="use the first LIMIT images only")
-  parser.add_argument("--out", required=True, help="output .npz path")
-  args = parser.parse_args(argv)
+  """`python -m jaxcontrast.semantic_pairs`: mine pairs and write the .npz file.
+
+    python -m jaxcontrast.semantic_pairs --workdir DIR --threshold 0.9 --top_k 10
+    python -m jaxcontrast.semantic_pairs --embedding pixels --threshold 0.9 --top_k 10 --out F
+
+  With --workdir, the checkpoint's target encoder embeds the run's train split and the pairs go
+  beside the checkpoint (DIR/semantic_pairs.npz), where a SePP config finds them with
+  `data.semantic_pairs=DIR`. `argv` excludes the program name; usage errors exit with status 2.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def usage_error(message: str):
+    sys.stderr.write(f"python -m jaxcontrast.semantic_pairs: error: {message}\n")
+    raise SystemExit(2)
+
+  argv = sys.argv[1:] if argv is None else list(argv)
+  flag_values = flags.FlagValues()
+  _define_flags(flag_values)
+  try:
+    flag_values(["jaxcontrast.semantic_pairs"] + argv)
+  except flags.Error as e:
+    usage_error(str(e))
+  args = flag_values
+  workdir = args.workdir or args.checkpoint
+  embedding = args.embedding or ("checkpoint" if workdir else "pixels")
+  if embedding == "checkpoint" and not workdir:
+    usage_error("--embedding checkpoint needs --workdir (the pretraining run's directory)")
+  if args.out is None and not workdir:
+    usage_error("give --out (or --workdir: pairs go to WORKDIR/semantic_pairs.npz)")
+  if workdir and args.limit is not None:
+    usage_error("--limit applies without --workdir only; with --workdir use --split "
+                "'train[:N]' (the SePP run must then train on the same split)")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  if args.embedding == "checkpoint":
-    parser.error("--embedding checkpoint is not available yet: checkpoint embeddings come with "
-                 "the checkpoint module; use --embedding pixels for now")
-  images, labels = _load_dataset(args.dataset, args.split, args.limit)
-  pairs = mine_semantic_pairs(
-      embed_fn=jax.jit(pixel_embed_fn), batches=numpy_batches(images, labels, args.batch_size),
-      threshold=args.threshold, top_k=args.top_k, block_size=args.block_size,
-      chunk_size=args.chunk_size, embedding=args.embedding, dataset=args.dataset,
-      split=args.split, limit=args.limit)
-  save_pairs(args.out, pairs)
-  m = pairs.metadata
-  print(f"{m['n']} images, {m['num_pairs']} pairs, coverage {m['coverage']:.3f}, "
-        f"mean partners {m['mean_partners']:.2f}, same-label rate {m['same_label_rate']:.4f} "
-        f"(chance {m['chance_same_label_rate']:.4f}), {m['images_per_s']:.0f} images/s "
-        f"-> {args.out}")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  mine = dict(threshold=args.threshold, top_k=args.top_k, block_size=args.block_size,
+              chunk_size=args.chunk_size)
+  if workdir:
+    from jaxcontrast.checkpoint import workdir_path  # pylint: disable=g-import-not-at-top
+    x, labels, meta = _embed_checkpoint(workdir, step=args.step, split=args.split,
+                                        features=args.features, embedding=embedding,
+                                        batch_size=args.batch_size)
+    pairs = mine_semantic_pairs(x, labels=labels, **mine, **meta)
+    out = args.out or str(workdir_path(workdir) / PAIRS_FILE)
+  else:
+    split = args.split or "train"
+    images, labels = _load_dataset(args.dataset, split, args.limit)
+    pairs = mine_semantic_pairs(
+        embed_fn=jax.jit(pixel_embed_fn), batches=numpy_batches(images, labels, args.batch_size),
+        embedding=embedding, dataset=args.dataset, split=split, limit=args.limit, **mine)
+    out = args.out
+  if jax.process_index() == 0:
+    save_pairs(out, pairs)
+    m = pairs.metadata
+    rate = (f"same-label rate {m['same_label_rate']:.4f} (chance "
+            f"{m['chance_same_label_rate']:.4f})" if "same_label_rate" in m
+            else "same-label rate n/a (no labels)")
+    print(f"{m['n']} images, {m['num_pairs']} pairs, coverage {m['coverage']:.3f}, "
+          f"mean partners {m['mean_partners']:.2f}, {rate}, {m['images_per_s']:.0f} images/s "
+          f"-> {out}", flush=True)
   return 0
 
 

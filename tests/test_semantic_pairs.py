@@ -354,4 +354,7 @@ def test_cli_writes_loadable_file(tmp_path, capsys):
   with pytest.raises(SystemExit):
     sp.main(["--embedding", "checkpoint", "--threshold", "0.9", "--top_k", "5", "--out",
              str(tmp_path / "x.npz")])
-  assert "not available yet" in capsys.readouterr().err
+  assert "needs --workdir" in capsys.readouterr().err
+  with pytest.raises(SystemExit):   # absl flags: a required flag missing is a usage error.
+    sp.main(["--top_k", "5", "--out", str(tmp_path / "x.npz")])
+  assert "threshold" in capsys.readouterr().err

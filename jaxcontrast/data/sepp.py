@@ -23,9 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_pair_indices(path: str) -> np.ndarray:
-  """int32 (N, k) partner ids (-1 = padding) from a pairs file.
+  """int32 (N, k) partner ids (-1 = padding) from a pairs file, or from a pretraining workdir
+  holding one (`data.semantic_pairs=WORKDIR` reads WORKDIR/semantic_pairs.npz, written by
+  `python -m jaxcontrast.semantic_pairs --workdir WORKDIR`).
 
-  Uses `jaxcontrast.semantic_pairs.load_pairs` (which validates the file).
+  Uses `jaxcontrast.semantic_pairs.load_pairs` (which resolves a workdir and validates the file).
   """
   from jaxcontrast.semantic_pairs import load_pairs  # pylint: disable=g-import-not-at-top
   pairs = load_pairs(path)
