@@ -55,9 +55,34 @@ def _topk(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
   return out
 
 
+def fit_and_evaluate(x_train, y_train, x_test, y_test, *, num_classes: int, full_batch_config,
+                     seed: int = 0) -> dict:
+  """The full-batch protocol on precomputed features.
+
+  1. L2 chosen on a held-out part of the TRAIN rows (`logistic.select_l2`);
+  2. standardise with all train rows' statistics, refit on all train rows with that L2;
+  3. only then score the test rows (top-1, top-5).
+  """
+  fb = full_batch_config
+  selection = logistic.select_l2(x_train, y_train, num_classes=num_classes, l2_grid=fb.l2_grid,
+                                 held_out_fraction=fb.held_out_fraction, seed=seed,
+                                 max_iter=fb.max_iter, tol=fb.tol)
+  std = logistic.Standardizer.fit(x_train)
+  params, fit_info = logistic.fit_logistic(std(x_train), y_train, num_classes=num_classes,
+                                           l2=selection["l2"], max_iter=fb.max_iter, tol=fb.tol)
+  # Test data enters only here, after the choice.
+  result = _topk(logistic.predict_scores(params, std(x_test)), y_test, num_classes)
+  result.update(l2=selection["l2"], held_out_top1=selection["held_out_top1"],
+                held_out_size=selection["held_out_size"], l2_grid=selection["grid"],
+                train_top1=logistic.accuracy(logistic.predict_scores(params, std(x_train)),
+                                             y_train),
+                fit=fit_info, num_train=int(len(y_train)), num_test=int(len(y_test)),
+                feature_dim=int(np.shape(x_train)[1]))
+  return result
+
+
 def full_batch_probe(enc, data_cfg, probe_config, *, mesh, num_classes) -> dict:
-  """Features once, L2 chosen on held-out train rows, refit on all train rows, test once."""
-  fb = probe_config.full_batch
+  """Features of both splits once, then `fit_and_evaluate`."""
   extractor = features_lib.FeatureExtractor(enc.apply_fn, mesh=mesh)
   t0 = time.perf_counter()
   x_train, y_train = extractor.host_features(enc.variables, data_cfg, split=data_cfg.train_split,
@@ -68,22 +93,10 @@ def full_batch_probe(enc, data_cfg, probe_config, *, mesh, num_classes) -> dict:
   if (y_train < 0).any() or (y_test < 0).any():
     raise ValueError("linear probe: the train/test splits must be labelled (found label -1); "
                      "set --config.train_split / --config.test_split")
-  selection = logistic.select_l2(x_train, y_train, num_classes=num_classes, l2_grid=fb.l2_grid,
-                                 held_out_fraction=fb.held_out_fraction, seed=probe_config.seed,
-                                 max_iter=fb.max_iter, tol=fb.tol)
-  std = logistic.Standardizer.fit(x_train)
-  params, fit_info = logistic.fit_logistic(std(x_train), y_train, num_classes=num_classes,
-                                           l2=selection["l2"], max_iter=fb.max_iter, tol=fb.tol)
-  # Test data enters only here, after the choice.
-  result = _topk(logistic.predict_scores(params, std(x_test)), y_test, num_classes)
-  t2 = time.perf_counter()
-  result.update(l2=selection["l2"], held_out_top1=selection["held_out_top1"],
-                held_out_size=selection["held_out_size"], l2_grid=selection["grid"],
-                train_top1=logistic.accuracy(logistic.predict_scores(params, std(x_train)),
-                                             y_train),
-                fit=fit_info, num_train=int(len(y_train)), num_test=int(len(y_test)),
-                feature_dim=int(x_train.shape[1]),
-                seconds={"features": round(t1 - t0, 3), "solver": round(t2 - t1, 3)})
+  result = fit_and_evaluate(x_train, y_train, x_test, y_test, num_classes=num_classes,
+                            full_batch_config=probe_config.full_batch, seed=probe_config.seed)
+  result["seconds"] = {"features": round(t1 - t0, 3),
+                       "solver": round(time.perf_counter() - t1, 3)}
   return result
 
 

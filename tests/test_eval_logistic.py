@@ -1,0 +1,84 @@
+"""Full-batch probe solver (jaxcontrast/eval/logistic.py) and the held-out choice of L2.
+
+References: the optimality condition of the regularised multinomial problem checked in NumPy
+(float64), and scikit-learn's LogisticRegression with the same L2 (C = 1 / (l2 N)).
+"""
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxcontrast.eval import logistic
+from jaxcontrast.eval.config import default_probe_config
+from jaxcontrast.eval.linear_probe import fit_and_evaluate
+
+
+def _blobs(seed, n=300, d=8, c=4, noise=2.0):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(c, d)) * 1.5
+  y = rng.integers(0, c, n)
+  x = centres[y] + noise * rng.normal(size=(n, d))
+  return x.astype(np.float32), y.astype(np.int32)
+
+
+def _numpy_gradient(params, x, y, l2, c):
+  x = x.astype(np.float64)
+  logits = x @ params["w"].astype(np.float64) + params["b"]
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  residual = (p - np.eye(c)[y]) / len(y)
+  return x.T @ residual + l2 * params["w"], residual.sum(0)
+
+
+def test_solution_satisfies_optimality_and_matches_sklearn():
+  from sklearn.linear_model import LogisticRegression
+  x, y = _blobs(0)
+  x = logistic.Standardizer.fit(x)(x)
+  l2 = 1e-2
+  params, info = logistic.fit_logistic(x, y, num_classes=4, l2=l2, max_iter=500, tol=1e-6)
+  gw, gb = _numpy_gradient(params, x, y, l2, 4)
+  assert np.abs(gw).max() < 1e-5 and np.abs(gb).max() < 1e-5, info
+  ref = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-12, max_iter=10_000).fit(
+      x.astype(np.float64), y)
+  np.testing.assert_allclose(params["w"], ref.coef_.T, atol=2e-4)
+  np.testing.assert_allclose(params["b"] - params["b"].mean(),
+                             ref.intercept_ - ref.intercept_.mean(), atol=2e-4)
+
+
+def test_standardizer_uses_train_statistics_and_keeps_constant_features():
+  x = np.array([[1.0, 5.0], [3.0, 5.0]], np.float32)
+  std = logistic.Standardizer.fit(x)
+  np.testing.assert_allclose(std(x), [[-1, 0], [1, 0]])
+  np.testing.assert_allclose(std(np.array([[2.0, 7.0]])), [[0, 2]])
+
+
+def test_held_out_choice_never_reads_test_labels():
+  """Test labels chosen to favour another L2 change the reported accuracy, not the choice."""
+  x, y = _blobs(1, n=400, d=30, noise=3.0)
+  x_test, y_test = _blobs(2, n=200, d=30, noise=3.0)
+  cfg = default_probe_config().full_batch
+  cfg.l2_grid = (1e-4, 1.0)
+  honest = fit_and_evaluate(x, y, x_test, y_test, num_classes=4, full_batch_config=cfg)
+  other = [l for l in cfg.l2_grid if l != honest["l2"]][0]
+  # Adversarial test labels: what the model with the other L2 predicts.
+  std = logistic.Standardizer.fit(x)
+  p_other, _ = logistic.fit_logistic(std(x), y, num_classes=4, l2=other)
+  p_chosen, _ = logistic.fit_logistic(std(x), y, num_classes=4, l2=honest["l2"])
+  y_adv = logistic.predict_scores(p_other, std(x_test)).argmax(1)
+  test_acc = lambda p: logistic.accuracy(logistic.predict_scores(p, std(x_test)), y_adv)
+  assert test_acc(p_other) > test_acc(p_chosen)  # choosing on test would pick `other`
+  adversarial = fit_and_evaluate(x, y, x_test, y_adv, num_classes=4, full_batch_config=cfg)
+  assert adversarial["l2"] == honest["l2"]
+  assert adversarial["held_out_top1"] == honest["held_out_top1"]
+  assert adversarial["top1"] != honest["top1"]
+
+
+def test_select_l2_picks_regularisation_on_held_out_rows():
+  # Few noisy rows, many features: the weakest L2 overfits, the held-out rows see it.
+  x, y = _blobs(3, n=120, d=60, noise=4.0)
+  sel = logistic.select_l2(x, y, num_classes=4, l2_grid=(1e-5, 1e-1, 10.0),
+                           held_out_fraction=0.25, seed=0)
+  accs = {g["l2"]: g["held_out_top1"] for g in sel["grid"]}
+  assert sel["l2"] == max(accs, key=lambda l: (accs[l], l))
+  assert sel["held_out_size"] == 30
+  with pytest.raises(ValueError, match="held_out_fraction"):
+    logistic.split_held_out(10, 1.0, 0)
