@@ -37,7 +37,6 @@ from jaxcontrast.sharding import DATA_AXIS, make_mesh
 
 log = logging.getLogger("jaxcontrast")
 
-ITEMS = ("state", "data", "config")
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
@@ -154,7 +153,12 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            read_only=read_only,
                                            cleanup_tmp_directories=not read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    # Handlers named up front: a fresh process can then read the state's metadata (shapes)
+    # before any restore, for `check_compatible`.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -191,7 +195,10 @@ class Checkpointer:
             f"The checkpoint in {where} does not fit this config: {key} = {old.get(key)!r} in "
             f"the checkpoint but {new.get(key)!r} now. Use a fresh --workdir, or set "
             f"--config.{key} to the checkpoint's value.")
-    saved_arrays = ocp.tree.to_flat_dict(self._manager.item_metadata(step)["state"])
+    metadata = self._manager.item_metadata(step)["state"]
+    if metadata is None:  # Unreadable metadata: leave the shapes to Orbax's restore.
+      return
+    saved_arrays = ocp.tree.to_flat_dict(metadata)
     wanted = ocp.tree.to_flat_dict(abstract)
     for path in sorted(set(saved_arrays) | set(wanted), key=str):
       name = ".".join(str(p) for p in path)
