@@ -73,12 +73,15 @@ def test_held_out_choice_never_reads_test_labels():
 
 
 def test_select_l2_picks_regularisation_on_held_out_rows():
-  # Few noisy rows, many features: the weakest L2 overfits, the held-out rows see it.
-  x, y = _blobs(3, n=120, d=60, noise=4.0)
-  sel = logistic.select_l2(x, y, num_classes=4, l2_grid=(1e-5, 1e-1, 10.0),
-                           held_out_fraction=0.25, seed=0)
+  # Shapes as in the test above (one compilation serves both).
+  x, y = _blobs(3, n=400, d=30, noise=3.0)
+  sel = logistic.select_l2(x, y, num_classes=4, l2_grid=(1e-4, 1.0), held_out_fraction=0.1,
+                           seed=0)
   accs = {g["l2"]: g["held_out_top1"] for g in sel["grid"]}
   assert sel["l2"] == max(accs, key=lambda l: (accs[l], l))
-  assert sel["held_out_size"] == 30
+  assert sel["held_out_size"] == 40
+  # The held-out rows decide: a different held-out draw is a different selection problem.
+  fit_rows, held_rows = logistic.split_held_out(400, 0.1, 0)
+  assert len(np.intersect1d(fit_rows, held_rows)) == 0 and len(fit_rows) + len(held_rows) == 400
   with pytest.raises(ValueError, match="held_out_fraction"):
     logistic.split_held_out(10, 1.0, 0)

@@ -14,6 +14,7 @@ from an `Encoder` (BatchNorm in inference mode: `train=False`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -28,11 +29,14 @@ FEATURES = ("backbone", "projection")
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
+@functools.lru_cache(maxsize=64)
 def encoder_apply(model, features: str = "backbone") -> ApplyFn:
   """(variables, images) -> pooled backbone features ("backbone") or projector output.
 
   BatchNorm uses its running statistics (`train=False`): the probe and the kNN monitor see the
   frozen network, and a batch's features do not depend on the rest of the batch (or padding).
+  Cached on (model, features): flax modules compare by value, so equal models (e.g. the same
+  run loaded twice) share one function and therefore one compiled extractor.
   """
   if features not in FEATURES:
     raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
@@ -56,6 +60,17 @@ def global_batch_size(batch_size: int, mesh) -> int:
   return -(-int(batch_size) // unit) * unit
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_run(apply_fn: ApplyFn, mesh):
+  """One compiled extractor per (apply function, mesh)."""
+  rows = NamedSharding(mesh, P(DATA_AXIS))
+
+  def run(variables, batch):
+    out = apply_fn(variables, batch["image"]).astype(jnp.float32)
+    return {"features": out, "label": batch["label"], "id": batch["id"], "mask": batch["mask"]}
+  return jax.jit(run, out_shardings=rows)
+
+
 class FeatureExtractor:
   """Runs a frozen apply function over an evaluation split, sharded like training.
 
@@ -66,12 +81,7 @@ class FeatureExtractor:
 
   def __init__(self, apply_fn: ApplyFn, *, mesh):
     self.mesh = mesh
-    rows = NamedSharding(mesh, P(DATA_AXIS))
-
-    def run(variables, batch):
-      out = apply_fn(variables, batch["image"]).astype(jnp.float32)
-      return {"features": out, "label": batch["label"], "id": batch["id"], "mask": batch["mask"]}
-    self._run = jax.jit(run, out_shardings=rows)
+    self._run = _jitted_run(apply_fn, mesh)
 
   def device_batches(self, variables, data_config, *, split: str, batch_size: int
                      ) -> Iterator[dict[str, jax.Array]]:

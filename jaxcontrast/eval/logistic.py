@@ -120,8 +120,12 @@ def _fit_grid(x, y, l2s, init, tol, *, max_iter: int):
   return jax.vmap(lambda l2: _fit.__wrapped__(x, y, l2, init, tol, max_iter=max_iter))(l2s)
 
 
+_logits_jit = jax.jit(logits_fn)
+_grid_logits_jit = jax.jit(jax.vmap(logits_fn, in_axes=(0, None)))
+
+
 def predict_scores(params, x) -> np.ndarray:
-  return np.asarray(jax.jit(logits_fn)(params, jnp.asarray(x, jnp.float32)))
+  return np.asarray(_logits_jit(params, jnp.asarray(x, jnp.float32)))
 
 
 def accuracy(scores: np.ndarray, y: np.ndarray, k: int = 1) -> float:
@@ -161,7 +165,7 @@ def select_l2(x, y, *, num_classes: int, l2_grid, held_out_fraction: float = 0.1
   params, counts, _ = _fit_grid(jnp.asarray(xf), jnp.asarray(y[fit_rows]),
                                 jnp.asarray(grid, jnp.float32), _zeros(x.shape[1], num_classes),
                                 jnp.float32(tol), max_iter=int(max_iter))
-  scores = np.asarray(jax.jit(jax.vmap(logits_fn, in_axes=(0, None)))(params, jnp.asarray(xh)))
+  scores = np.asarray(_grid_logits_jit(params, jnp.asarray(xh)))
   accs = [accuracy(s, y[held_rows]) for s in scores]
   best = int(np.argmax(accs))  # First maximum = largest L2 among ties.
   return {"l2": grid[best], "held_out_top1": accs[best], "held_out_size": int(held_rows.size),
