@@ -73,10 +73,14 @@ def _check_epochs_once(workdir):
 
 
 def _queue_ids_by_step(workdir):
+  """The queue's source ids in every checkpoint (one load_run, then plain restores)."""
+  state = checkpoint.load_run(workdir).state
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
   ckpt = checkpoint.Checkpointer(workdir, keep=None, read_only=True)
-  steps = ckpt.all_steps()
+  ids = {s: np.asarray(ckpt.restore(s, abstract).state.queue.ids) for s in ckpt.all_steps()}
   ckpt.close()
-  return {s: np.asarray(checkpoint.load_run(workdir, step=s).state.queue.ids) for s in steps}
+  return ids
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,26 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def compile_cache(tmp_path_factory):
+  """JAX's persistent compilation cache while this module runs: the runs here compile the same
+  programs (the resumed runs, in this process and in subprocesses, load the reference's). The
+  loaded executables are the compiled ones, so results stay bitwise the same."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  for key, value in zip(keys, (path, 0.0, 0)):
+    jax.config.update(key, value)
+  cc.reset_cache()
+  yield path
+  for key, value in old.items():
+    jax.config.update(key, value)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir, compile_cache):  # pylint: disable=unused-argument
   """An uninterrupted run; workdir given as a file:// URI."""
   workdir = tmp_path_factory.mktemp("reference")
   last = pretrain.train_and_evaluate(_config(data_dir), f"file://{workdir}")
@@ -161,14 +184,15 @@ def _metric_steps(workdir):
   return [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()]
 
 
-def test_kill_sigterm_and_resume_is_exact(reference, data_dir, tmp_path):
+def test_kill_sigterm_and_resume_is_exact(reference, data_dir, compile_cache, tmp_path):
   """SIGKILL after the first checkpoint, SIGTERM in the resumed run, then finish: the final
   state equals the uninterrupted run's bit for bit, each epoch's examples are seen once, and
   metrics.jsonl has each step once."""
   ref_dir, _ = reference
   workdir = epath.Path(tmp_path / "resumed")
   command = _command(workdir, data_dir)
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compile_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
