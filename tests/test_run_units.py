@@ -1,0 +1,122 @@
+"""Run-layer pieces without a training step: the resumable input stream, metric files,
+progress display, workdir paths."""
+import io
+import json
+
+import numpy as np
+import pytest
+from etils import epath
+
+from jaxcontrast import checkpoint, metrics, pretrain, progress
+from jaxcontrast.data import pipeline
+from test_data_helpers import fashion_config, fashion_dir  # pylint: disable=unused-import
+
+
+def test_stream_resumes_at_any_example(fashion_dir):
+  """The stream from `start_example` is the tail of the stream from 0 (views included); each
+  epoch is a permutation of the split and epochs are ordered differently."""
+  cfg = fashion_config(fashion_dir, train_split="test[:20]", image_size=8, shuffle_buffer=8)
+  stream = lambda start, n: [b for _, b in zip(range(n), pipeline.make_train_iterator(
+      cfg, batch_size=4, seed=5, process_index=0, process_count=1, start_example=start))]
+  full = stream(0, 12)  # 48 examples: epochs 0, 1 and 8 of epoch 2.
+  ids = np.concatenate([b["id"] for b in full])
+  assert sorted(ids[:20]) == list(range(20)) and sorted(ids[20:40]) == list(range(20))
+  assert not np.array_equal(ids[:20], ids[20:40])
+  for start_batch in (3, 5, 9):  # Mid-epoch 0, at the start of epoch 1, mid-epoch 1.
+    for a, b in zip(full[start_batch:], stream(start_batch * 4, 12 - start_batch)):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  assert pipeline.local_train_size(cfg, process_index=1, process_count=3) == 7
+  with pytest.raises(ValueError, match="start_example"):
+    pipeline.make_train_dataset(cfg, batch_size=4, seed=0, start_example=-1)
+
+
+def test_resume_position_checks_the_process_count():
+  saved = pretrain.data_position(step=3, examples=48, local_batch=16, local_size=20)
+  assert saved == {"step": 3, "examples_per_process": 48, "local_batch": 16,
+                   "process_count": 1, "epoch": 2, "index_in_epoch": 8, "local_examples": 20}
+  assert pretrain.resume_examples(saved, step=3, local_batch=8) == 48  # Same example.
+  with pytest.raises(ValueError, match="written by 2 processes, this run has 1"):
+    pretrain.resume_examples(dict(saved, process_count=2), step=3, local_batch=16)
+
+
+@pytest.mark.parametrize("append", [True, False])  # False: how gs:// files are written.
+def test_metric_file_drops_steps_after_the_resumed_checkpoint(tmp_path, append):
+  w = metrics.MetricWriter(epath.Path(tmp_path), tensorboard=False, append=append)
+  for step in (1, 2, 3, 4):
+    w.write(step, {"loss": np.float32(step), "matrix": np.zeros((2, 2))})
+  w.close()
+  w = metrics.MetricWriter(epath.Path(tmp_path), resume_step=2, append=append)  # Killed after 4.
+  w.write(3, {"loss": 30.0, "nan": float("nan")})
+  w.close()
+  rows = metrics.read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == 30.0
+  assert "matrix" not in rows[0] and np.isnan(rows[2]["nan"])
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_scalars_are_readable(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  w = metrics.MetricWriter(epath.Path(tmp_path))
+  w.write(7, {"loss": 1.5})
+  w.close()
+  (event_file,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+  values = [(e.step, v.tag, tf.make_ndarray(v.tensor), v.metadata.plugin_data.plugin_name)
+            for e in tf.compat.v1.train.summary_iterator(str(event_file)) for v in e.summary.value]
+  assert values == [(7, "loss", np.float32(1.5), "scalars")]
+
+
+class _Clock:
+  def __init__(self):
+    self.t = 0.0
+
+  def __call__(self):
+    return self.t
+
+
+def test_progress_lines_without_a_terminal():
+  out, clock = io.StringIO(), _Clock()
+  p = progress.Progress(total=10, start=0, global_batch=32, stream=out, clock=clock)
+  assert not p.interactive
+  clock.t = 100.0  # Compilation: left out of the rate.
+  p.started(1)
+  p.log(1, 4.0)
+  p.update(2)      # Not a log point: nothing printed.
+  clock.t = 102.0
+  p.log(5, 3.25)
+  p.close()
+  lines = out.getvalue().splitlines()
+  assert lines == ["step 1/10 loss 4.0000 ? img/s ETA ?",
+                   "step 5/10 loss 3.2500 64.0 img/s ETA 0:00:02"]  # 4 steps x 32 / 2 s.
+
+
+def test_progress_bar_on_a_terminal():
+  out, clock = io.StringIO(), _Clock()
+  p = progress.Progress(total=4, start=0, global_batch=8, stream=out, interactive=True,
+                        width=8, clock=clock)
+  p.started(1)
+  clock.t = 1.0
+  p.log(2, 0.5)
+  p.update(3)      # Within 0.1 s of the last draw: skipped.
+  clock.t = 2.0
+  p.update(4)
+  p.close()
+  text = out.getvalue()
+  assert text.startswith("\rstep 2/4 [====>   ]  50% loss 0.5000 8.0 img/s ETA 0:00:02")
+  assert "\rstep 4/4 [========] 100% loss 0.5000 12.0 img/s ETA 0:00:00" in text
+  assert "step 3/4" not in text and text.endswith("\n") and text.count("\n") == 1
+
+
+def test_workdir_paths(tmp_path):
+  assert checkpoint.workdir_path(f"file://{tmp_path}") == epath.Path(tmp_path)
+  assert checkpoint.workdir_path(epath.Path(tmp_path)) == epath.Path(tmp_path)
+  assert str(checkpoint.workdir_path("gs://bucket/run")) == "gs://bucket/run"
+  with pytest.raises(ValueError, match="No checkpoint in"):
+    checkpoint.load_run(tmp_path)
+
+
+def test_config_json_round_trip():
+  from jaxcontrast import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  back = checkpoint.config_from_dict(json.loads(json.dumps(checkpoint.config_to_dict(config))))
+  assert back.to_dict() == config.to_dict()
