@@ -27,7 +27,7 @@ from jaxcontrast import metrics as metrics_lib
 from jaxcontrast import preemption, progress as progress_lib, train
 from jaxcontrast.data import pipeline
 from jaxcontrast.optim import make_optimizer
-from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh
+from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh, replicated
 
 log = logging.getLogger("jaxcontrast")
 
@@ -162,6 +162,13 @@ def train_and_evaluate(config, workdir) -> dict:
     state, _ = train.create_state(config, models=models, tx=tx, mesh=mesh,
                                   sample_images=sample, rng=jax.random.key(config.seed))
   checkpoint_lib.write_config(workdir, config)
+  if start >= steps:  # Already finished: report what it logged last.
+    ckpt.close()
+    log.info("nothing to do: the checkpoint in %s is at step %d of %d", ckpt.directory, start,
+             steps)
+    rows = (metrics_lib.read_metrics(workdir)
+            if (workdir / metrics_lib.METRICS_FILE).exists() else [])
+    return rows[-1] if rows else {}
 
   step_fn = train.jit_train_step(
       train.make_train_step(config, models=models, tx=tx, mesh=mesh, total_steps=steps,
@@ -177,7 +184,8 @@ def train_and_evaluate(config, workdir) -> dict:
   watcher = preemption.PreemptionWatcher(ckpt)
   position_extra = dict(seed=int(config.seed), data_devices=int(mesh.shape[DATA_AXIS]),
                         image_shape=list(info["image_shape"]), total_steps=steps)
-  first_bad = jnp.array(-1, jnp.int32)
+  # Replicated like the step's outputs (a plain jnp.array would live on one local device).
+  first_bad = jax.jit(lambda: jnp.array(-1, jnp.int32), out_shardings=replicated(mesh))()
   last: dict = {}
   log.info("training %s for %d steps from step %d (global batch %d, %d devices, %d processes)",
            config.method, steps, start, config.global_batch_size, jax.device_count(),

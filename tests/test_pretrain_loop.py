@@ -111,7 +111,9 @@ def compile_cache(tmp_path_factory):
 def reference(tmp_path_factory, data_dir, compile_cache):  # pylint: disable=unused-argument
   """An uninterrupted run; workdir given as a file:// URI."""
   workdir = tmp_path_factory.mktemp("reference")
-  last = pretrain.train_and_evaluate(_config(data_dir), f"file://{workdir}")
+  knn = {"knn_every": STEPS, "knn.num_train": 32, "knn.k": 10, "knn.batch_size": 32,
+         "data.eval_split": "test[:64]"}  # The kNN monitor at the end (no state change).
+  last = pretrain.train_and_evaluate(_config(data_dir, **knn), f"file://{workdir}")
   return epath.Path(workdir), last
 
 
@@ -122,6 +124,7 @@ def test_full_run_writes_its_files(reference):
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   assert {"loss", "lr", "images_per_s", "epoch", "grad_norm"} <= set(rows[-1])
   assert rows[-1]["epoch"] == STEPS / EPOCH_STEPS
+  assert 0 <= rows[-1]["knn/top1"] <= 1 and "knn/top1" not in rows[-2]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["queue"]["store_ids"] is True and saved["total_steps"] == STEPS
@@ -157,6 +160,8 @@ def test_incompatible_checkpoint_names_the_key(reference, data_dir):
   with pytest.raises(ValueError, match="method = 'moco' in the checkpoint but 'sce'"):
     pretrain.train_and_evaluate(_config(data_dir, method="sce"), workdir)
   assert json.loads((workdir / "config.json").read_text())["queue"]["size"] == 64  # Untouched.
+  # The same config on a finished workdir: nothing to run, the last logged metrics come back.
+  assert pretrain.train_and_evaluate(_config(data_dir), workdir)["step"] == STEPS
 
 
 def _wait_for(predicate, proc, what, timeout=240):
