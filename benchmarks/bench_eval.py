@@ -36,6 +36,7 @@ def main():
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--skip_probe", action="store_true")
   parser.add_argument("--skip_knn", action="store_true")
+  parser.add_argument("--max_iter", type=int, default=None)
   args = parser.parse_args()
   x, y = load_fashion_mnist_numpy("train")
   xt, yt = load_fashion_mnist_numpy("test")
@@ -46,6 +47,8 @@ def main():
         f"{xt.shape}")
   if not args.skip_probe:
     fb = default_probe_config().full_batch
+    if args.max_iter:
+      fb.max_iter = args.max_iter
     sel, w, c = timed(lambda: logistic.select_l2(
         x, y, num_classes=10, l2_grid=fb.l2_grid, held_out_fraction=fb.held_out_fraction,
         max_iter=fb.max_iter, tol=fb.tol))
@@ -54,7 +57,8 @@ def main():
           f"{sel['held_out_top1']:.4f}); iterations {[g['iterations'] for g in sel['grid']]}")
     std = logistic.Standardizer.fit(x)
     (params, info), w2, c2 = timed(lambda: logistic.fit_logistic(
-        std(x), y, num_classes=10, l2=sel["l2"], max_iter=fb.max_iter, tol=fb.tol))
+        std(x), y, num_classes=10, l2=sel["l2"], max_iter=fb.max_iter, tol=fb.tol,
+        init=sel["params"]))
     top1 = logistic.accuracy(logistic.predict_scores(params, std(xt)), yt)
     print(f"probe: refit on 60000 rows: {w2:.1f} s wall, {c2:.1f} s CPU, {info}; test top-1 "
           f"{top1:.4f}; total solver {w + w2:.1f} s wall")

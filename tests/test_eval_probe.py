@@ -50,13 +50,20 @@ def test_cli_every_encoder(workdir, capsys):
   assert 0 <= target["held_out_top1"] <= 1 and target["held_out_size"] == 26
   assert target["num_train"] == 256 and target["num_test"] == 128
   assert target["feature_dim"] == 64   # ResNet-18 at width 1/8
-  for encoder in ("online", "random", "pixels"):
+  for encoder in ("random", "pixels"):
     _probe(workdir, f"--config.encoder={encoder}")
     result = json.loads((workdir / f"linear_probe_{encoder}.json").read_text())
     assert result["encoder"] == encoder and 0.1 < result["top1"] <= 1
   assert json.loads((workdir / "linear_probe_pixels.json").read_text())["feature_dim"] == 256
   # The baselines did not overwrite the main result.
   assert json.loads((workdir / "linear_probe.json").read_text()) == target
+  # "online" reads the query encoder's parameters (the probe code path is the target's).
+  run = checkpoint.load_run(workdir)
+  online = encoders.load_probe_encoder(workdir, encoder="online", mesh=make_mesh())
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in
+                          zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(online.variables["params"], run.state.params)
+  assert not same(online.variables["params"], run.state.ema_params)
   # A mistyped key fails, naming it.
   assert linear_probe.main(["linear_probe", f"--workdir={workdir}", "--config.encodr=x"]) == 1
   assert "encodr" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def default_probe_config() -> ml_collections.ConfigDict:
   c.full_batch = ml_collections.ConfigDict()
   c.full_batch.l2_grid = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # candidates, chosen on held-out rows
   c.full_batch.held_out_fraction = 0.1   # train rows held out for the choice (never test)
-  c.full_batch.max_iter = 200            # L-BFGS iterations per fit
+  c.full_batch.max_iter = 100            # L-BFGS iterations per fit (200: +0.06% top-1 on FMNIST)
   c.full_batch.tol = 1e-4                # stop when ||gradient||_2 < tol
 
   # SGD protocol (MoCo v2 linear classification; SCE: lr 0.4, batch 1024, 90 epochs cosine).
