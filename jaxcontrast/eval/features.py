@@ -128,6 +128,11 @@ def concat_sharded(arrays: list[jax.Array], mesh) -> jax.Array:
   """
   if not arrays:
     raise ValueError("concat_sharded: no arrays")
+  return _local_concat(mesh)(*arrays)
+
+
+@functools.lru_cache(maxsize=16)
+def _local_concat(mesh):
   spec = P(DATA_AXIS)
   return jax.jit(jax.shard_map(lambda *xs: jnp.concatenate(xs, axis=0), mesh=mesh,
-                               in_specs=spec, out_specs=spec))(*arrays)
+                               in_specs=spec, out_specs=spec))

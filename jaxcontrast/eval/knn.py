@@ -35,6 +35,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+_normalize = jax.jit(l2_normalize)
+
+
 def _vote(sims, labels, *, temperature: float, num_classes: int) -> jax.Array:
   """score_c = sum over neighbours with label c of exp(s / T); -inf sims (padding) weigh 0."""
   weights = jnp.exp(sims / temperature)
@@ -195,7 +198,7 @@ class KnnMonitor:
                                                  split=self.memory_split,
                                                  batch_size=self.batch_size))
     cat = lambda key: features_lib.concat_sharded([b[key] for b in batches], self.mesh)
-    feats = jax.jit(l2_normalize)(cat("features"))
+    feats = _normalize(cat("features"))
     return feats, cat("label"), cat("mask")
 
   def __call__(self, params, batch_stats) -> dict[str, float]:
