@@ -220,9 +220,12 @@ def train_and_evaluate(config, workdir) -> dict:
         check_finite(done)
       host = {}
       if log_now:
-        host = dict(jax.device_get(metrics))
-        host.update(lr=float(schedule(step)), images_per_s=bar.rate(done),
-                    epoch=examples / local_size if local_size else float("nan"))
+        host = dict(jax.device_get(metrics), lr=float(schedule(step)))
+        rate = bar.rate(done)
+        if not np.isnan(rate):  # Undefined until a step after the first (compiling) one.
+          host["images_per_s"] = rate
+        if local_size:
+          host["epoch"] = examples / local_size
       if knn_now:
         knn_metrics = knn(state.ema_params, state.ema_batch_stats)
         host.update(knn_metrics)

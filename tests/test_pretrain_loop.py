@@ -123,6 +123,7 @@ def test_full_run_writes_its_files(reference):
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   assert {"loss", "lr", "images_per_s", "epoch", "grad_norm"} <= set(rows[-1])
+  assert "images_per_s" not in rows[0]  # Undefined at the first (compiling) step.
   assert rows[-1]["epoch"] == STEPS / EPOCH_STEPS
   assert 0 <= rows[-1]["knn/top1"] <= 1 and "knn/top1" not in rows[-2]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
