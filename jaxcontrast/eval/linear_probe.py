@@ -148,9 +148,12 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   if protocol == "full_batch":
     result = full_batch_probe(enc, data_cfg, probe_config, mesh=mesh, num_classes=num_classes)
   else:
-    if num_train is None:
-      raise ValueError("linear probe (sgd): the train split size is unknown; set "
-                       "--config.sgd.total_steps")
+    if num_train is None:   # tfds does not know the size (e.g. mock data).
+      if not probe_config.sgd.total_steps:
+        raise ValueError("linear probe (sgd): the train split size is unknown; set "
+                         "--config.sgd.total_steps")
+      num_train = (probe_config.sgd.total_steps * probe_config.sgd.batch_size
+                   // max(1, probe_config.sgd.epochs))
     result = sgd_probe(enc, data_cfg, probe_config, mesh=mesh, workdir=workdir,
                        num_classes=num_classes, num_train=num_train)
   result = {**result, "encoder": probe_config.encoder, "features": probe_config.features,
