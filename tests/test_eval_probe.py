@@ -4,7 +4,9 @@ protocol with a resume, the kNN monitor against NumPy, and `semantic_pairs --wor
 One module-scoped workdir is made by the real loop (`pretrain.train_and_evaluate` on the tiny
 MoCo Fashion-MNIST config, 2 steps on 64 images); everything else reads it.
 """
+import fcntl
 import json
+import os
 
 import jax
 import numpy as np
@@ -23,14 +25,31 @@ SPLITS = ["--config.train_split=train[:256]", "--config.test_split=test[:128]",
           "--config.batch_size=128", "--config.full_batch.max_iter=50"]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def _pretrain(path):
   from jaxcontrast import config_lib, pretrain
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   config.data.train_split = "train[:64]"
   config.total_steps = 2
-  path = tmp_path_factory.mktemp("tiny_run")
   pretrain.train_and_evaluate(config, str(path))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """The tiny run; under pytest-xdist made once per test session and shared by the workers
+  (the tests write distinct files into it), so `-n 2` does not pretrain twice."""
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if not uid:
+    path = tmp_path_factory.mktemp("tiny_run")
+    _pretrain(path)
+    return path
+  shared = tmp_path_factory.getbasetemp().parent
+  path = shared / f"eval_tiny_run_{uid}"
+  with open(shared / f"eval_tiny_run_{uid}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (path / "DONE").exists():
+      _pretrain(path)
+      (path / "DONE").write_text("")
+    fcntl.flock(lock, fcntl.LOCK_UN)
   return path
 
 
