@@ -4,7 +4,7 @@ Layout (every path through `etils.epath`, so local folders and gs:// behave alik
 
   WORKDIR/config.json               the resolved config (process 0, at start)
   WORKDIR/checkpoints/<step>/state  the whole TrainState: params, EMA params, both BN statistics,
-                                    optimizer state, queue (keys, ids, ptr, filled), step
+                                    optimizer state, queue (keys, ids, labels, ptr, filled), step
   WORKDIR/checkpoints/<step>/data   JSON: where the input stream stood (`data_position`)
   WORKDIR/checkpoints/<step>/config JSON: the resolved config of the run that saved it
 
