@@ -1,7 +1,95 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the main job locally. For now: the loss-library demo.
+# The main job: set up (idempotent), pretrain MoCo v2 on Fashion-MNIST on the CPU, then the same
+# linear probe on the trained encoder, on the same encoder randomly initialised and on raw pixels.
+#
+#   bash launch/local.sh                                  # MoCo v2, ~13 min on 2 idle CPU cores
+#   bash launch/local.sh --workdir /tmp/run               # another workdir (default below)
+#   bash launch/local.sh --method sce                     # another method at the same budget
+#   bash launch/local.sh --config configs/sce_fashion_mnist.py:cpu    # any config spec
+#   bash launch/local.sh --long                           # the longer MoCo v2 run (see below)
+#   bash launch/local.sh --config.queue.size=8192         # any config override passes through
+#
+# Recipe and measurements: configs/moco_fashion_mnist_cpu.py. Other arguments go to
+# `python -m jaxcontrast.main`. Running the same command again resumes: pretraining from the
+# workdir's latest checkpoint, and probes whose result is already there are not redone.
+# Output: WORKDIR/{checkpoints,metrics.jsonl,tensorboard,config.json,linear_probe*.json}.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/launch/setup.sh"
 cd "$root"
-exec .venv/bin/python -m jaxcontrast.demo "$@"
+py=.venv/bin/python
+
+config="" method="" workdir="" long=0 pass=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --method) method="$2"; shift 2 ;;
+    --method=*) method="${1#*=}"; shift ;;
+    --config) config="$2"; shift 2 ;;
+    --config=*) config="${1#*=}"; shift ;;
+    --workdir) workdir="$2"; shift 2 ;;
+    --workdir=*) workdir="${1#*=}"; shift ;;
+    --long) long=1; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) pass+=("$1"); shift ;;      # --config.KEY=VALUE and any other flag of jaxcontrast.main
+  esac
+done
+if [ -n "$method" ] && [ -n "$config" ]; then
+  echo "[local] give --method or --config, not both" >&2; exit 2
+fi
+if [ -z "$config" ]; then
+  case "${method:-moco}" in
+    moco) config=configs/moco_fashion_mnist_cpu.py ;;
+    co2|xmoco|sce|fnc|sepp) config="configs/${method}_fashion_mnist.py:cpu" ;;
+    *) echo "[local] unknown --method '$method'; known: moco co2 xmoco sce fnc sepp" >&2; exit 2 ;;
+  esac
+  if [ "$long" = 1 ]; then
+    case "$config" in *:*) config="$config,long" ;; *) config="$config:long" ;; esac
+  fi
+elif [ "$long" = 1 ]; then
+  echo "[local] --long applies to --method; with --config name the variant (e.g. :cpu,long)" >&2
+  exit 2
+fi
+if [ -z "$workdir" ]; then   # workdirs/<config file name>[_<variants>]
+  name="$(basename "${config%%:*}" .py)"
+  case "$config" in *:*) name="${name}_$(echo "${config#*:}" | tr ',' '_')" ;; esac
+  workdir="workdirs/$name"
+fi
+if [ "$method" = sepp ] || [[ "$config" == *sepp* ]]; then
+  if [[ " ${pass[*]-} " != *"data.semantic_pairs"* ]]; then
+    pairs="$workdir.pairs_pixels.npz"   # SePP's partners mined from raw pixels (its config)
+    mkdir -p "$(dirname "$workdir")"
+    [ -f "$pairs" ] || "$py" -m jaxcontrast.semantic_pairs --dataset fashion_mnist \
+        --embedding pixels --threshold 0.9 --top_k 10 --out "$pairs"
+    pass+=("--config.data.semantic_pairs=$pairs")
+  fi
+fi
+
+echo "[local] pretraining: $config -> $workdir"
+"$py" -m jaxcontrast.main --config="$config" --workdir="$workdir" ${pass[@]+"${pass[@]}"}
+
+probe() {  # probe ENCODER RESULT_FILE: skip when the result is newer than the last checkpoint
+  if [ -f "$workdir/$2" ] && { [ "$1" != target ] || [ "$workdir/$2" -nt "$workdir/checkpoints" ]; }
+  then
+    return 0
+  fi
+  echo "[local] linear probe: $1"
+  "$py" -m jaxcontrast.eval.linear_probe --workdir="$workdir" --config.encoder="$1"
+}
+probe target linear_probe.json
+probe random linear_probe_random.json
+probe pixels linear_probe_pixels.json
+
+"$py" - "$workdir" <<'PY'
+import json, pathlib, sys
+workdir = pathlib.Path(sys.argv[1])
+read = lambda name: json.loads((workdir / name).read_text())
+target = read("linear_probe.json")
+rows = [("pretrained encoder (target, step %d)" % target["step"], target),
+        ("same encoder, random initialisation", read("linear_probe_random.json")),
+        ("raw pixels", read("linear_probe_pixels.json"))]
+print(f"\n{target.get('method')} on {target.get('dataset')}: linear probe top-1 on the "
+      f"{target.get('test_split') or 'test'} split")
+for name, result in rows:
+  print(f"  {name:<40} {100 * result['top1']:6.2f}%")
+print(f"workdir: {workdir.resolve()}")
+PY
