@@ -51,7 +51,9 @@ for method in "${methods[@]}"; do
   fi
   echo "[results] $method: pretraining into $workdir ($(date -u +%H:%M:%S) UTC)"
   start=$(date +%s)
-  "$py" -m jaxcontrast.main --config "configs/${method}_fashion_mnist.py:cpu" \
+  config="configs/${method}_fashion_mnist.py:cpu"
+  [ "$method" = moco ] && config=configs/moco_fashion_mnist_cpu.py   # the main job's run
+  "$py" -m jaxcontrast.main --config "$config" \
       --workdir "$workdir" "${extra[@]}"
   echo "[results] $method: pretraining took $(( $(date +%s) - start )) s"
   probe "$workdir" target

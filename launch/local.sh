@@ -43,10 +43,14 @@ if [ -z "$config" ]; then
     *) echo "[local] unknown --method '$method'; known: moco co2 xmoco sce fnc sepp" >&2; exit 2 ;;
   esac
   if [ "$long" = 1 ]; then
-    case "$config" in *:*) config="$config,long" ;; *) config="$config:long" ;; esac
+    if [ "${method:-moco}" != moco ]; then
+      echo "[local] --long is MoCo v2's longer run (configs/moco_fashion_mnist_cpu.py:long)" >&2
+      exit 2
+    fi
+    config="$config:long"
   fi
 elif [ "$long" = 1 ]; then
-  echo "[local] --long applies to --method; with --config name the variant (e.g. :cpu,long)" >&2
+  echo "[local] --long goes with the default config; with --config name a variant" >&2
   exit 2
 fi
 if [ -z "$workdir" ]; then   # workdirs/<config file name>[_<variants>]
