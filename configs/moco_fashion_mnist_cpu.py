@@ -1,11 +1,14 @@
 """MoCo v2 on Fashion-MNIST in the main job's budget: ~10 min of pretraining on 2 CPU cores.
 
   bash launch/local.sh      # set-up, this pretraining, then the three linear probes
-  python -m jaxcontrast.main --config configs/moco_fashion_mnist_cpu.py --workdir workdirs/moco_fashion_mnist_cpu
-  python -m jaxcontrast.eval.linear_probe --workdir workdirs/moco_fashion_mnist_cpu   # + --config.encoder=random|pixels
+  python -m jaxcontrast.main --config configs/moco_fashion_mnist_cpu.py --workdir /tmp/moco_fashion_mnist_cpu
+  python -m jaxcontrast.main --config configs/moco_fashion_mnist_cpu.py:long --workdir /tmp/moco_fashion_mnist_cpu_long
+  python -m jaxcontrast.main --config configs/moco_fashion_mnist_cpu.py:tiny --workdir /tmp/moco_fashion_mnist_cpu_tiny  # smoke
+  python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fashion_mnist_cpu   # + --config.encoder=random|pixels
 
-The budget every method shares is `common.cpu` (`configs/<method>_fashion_mnist.py:cpu`); this
-file adds MoCo's temperature. Why these choices (measured 2026-11-27 on the 2-core machine while
+Loss: docs/METHODS.md §1; recipe: MoCo's CIFAR-10 demo (configs/moco_fashion_mnist.py) changed
+for the budget as follows. The budget every method shares is `common.cpu`
+(`configs/<method>_fashion_mnist.py:cpu`); this file adds MoCo's temperature. Why these choices (measured 2026-11-27 on the 2-core machine while
 other jobs ran, load 7-18, so images/s are contended; linear probe = logistic regression on
 standardised pooled backbone features of the target encoder):
 
@@ -32,7 +35,8 @@ moco_fashion_mnist = config_lib.load_sibling(__file__, "moco_fashion_mnist")
 
 
 def long(c):
-  """`bash launch/local.sh --long`: the same recipe run longer (the number of epochs at which the probe beats raw pixels is being measured)."""
+  """`bash launch/local.sh --long`: the same recipe, 3x longer (PROVISIONAL: the number of
+  epochs at which the probe beats raw pixels is still to be measured)."""
   c.num_epochs = 12
 
 

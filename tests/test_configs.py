@@ -20,7 +20,10 @@ OWN_VARIANTS = {"sepp": ["queue_ids"]}
 
 def variants_of(path):
   own = OWN_VARIANTS.get(path.name.split("_")[0], [])
-  return ["", "tiny"] + own + [f"tiny,{v}" for v in own]
+  if path.stem.endswith("_cpu"):   # the main job's config (configs/moco_fashion_mnist_cpu.py)
+    own = own + ["long"]
+  shared = ["", "tiny"] + (["cpu"] if "fashion_mnist" in path.name else [])
+  return shared + own + [f"tiny,{v}" for v in own]
 
 
 CASES = [(p, v) for p in CONFIG_FILES for v in variants_of(p)]
@@ -40,7 +43,7 @@ def test_every_method_has_configs():
 def test_config_loads_and_validates(path, variant):
   c = config_lib.load_config(spec(path, variant))
   assert c.is_locked
-  assert path.name == f"{c.method}_{c.data.dataset}.py"
+  assert path.stem in (f"{c.method}_{c.data.dataset}", f"{c.method}_{c.data.dataset}_cpu")
   train.validate_config(c)
   resolve_model_config(c.model)
   optim.resolve_optim_config(c.optim)
@@ -54,6 +57,11 @@ def test_config_loads_and_validates(path, variant):
     assert c.model.width == 0.125 and c.optim.warmup_steps <= 1
   if "queue_ids" in variant:
     assert c.objective.loss == "multi_positive" and c.queue.store_ids
+  if ("cpu" in variant or path.stem.endswith("_cpu")) and "tiny" not in variant:
+    # The main job's budget (common.cpu): the same for every method.
+    assert (c.model.stem, c.model.width, c.global_batch_size, c.optim.name) == (
+        "cifar_s2", 0.25, 256, "adamw")
+    assert c.total_steps is None and c.num_epochs == (12 if "long" in variant else 4)
 
 
 def test_base_config_has_run_layer_keys():
