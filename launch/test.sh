@@ -6,7 +6,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/launch/setup.sh" || exit 1
 cd "$root"
 # Two workers: XLA compiles on one core each, and most of the suite is compilation.
-.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+.venv/bin/python -m pytest -n 2 "$@"
 rc=$?
 # pytest exits 5 when it collected nothing: say so loudly, but that alone is not a failure.
 if [ "$rc" = 5 ]; then echo "[test] warning: pytest collected no tests" >&2; exit 0; fi

@@ -16,15 +16,3 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # tfds must never try the network inside tests.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", ".tfds_test_data"))
-
-
-# The longest tests start first, so that neither xdist worker is left running a long test
-# alone at the end (the suite is mostly a few minute-long tests among hundreds of short ones).
-_LONG_FIRST = ("test_pretrain_loop.py", "test_train_step.py", "test_eval_probe.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = lambda item: next((i for i, name in enumerate(_LONG_FIRST)
-                            if item.nodeid.split("::")[0].endswith(name)), len(_LONG_FIRST))
-  items.sort(key=rank)

@@ -83,9 +83,6 @@ def _queue_ids_by_step(workdir):
   return ids
 
 
-# Every test of this module shares the `reference` run: keep them on one xdist worker.
-pytestmark = pytest.mark.xdist_group("pretrain_loop")
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return prepared_fashion_dir(tmp_path_factory)
