@@ -99,11 +99,15 @@ def knn_predict(queries, memory, memory_labels, **kwargs) -> jax.Array:
   return jnp.argmax(knn_scores(queries, memory, memory_labels, **kwargs), axis=-1)
 
 
-def topk_correct(scores, labels, ks=(1, 5)) -> dict[int, jax.Array]:
-  """Number of rows whose label is among the k best scores, for each k (label -1: never)."""
-  order = jnp.argsort(-scores, axis=-1, stable=True)
+def topk_correct(scores, labels, ks=(1, 5)) -> dict[int, int]:
+  """Number of rows whose label is among the k best scores, for each k (label -1: never).
+
+  On the host, in NumPy: the (B, classes) scores are tiny, and eager jnp ops on mesh-sharded
+  arrays run XLA CPU collectives that aborted a test worker once under load."""
+  scores, labels = np.asarray(scores), np.asarray(labels)
+  order = np.argsort(-scores, axis=-1, kind="stable")
   hits = order == labels[:, None]
-  return {k: jnp.sum(hits[:, :k].any(axis=-1)) for k in ks if k <= scores.shape[-1]}
+  return {k: int(hits[:, :k].any(axis=-1).sum()) for k in ks if k <= scores.shape[-1]}
 
 
 def knn_top1(queries, query_labels, memory, memory_labels, **kwargs) -> float:
@@ -210,11 +214,11 @@ class KnnMonitor:
     for batch in self.extractor.device_batches(variables, self.data_config,
                                                split=self.eval_split, batch_size=self.batch_size):
       scores = self._score(batch["features"], memory, labels, memory_valid=valid)
-      query_labels = jnp.where(batch["mask"], batch["label"], -1)
+      mask = np.asarray(batch["mask"])
+      query_labels = np.where(mask, np.asarray(batch["label"]), -1)
       for kk, n in topk_correct(scores, query_labels).items():
         correct[kk] += n
-      total += jnp.sum(batch["mask"])
-    total = int(total)
+      total += int(mask.sum())
     out = {"knn/top1": float(correct[1]) / max(total, 1)}
     if self.num_classes > 5:
       out["knn/top5"] = float(correct[5]) / max(total, 1)
