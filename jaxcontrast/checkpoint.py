@@ -53,10 +53,12 @@ STRUCTURAL_KEYS = ("method", "model", "queue.size", "queue.mode", "queue.store_i
 
 def workdir_path(workdir) -> epath.Path:
   """The workdir as an `epath.Path`. Accepts str, `os.PathLike`, `epath.Path`, and `file://`
-  URIs (which epath does not know: they name a local path)."""
+  URIs (which epath does not know: they name a local path). A relative local path is made
+  absolute (Orbax refuses to save under a relative one); gs:// and other URIs are absolute."""
   if isinstance(workdir, str) and workdir.startswith("file://"):
     workdir = workdir[len("file://"):]
-  return epath.Path(workdir)
+  path = epath.Path(workdir)
+  return path if path.is_absolute() else path.absolute()
 
 
 # ---------------------------------------------------------------------------------------------

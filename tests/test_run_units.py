@@ -123,10 +123,11 @@ def test_config_json_round_trip():
 
 
 
-def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path):
+def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypatch):
   """A sharded queue saved on 8 devices and resumed on 4 keeps every row, re-blocked for 4
   (pointer back to 0, rows split over the 4-device mesh). A state of just a queue keeps it
-  small: the restore path is the loop's."""
+  small: the restore path is the loop's. The workdir is given as a RELATIVE path, as
+  launch/local.sh does (Orbax alone refuses to save under one)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -148,7 +149,9 @@ def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path):
   queue = queue.replace(keys=jax.random.normal(jax.random.key(1), (64, 4)),
                         ptr=jnp.array(3, jnp.int32))
   state = state_on(make_mesh(8), queue)
-  ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.Checkpointer("workdirs/run", keep=1)
+  assert ckpt.directory == epath.Path(tmp_path) / "workdirs/run/checkpoints"
   ckpt.save(1, state, data={"data_devices": 8}, config=config)
   ckpt.wait()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -159,3 +162,39 @@ def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path):
   assert sorted(map(tuple, before)) == sorted(map(tuple, after))
   assert not np.array_equal(before, after) and int(restored.ptr) == 0
   assert restored.keys.sharding.mesh.shape["data"] == 4
+
+
+def test_knn_monitor_schedule():
+  due = lambda steps, every: [d for d in range(1, steps + 1)
+                              if pretrain.knn_due(d, steps=steps, every=every)]
+  # 3 epochs of 234 steps end at 703: the evaluation at 702 would repeat the final one.
+  assert due(703, 234) == [234, 468, 703]
+  assert due(700, 100) == [100, 200, 300, 400, 500, 600, 700]
+  assert due(730, 100) == [100, 200, 300, 400, 500, 600, 700, 730]
+  assert due(720, 100) == [100, 200, 300, 400, 500, 600, 720]
+  assert due(5, 1) == [1, 2, 3, 4, 5]
+
+
+def test_eval_dataset_is_kept_in_memory_only_when_asked_and_small(fashion_dir):
+  from jaxcontrast.eval import features
+  split = "test[:40]"
+  def batches(ds):
+    return [b for b in ds.as_numpy_iterator()]
+  streamed = fashion_config(fashion_dir)
+  assert features.eval_dataset(streamed, batch_size=16, split=split) is not (
+      features.eval_dataset(streamed, batch_size=16, split=split))
+  cached = fashion_config(fashion_dir, cache=True)
+  first = features.eval_dataset(cached, batch_size=16, split=split)
+  assert features.eval_dataset(cached, batch_size=16, split=split) is first
+  once, twice = batches(first), batches(first)
+  reference = batches(pipeline.make_eval_dataset(streamed, batch_size=16, split=split))
+  assert len(once) == len(reference) == 3   # 40 rows: two full batches and one padded
+  for a, b, c in zip(once, twice, reference):
+    for key in ("image", "label", "id", "mask"):
+      np.testing.assert_array_equal(a[key], c[key])
+      np.testing.assert_array_equal(b[key], c[key])
+  # Another batch size, split or config is another dataset; too large for the limit: streamed.
+  assert features.eval_dataset(cached, batch_size=8, split=split) is not first
+  tiny_limit = fashion_config(fashion_dir, cache=True, in_memory_max_bytes=1000)
+  assert features.eval_dataset(tiny_limit, batch_size=16, split=split) is not (
+      features.eval_dataset(tiny_limit, batch_size=16, split=split))
