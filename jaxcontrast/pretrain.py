@@ -110,6 +110,17 @@ def _all_finite(tree):
   return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
+def knn_due(done: int, *, steps: int, every: int) -> bool:
+  """Whether the kNN monitor runs after step `done` of `steps`: every `every` steps and at the end.
+
+  A periodic evaluation less than a quarter period before the end is skipped: the final one
+  follows within a few steps (3 epochs of 234 steps end at step 703, not 702 and 703).
+  """
+  if done == steps:
+    return True
+  return done % every == 0 and steps - done >= every // 4
+
+
 def _knn_monitor(config, mesh, models):
   """EVAL's kNN monitor (interfaces §3) when `knn_every` > 0 and the dataset has labels."""
   if not config.get("knn_every"):
@@ -214,7 +225,7 @@ def train_and_evaluate(config, workdir) -> dict:
         bar.started(done)
       stop = watcher.reached(done)
       log_now = done % log_every == 0 or done == steps
-      knn_now = knn is not None and (done % knn_every == 0 or done == steps)
+      knn_now = knn is not None and knn_due(done, steps=steps, every=knn_every)
       save_now = stop or done == steps or (checkpoint_every and done % checkpoint_every == 0)
       if log_now or knn_now or save_now:
         check_finite(done)
