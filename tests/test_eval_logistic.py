@@ -85,3 +85,18 @@ def test_select_l2_picks_regularisation_on_held_out_rows():
   assert len(np.intersect1d(fit_rows, held_rows)) == 0 and len(fit_rows) + len(held_rows) == 400
   with pytest.raises(ValueError, match="held_out_fraction"):
     logistic.split_held_out(10, 1.0, 0)
+
+
+def test_probe_config_splits_an_encoder_list():
+  from jaxcontrast.eval import config as probe_config_lib
+  c = default_probe_config()
+  c.encoder = "target, random,pixels"
+  assert [p.encoder for p in probe_config_lib.split_encoders(c)] == ["target", "random", "pixels"]
+  assert c.encoder == "target, random,pixels"   # the caller's config is left alone
+  for bad, match in (("target,nope", "encoder must be one of"), ("random,random", "twice")):
+    c.encoder = bad
+    with pytest.raises(ValueError, match=match):
+      probe_config_lib.split_encoders(c)
+  c.encoder, c.output = "target,random", "x.json"
+  with pytest.raises(ValueError, match="output names one file"):
+    probe_config_lib.validate(c)

@@ -69,8 +69,10 @@ def test_cli_every_encoder(workdir, capsys):
   assert 0 <= target["held_out_top1"] <= 1 and target["held_out_size"] == 26
   assert target["num_train"] == 256 and target["num_test"] == 128
   assert target["feature_dim"] == 64   # ResNet-18 at width 1/8
+  _probe(workdir, "--config.encoder=random,pixels")   # two probes, one process
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and "random/" in lines[0] and "pixels/" in lines[1]
   for encoder in ("random", "pixels"):
-    _probe(workdir, f"--config.encoder={encoder}")
     result = json.loads((workdir / f"linear_probe_{encoder}.json").read_text())
     assert result["encoder"] == encoder and 0.1 < result["top1"] <= 1
   assert json.loads((workdir / "linear_probe_pixels.json").read_text())["feature_dim"] == 256

@@ -65,10 +65,26 @@ def default_probe_config() -> ml_collections.ConfigDict:
   return c
 
 
+def encoder_list(c) -> list[str]:
+  """`c.encoder` split on commas: "target,random,pixels" probes the three in one process."""
+  return [e.strip() for e in str(c.encoder).split(",")]
+
+
 def validate(c) -> None:
   """ValueErrors naming the key."""
-  if c.encoder not in ENCODERS:
-    raise ValueError(f"probe config: encoder must be one of {ENCODERS}, got {c.encoder!r}")
+  names = encoder_list(c)
+  for name in names:
+    if name not in ENCODERS:
+      raise ValueError(f"probe config: encoder must be one of {ENCODERS} (or several, "
+                       f"comma-separated), got {c.encoder!r}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"probe config: encoder names an encoder twice: {c.encoder!r}")
+  if len(names) > 1:
+    if c.output:
+      raise ValueError("probe config: output names one file; give one encoder with it")
+    for name in names:  # Each one as it will run.
+      validate(_with_encoder(c, name))
+    return
   if c.features not in ("backbone", "projection"):
     raise ValueError(f"probe config: features must be 'backbone' or 'projection', got "
                      f"{c.features!r}")
@@ -81,6 +97,18 @@ def validate(c) -> None:
                      f"{c.sgd.schedule!r}")
   if c.batch_size < 1 or c.sgd.batch_size < 1:
     raise ValueError("probe config: batch_size and sgd.batch_size must be >= 1")
+
+
+def _with_encoder(c, name: str):
+  one = c.copy_and_resolve_references()
+  one.encoder = name
+  return one
+
+
+def split_encoders(c) -> list:
+  """One probe config per encoder of `c.encoder` (validated)."""
+  validate(c)
+  return [_with_encoder(c, name) for name in encoder_list(c)]
 
 
 def output_stem(c) -> str:

@@ -2,6 +2,8 @@
 
   python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist
   python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist --config.encoder=random
+  python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist \
+      --config.encoder=target,random,pixels       # three probes, one process (launch/local.sh)
   python -m jaxcontrast.eval.linear_probe --workdir gs://bucket/moco_in1k --config.protocol=sgd
 
 Loads the run (config, checkpoint) from DIR alone, embeds with the frozen encoder chosen by
@@ -129,6 +131,9 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   from jaxcontrast import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
   config_lib.validate(probe_config)
+  if len(config_lib.encoder_list(probe_config)) > 1:
+    raise ValueError(f"run_probe probes one encoder, got {probe_config.encoder!r}: call it for "
+                     "each config of config_lib.split_encoders(probe_config)")
   mesh = make_mesh() if mesh is None else mesh
   start = time.perf_counter()
   # The run's data config first (the random encoder needs its image shape).
@@ -213,9 +218,12 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   maybe_initialize_distributed()
-  result = run_probe(workdir_flag.value, config_flag.value)
-  if jax.process_index() == 0:
-    print(summary_line(result), flush=True)
+  # Several encoders ("target,random,pixels") share the process: one start-up, one mesh.
+  mesh = make_mesh()
+  for probe_config in config_lib.split_encoders(config_flag.value):
+    result = run_probe(workdir_flag.value, probe_config, mesh=mesh)
+    if jax.process_index() == 0:
+      print(summary_line(result), flush=True)
   return 0
 
 
