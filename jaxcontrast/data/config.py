@@ -62,13 +62,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.semantic_pairs = config_dict.placeholder(str)
   # SePP: probability that view 2 comes from a semantic partner instead of the anchor.
   c.p_semantic = 0.5
-  # SePP: largest decoded train split (bytes) held in memory for random access by id.
+  # Largest split (bytes) held in memory: SePP's decoded train split (random access by id) and,
+  # with `cache`, each prepared evaluation split (eval/features.py).
   c.in_memory_max_bytes = 4 * 2**30
   # Shuffle buffer (examples, per process); shuffling happens before decoding.
   c.shuffle_buffer = 10_000
   # Batches prefetched by tf.data on the host (-1 = AUTOTUNE).
   c.prefetch = 2
-  # Cache the decoded split in memory after the first epoch (small datasets only).
+  # Cache the decoded split in memory after the first epoch (small datasets only); evaluation
+  # splits (kNN monitor, linear probe) are then also kept after their first pass.
   c.cache = False
   # Evaluation: resize the shorter side to image_size / ratio, then centre crop; None = dataset
   # default (1.0 for the small datasets, 0.875 for imagenet2012).

@@ -15,6 +15,7 @@ from an `Encoder` (BatchNorm in inference mode: `train=False`).
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Callable, Iterator
 
 import jax
@@ -60,6 +61,31 @@ def global_batch_size(batch_size: int, mesh) -> int:
   return -(-int(batch_size) // unit) * unit
 
 
+# Evaluation datasets kept for the process's lifetime when the data config sets `cache` (the
+# small-data configs): the kNN monitor and the three probes of launch/local.sh then decode and
+# prepare each split once, not at every call. Keyed by the whole data config.
+_CACHED_EVAL_DATASETS: dict = {}
+
+
+def eval_dataset(data_config, *, batch_size: int, split: str | None):
+  """`pipeline.make_eval_dataset`, held in memory after its first full pass when
+  `data_config.cache` is set and the split's images fit in `data_config.in_memory_max_bytes`."""
+  from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
+  if not data_config.get("cache"):
+    return pipeline.make_eval_dataset(data_config, batch_size=batch_size, split=split)
+  config_json = json.dumps(data_config.to_dict(), sort_keys=True, default=str)
+  key = (config_json, split, batch_size, jax.process_index(), jax.process_count())
+  if key not in _CACHED_EVAL_DATASETS:
+    ds = pipeline.make_eval_dataset(data_config, batch_size=batch_size, split=split)
+    batches = int(ds.cardinality())
+    image_bytes = 4 * int(np.prod(ds.element_spec["image"].shape))   # float32, one batch
+    limit = int(data_config.get("in_memory_max_bytes") or 0)
+    if batches < 0 or batches * image_bytes > limit:
+      return ds   # Unknown or too large: stream it every time.
+    _CACHED_EVAL_DATASETS[key] = ds.cache()
+  return _CACHED_EVAL_DATASETS[key]
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted_run(apply_fn: ApplyFn, mesh):
   """One compiled extractor per (apply function, mesh)."""
@@ -89,10 +115,8 @@ class FeatureExtractor:
 
     `batch_size` is global (rounded up to whole rows per device); padding rows have mask False.
     """
-    from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
     global_bs = global_batch_size(batch_size, self.mesh)
-    ds = pipeline.make_eval_dataset(data_config, batch_size=global_bs // jax.process_count(),
-                                    split=split)
+    ds = eval_dataset(data_config, batch_size=global_bs // jax.process_count(), split=split)
     for batch in ds.as_numpy_iterator():
       yield self._run(variables, global_batch_from_local(self.mesh, batch))
 
