@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "moco"                 # one of METHODS; names the run, the objective decides the loss
   c.seed = 0
   c.global_batch_size = 256
-  c.num_epochs = 200
+  c.num_epochs = 200.0               # float: fractions of an epoch are allowed (e.g. 2.5)
   c.total_steps = config_dict.placeholder(int)   # None: num_epochs x train examples / batch
   # Run layer.
   c.log_every = 100                 # steps between metric lines (metrics.jsonl, TensorBoard)

@@ -71,17 +71,21 @@ fi
 echo "[local] pretraining: $config -> $workdir"
 "$py" -m jaxcontrast.main --config="$config" --workdir="$workdir" ${pass[@]+"${pass[@]}"}
 
-probe() {  # probe ENCODER RESULT_FILE: skip when the result is newer than the last checkpoint
-  if [ -f "$workdir/$2" ] && { [ "$1" != target ] || [ "$workdir/$2" -nt "$workdir/checkpoints" ]; }
-  then
-    return 0
-  fi
-  echo "[local] linear probe: $1"
-  "$py" -m jaxcontrast.eval.linear_probe --workdir="$workdir" --config.encoder="$1"
-}
-probe target linear_probe.json
-probe random linear_probe_random.json
-probe pixels linear_probe_pixels.json
+# The three probes in one process; a result newer than the last checkpoint is not redone (the
+# random and pixel baselines do not depend on the checkpoint, so they are never redone).
+todo=()
+for encoder in target random pixels; do
+  result="$workdir/linear_probe_$encoder.json"
+  [ "$encoder" = target ] && result="$workdir/linear_probe.json"
+  if [ -f "$result" ] && { [ "$encoder" != target ] || [ "$result" -nt "$workdir/checkpoints" ]; }
+  then continue; fi
+  todo+=("$encoder")
+done
+if [ ${#todo[@]} -gt 0 ]; then
+  encoders="$(IFS=,; echo "${todo[*]}")"
+  echo "[local] linear probes: $encoders"
+  "$py" -m jaxcontrast.eval.linear_probe --workdir="$workdir" --config.encoder="$encoders"
+fi
 
 "$py" - "$workdir" <<'PY'
 import json, pathlib, sys
