@@ -52,7 +52,7 @@ def main() -> None:
   parser.add_argument("--impls", nargs="+", default=["xla", "matmul"])
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--size", type=int, default=32)
-  parser.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
+  parser.add_argument("--stem", default="cifar", choices=["cifar", "cifar_s2", "imagenet"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--iters", type=int, default=3)
   args = parser.parse_args()
