@@ -2,11 +2,11 @@
 # The main job: set up (idempotent), pretrain MoCo v2 on Fashion-MNIST on the CPU, then the same
 # linear probe on the trained encoder, on the same encoder randomly initialised and on raw pixels.
 #
-#   bash launch/local.sh                                  # MoCo v2, ~13 min on 2 idle CPU cores
+#   bash launch/local.sh                                  # MoCo v2, ~14 min on 2 idle CPU cores
 #   bash launch/local.sh --workdir /tmp/run               # another workdir (default below)
 #   bash launch/local.sh --method sce                     # another method at the same budget
 #   bash launch/local.sh --config configs/sce_fashion_mnist.py:cpu    # any config spec
-#   bash launch/local.sh --long                           # the longer MoCo v2 run (see below)
+#   bash launch/local.sh --long                           # MoCo v2 for 12 epochs (~40 min; untested)
 #   bash launch/local.sh --config.queue.size=8192         # any config override passes through
 #
 # Recipe and measurements: configs/moco_fashion_mnist_cpu.py. Other arguments go to
