@@ -11,7 +11,7 @@ for the budget as follows. The budget every method shares is `common.cpu`
 (`configs/<method>_fashion_mnist.py:cpu`); this file adds MoCo's temperature. Linear probe below
 = logistic regression on standardised pooled backbone features of the target encoder.
 
-Measured on an idle 2-core machine (2026-11-27, session 14), the whole `bash launch/local.sh`:
+Measured on an idle 2-core machine (2026-11-27), the whole `bash launch/local.sh`:
 2.5 epochs (1,171 steps of 128), ~300 images/s, pretraining 10 min, probes 4 min, 852 s in all
 (plus ~2 min of set-up on a fresh machine); probe 81.83% against 76.44% for the same encoder
 at initialisation (+5.4) and 84.62% on raw pixels; kNN 70.3, 73.2, 73.7% at epochs 1, 2, 2.5.

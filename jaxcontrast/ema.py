@@ -29,12 +29,12 @@ def validate(ema: ml_collections.ConfigDict) -> None:
 
 
 def momentum(step, *, base: float, schedule: str, total_steps: int):
-  """m_t. Cosine: `1 - (1 - m_0) (cos(pi t / T) + 1) / 2` with T = total_steps - 1, so the last
-  step (t = total_steps - 1) uses exactly 1 (BYOL's schedule)."""
+  """m_t. Cosine: `1 - (1 - m_0) (cos(pi t / T) + 1) / 2` with T = total_steps (BYOL, SCE): m_0
+  at the first step (t = 0), just below 1 at the last (t = T - 1), 1 from t = T on."""
   if schedule == "constant":
     return jnp.asarray(base, jnp.float32)
   t = jnp.asarray(step, jnp.float32)
-  horizon = max(total_steps - 1, 1)
+  horizon = max(total_steps, 1)
   cos = jnp.cos(jnp.pi * jnp.minimum(t, horizon) / horizon)
   return 1.0 - (1.0 - base) * (cos + 1.0) / 2.0
 

@@ -133,13 +133,17 @@ def test_reblock_rejects_indivisible_counts():
 
 @pytest.mark.parametrize("base,total", [(0.99, 100), (0.996, 7)])
 def test_cosine_momentum_formula_and_end_point(base, total):
-  """m_t = 1 - (1 - m0)(cos(pi t / (T-1)) + 1) / 2: m0 at the first step, exactly 1 at the last."""
+  """m_t = 1 - (1 - m0)(cos(pi t / T) + 1) / 2 over T = total steps (METHODS, BYOL, SCE): m0 at
+  the first step, below 1 at the last (t = T - 1), exactly 1 from t = T on."""
   steps = np.arange(total)
   got = np.array([float(ema.momentum(t, base=base, schedule="cosine", total_steps=total))
                   for t in steps])
-  want = 1 - (1 - base) * (np.cos(np.pi * steps / (total - 1)) + 1) / 2
+  want = 1 - (1 - base) * (np.cos(np.pi * steps / total) + 1) / 2
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  assert got[0] == pytest.approx(base) and got[-1] == 1.0
+  assert got[0] == pytest.approx(base) and got[-1] < 1.0
+  assert got[-1] == pytest.approx(1 - (1 - base) * (1 - np.cos(np.pi / total)) / 2, rel=1e-6)
+  for late in (total, total + 3):
+    assert float(ema.momentum(late, base=base, schedule="cosine", total_steps=total)) == 1.0
   assert float(ema.momentum(5, base=base, schedule="constant", total_steps=total)) == \
       pytest.approx(base)
 
