@@ -3,9 +3,12 @@
   python -m jaxcontrast.main --config configs/fnc_fashion_mnist.py --workdir /tmp/fnc_fashion_mnist
   python -m jaxcontrast.main --config configs/fnc_fashion_mnist.py:tiny --workdir /tmp/fnc_fashion_mnist_tiny  # smoke
 
-Loss: docs/METHODS.md §5, MoCo-queue form. Threshold, top-k and tau are the official code's; 2
-support views instead of 8 is our choice for a small budget. The rest is MoCo's CIFAR-10 demo
-recipe (common.moco_cifar_demo), not FNC's own training recipe.
+Loss: docs/METHODS.md §5, MoCo-queue form. Threshold, top-k (exactly k, ties to the lower
+index) and tau are the official code's. DIFFERENCE from the official code: 2 support views, not
+its default 8 — each support view is one more target forward pass per image (the two cost 23% of
+the step's throughput here, benchmarks/bench_step.py); `--config.objective.fnc.num_support_views=8`
+restores the official setting. The rest is MoCo's CIFAR-10 demo recipe (common.moco_cifar_demo),
+not FNC's own training recipe.
 """
 from jaxcontrast import config_lib
 

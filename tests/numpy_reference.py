@@ -44,16 +44,15 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x / np.maximum(norm, eps)
 
 
-def in_top_k(s, k):
-  """TensorFlow's in_top_k per row: s >= the k-th largest value of its row (ties all count).
-
-  k larger than the row length means every entry.
-  """
+def top_k_mask(s, k):
+  """tf.math.top_k's indices per row as a mask: exactly the k largest entries, a tie at the k-th
+  value going to the lower index (a stable sort of -s). k larger than the row: every entry."""
   s = _f64(s)
-  n = s.shape[-1]
-  kk = min(int(k), n)
-  kth = -np.sort(-s, axis=-1)[..., kk - 1]
-  return s >= kth[..., None]
+  kk = min(int(k), s.shape[-1])
+  order = np.argsort(-s, axis=-1, kind="stable")[..., :kk]
+  mask = np.zeros(s.shape, dtype=bool)
+  np.put_along_axis(mask, order, True, axis=-1)
+  return mask
 
 
 def _infonce_metrics(logits, pos_col, neg_mask):
@@ -180,7 +179,7 @@ def fnc_detect(key, support_keys, queue, *, threshold, top_k):
   views = np.concatenate([_f64(key)[:, None, :], _f64(support_keys)], axis=1)  # (B, 1+S, D)
   views = l2_normalize(views)
   s = np.max(np.einsum("bvd,kd->bvk", views, _f64(queue)), axis=1)  # (B, K)
-  return (s > threshold) & in_top_k(s, top_k)
+  return (s > threshold) & top_k_mask(s, top_k)
 
 
 def fnc(query, key, queue, *, support_keys, temperature=0.1, threshold=0.7, top_k=10,
@@ -221,7 +220,7 @@ def fnc_multiview_detect(target_views, queue, *, threshold, top_k):
   for bi in range(b):
     for v in range(v_count):
       s[bi, v * b + bi] = -np.inf
-  return (s > threshold) & in_top_k(s, top_k), mem
+  return (s > threshold) & top_k_mask(s, top_k), mem
 
 
 def fnc_multiview(views, target_views, queue, *, temperature=0.1, threshold=0.7, top_k=10):

@@ -34,15 +34,18 @@ def numpy_fifo(size, writes, fill):
 
 def numpy_detect(key, support, queue, threshold, top_k, valid=None):
   """METHODS.md section 5: s = max over the key and support views of the cosine to each row;
-  fn = (s > threshold) & (s >= the row's k-th largest s), invalid rows excluded."""
+  fn = (s > threshold) & (s among the row's top_k, a tie going to the lower index), invalid rows
+  excluded."""
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   views = unit(key)[:, None] if support is None else np.concatenate(
       [unit(key)[:, None], unit(support)], axis=1)
   s = np.einsum("bvd,kd->bvk", views.astype(np.float64), queue.astype(np.float64)).max(1)
   if valid is not None:
     s = np.where(valid[None], s, -np.inf)
-  kth = np.sort(s, axis=1)[:, ::-1][:, min(top_k, s.shape[1]) - 1]
-  return (s > threshold) & (s >= kth[:, None])
+  order = np.argsort(-s, axis=1, kind="stable")[:, :min(top_k, s.shape[1])]
+  top = np.zeros(s.shape, bool)
+  np.put_along_axis(top, order, True, axis=1)
+  return (s > threshold) & top
 
 
 def numpy_label_metrics(labels, queue_labels, valid=None, detected=()):

@@ -75,7 +75,7 @@ def fnc_inputs(seed, b, k, d, s, ties=False):
   Rows 0-2 sit near key 0 (detected through the key view); rows 3-4 sit near the last support
   view of the last anchor (detected through a support view only: that key points away from it);
   row 5 is at cosine ~0.55 from key 0 (below the default threshold). With ties=True, rows 0
-  and 1 are the same vector, so an in_top_k boundary tie is exercised.
+  and 1 are the same vector, so a top-k boundary tie is exercised (the lower index wins).
   """
   rng = np.random.default_rng(seed)
   support = rng.normal(size=(b, s, d))
@@ -371,7 +371,10 @@ def test_fnc_cases_exercise_detection():
   assert not key_only[-1, 3:5].any()
   ties = CASES_BY_ID["fnc-attr-ties-k1"].arrays
   fn = ref.fnc_detect(ties["key"], ties["support_keys"], ties["queue"], threshold=0.7, top_k=1)
-  assert fn[0, :2].all()  # top_k=1 with a tie at the boundary: both count.
+  # top_k=1 with rows 0 and 1 tied at the top: the official top_k keeps only the lower index.
+  assert fn[0, 0] and not fn[0, 1]
+  assert ref.fnc_detect(ties["key"], ties["support_keys"], ties["queue"], threshold=0.7,
+                        top_k=2)[0, :2].all()
   mv = CASES_BY_ID["fncmv-V2-B3-K8-D6-k2"].arrays
   fn, _ = ref.fnc_multiview_detect(mv["target_views"], mv["queue"], threshold=0.7, top_k=2)
   assert fn[0, [1, 4]].any() and fn[2, 6:8].any()  # in-batch and queue false negatives

@@ -45,6 +45,20 @@ def _fnc_sharded_inputs(seed):
   return tl._f32(query=query, key=key, queue=queue, support_keys=support)
 
 
+TIED_ROWS = (2, 19, 36, 62)   # in queue blocks 0, 2, 4 and 7 of 8
+
+
+def _fnc_sharded_ties(seed):
+  """`_fnc_sharded_inputs` plus four identical queue rows equal to anchor 0's key, in four
+  different blocks: with top_k 3 the tie at the top must keep the three lowest global indices,
+  across devices, as the official tf.math.top_k does."""
+  arrays = _fnc_sharded_inputs(seed)
+  key = arrays["key"][0].astype(np.float64)
+  for row in TIED_ROWS:
+    arrays["queue"][row] = (key / np.linalg.norm(key)).astype(np.float32)
+  return arrays
+
+
 def _multiview_sharded_inputs(seed):
   rng = np.random.default_rng(seed)
   arrays = tl.multiview_inputs(seed, 2, BG, K, D)
@@ -73,6 +87,7 @@ SHARDED_CASES = [
     tl._xunif("xunif-per_sample", tl.qk_queue(205, BG, K, D), per_sample=True),
     tl._fnc("fnc-attr", _fnc_sharded_inputs(206), top_k=3),
     tl._fnc("fnc-elim", _fnc_sharded_inputs(206), top_k=3, mode="elimination"),
+    tl._fnc("fnc-ties-across-blocks", _fnc_sharded_ties(209), top_k=3),
     tl._fnc_mv("fncmv", _multiview_sharded_inputs(207), top_k=3),
     tl._multipos("multipos", tl.multipos_inputs(208, BG, K, D), temperature=0.1),
 ]
@@ -122,6 +137,23 @@ def test_fnc_sharded_inputs_detect_across_blocks():
   every = tl.ref.fnc_detect(a["key"], a["support_keys"], a["queue"], threshold=0.7, top_k=K)
   assert (fn.sum(1) < every.sum(1)).any()
   assert len({c // (K // N_DEV) for c in np.nonzero(fn.any(0))[0]}) >= 4
+
+
+def test_fnc_ties_across_blocks_keep_the_lowest_indices():
+  """Anchor 0: four tied rows at cosine 1 in four blocks, top_k 3 -> the first three, on one
+  device and on eight (the library's own mask, against the reference's)."""
+  a = SHARDED_BY_ID["fnc-ties-across-blocks"].arrays
+  want = tl.ref.fnc_detect(a["key"], a["support_keys"], a["queue"], threshold=0.7, top_k=3)
+  assert want[0, list(TIED_ROWS)].tolist() == [True, True, True, False]
+  assert want[0].sum() == 3
+  detect = lambda k, s, q, **kw: losses.fnc_detect(k, s, q, threshold=0.7, top_k=3, **kw)
+  one = jax.jit(detect)(a["key"], a["support_keys"], a["queue"])
+  eight = jax.jit(jax.shard_map(
+      lambda k, s, q: detect(k, s, q, axis_name="data"), mesh=make_mesh(N_DEV),
+      in_specs=(ROWS, ROWS, ROWS), out_specs=P(None, "data"), check_vma=False))(
+          a["key"], a["support_keys"], a["queue"])
+  np.testing.assert_array_equal(np.asarray(one), want)
+  np.testing.assert_array_equal(np.asarray(eight), want)
 
 
 @pytest.mark.parametrize("case_id", list(SHARDED_BY_ID))

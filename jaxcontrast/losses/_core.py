@@ -180,6 +180,43 @@ def split_kth_largest(head: Optional[Array], block: Optional[Array], k: int, dis
   return values[:, -1]
 
 
+def split_top_k_mask(head: Optional[Array], block: Optional[Array], k: int, dist: Dist
+                     ) -> tuple[Optional[Array], Optional[Array]]:
+  """Row-wise membership of the k largest values of `[head | all blocks]`: exactly k per row
+  (every column when there are fewer), ties at the k-th value going to the lower global column
+  index, as `tf.math.top_k` (FNC's official code) and `lax.top_k` order them. Global column
+  order: the head's columns, then the blocks in device order. No gradient.
+
+      kth   = k-th largest value of the row
+      keep  = (s > kth) | (s == kth & rank among the row's ties <= k - #(s > kth))
+
+  Returns (in_head, in_block) boolean masks shaped like `head` and `block` (None for None).
+  """
+  head = None if head is None else lax.stop_gradient(head)
+  block = None if block is None else lax.stop_gradient(block)
+  kth = split_kth_largest(head, block, k, dist)[:, None]
+  greater = 0
+  if head is not None:
+    greater = greater + jnp.sum(head > kth, axis=-1)
+  if block is not None:
+    greater = greater + dist.psum(jnp.sum(block > kth, axis=-1))
+  room = (k - greater)[:, None]            # ties admitted, lowest global index first
+  in_head = in_block = None
+  ties_before = jnp.zeros(kth.shape, jnp.int32)
+  if head is not None:
+    tie = head == kth
+    in_head = (head > kth) | (tie & (jnp.cumsum(tie, axis=-1) <= room))
+    ties_before = ties_before + jnp.sum(tie, axis=-1, keepdims=True)
+  if block is not None:
+    tie = block == kth
+    if dist.axis_name is not None:       # ties on the devices before this one
+      counts = lax.all_gather(jnp.sum(tie, axis=-1), dist.axis_name)         # (n, Bg)
+      earlier = jnp.arange(counts.shape[0])[:, None] < lax.axis_index(dist.axis_name)
+      ties_before = ties_before + jnp.sum(jnp.where(earlier, counts, 0), axis=0)[:, None]
+    in_block = (block > kth) | (tie & (ties_before + jnp.cumsum(tie, axis=-1) <= room))
+  return in_head, in_block
+
+
 def infonce_metrics(pos: Array, neg_sum: Array, neg_count: int, neg_max: Array,
                     dist: Dist) -> dict:
   """Mean positive logit, mean negative logit, and the fraction of rows whose positive is ranked

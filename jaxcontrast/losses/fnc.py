@@ -23,21 +23,21 @@ def _max_similarity(views: jax.Array, block: jax.Array) -> jax.Array:
 def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshold: float,
                            top_k: int, dist: _core.Dist, head_similarity=None, valid=None):
   """FNC detection (official code): the max cosine similarity of each candidate to any of the
-  anchor's target views, kept when above `threshold` and within the row's `top_k`.
+  anchor's target views, kept when above `threshold` and among the row's `top_k`.
 
       s  = max_v views[:, v] @ candidates.T
-      fn = (s > threshold) & in_top_k(s, top_k)
+      fn = (s > threshold) & top_k(s, top_k)
 
-  `in_top_k` follows TensorFlow: s is in the top k iff s >= the k-th largest value of its row, so
-  ties at the boundary all count. Rows with `valid` False are not candidates. Returns
-  (fn_head, fn_block) boolean masks (no gradient).
+  `top_k` is the official code's `tf.math.top_k` indices: exactly k candidates per row, a tie at
+  the k-th value going to the lower index (head columns, then the queue rows in order). Rows
+  with `valid` False are not candidates. Returns (fn_head, fn_block) boolean masks (no gradient).
   """
   s_block = _core.mask_columns(_max_similarity(views, queue_block), valid, -jnp.inf)
-  kth = _core.split_kth_largest(head_similarity, s_block, top_k, dist)[:, None]
-  fn_block = (s_block > threshold) & (s_block >= kth)
+  top_head, top_block = _core.split_top_k_mask(head_similarity, s_block, top_k, dist)
+  fn_block = (s_block > threshold) & top_block
   fn_head = None
   if head_similarity is not None:
-    fn_head = (head_similarity > threshold) & (head_similarity >= kth)
+    fn_head = (head_similarity > threshold) & top_head
   return fn_head, fn_block
 
 
@@ -85,7 +85,7 @@ def fnc_detect(key: jax.Array, support_keys: Optional[jax.Array], queue: jax.Arr
 
       views = sg(n([key, support_1..S]))                 # (B, 1+S, D)
       s     = max_v views_v @ sg(queue).T                 # (B, K)
-      fn    = (s > threshold) & in_top_k(s, top_k)        # ties at the k-th value all count
+      fn    = (s > threshold) & top_k(s, top_k)           # k rows; ties: lower index first
 
   `fnc` calls the same code, so a diagnostic built on this mask (e.g. the precision and recall
   of the detected rows against class labels) measures exactly what the loss used.
@@ -122,7 +122,7 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
 
       views  = sg(n([key, support_1..S]))                            # (B, 1+S, D)
       s      = max_v views_v @ sg(queue).T                            # (B, K)
-      fn     = (s > threshold) & in_top_k(s, top_k)
+      fn     = (s > threshold) & top_k(s, top_k)     # exactly k rows; ties: lower index first
       logits = [q.k, q @ sg(queue).T] / temperature                   # (B, 1+K)
       attraction:  loss_i = logsumexp(logits_i) - mean_{c in {0} U fn_i} logits_i[c]
       elimination: loss_i = logsumexp(logits_i[{0} U (neg \\ fn_i)]) - logits_i[0]
@@ -138,7 +138,8 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
     support_keys: (B, S, D) target-encoder embeddings of S extra views of each anchor (or None
       for S = 0: detection by the key view alone). Normalised here; no gradient.
     threshold: cosine-similarity threshold of detection.
-    top_k: at most this many candidates per anchor (ties at the k-th value all count).
+    top_k: at most this many candidates per anchor (exactly the k most similar; a tie at the
+      k-th value goes to the lower queue index, as the official code's `tf.math.top_k`).
     mode: "attraction" or "elimination".
 
   Returns:
@@ -182,7 +183,7 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
       Z = n(views), E = sg(n(target_views))            # (V, B, D)
       mem = [E.reshape(V*B, D); sg(queue)]             # row v*B + b is view v of image b
       s[b, m] = max_v E[v, b] . mem[m];  s[b, v*B + b] = -inf for every v (own views)
-      fn[b] = (s[b] > threshold) & in_top_k(s[b], top_k)
+      fn[b] = (s[b] > threshold) & top_k(s[b], top_k)   # k columns; ties: lower index
       for each anchor view a:
         logits = Z[a] @ mem.T / tau                    # (B, M)
         den    = logits without column a*B + b
@@ -228,8 +229,8 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
     fn_head, fn_block = detect_false_negatives(e_by_image, block, threshold=threshold,
                                                top_k=top_k, dist=dist, head_similarity=s_head)
   else:
-    kth = _core.split_kth_largest(s_head, None, top_k, dist)[:, None]
-    fn_head, fn_block = (s_head > threshold) & (s_head >= kth), None
+    top_head, _ = _core.split_top_k_mask(s_head, None, top_k, dist)
+    fn_head, fn_block = (s_head > threshold) & top_head, None
   num_fn = _core.split_sum(fn_head.astype(jnp.float32),
                            None if fn_block is None else fn_block.astype(jnp.float32), dist)
   total, pos_logit, neg_logit, acc = 0.0, 0.0, 0.0, 0.0
