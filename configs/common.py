@@ -107,8 +107,8 @@ def tiny(c) -> None:
   c.log_every = 1
   c.checkpoint_every = 2
   c.knn_every = 0
-  if c.optim.warmup_steps:
-    c.optim.warmup_steps = 1
+  if c.optim.warmup_steps or c.optim.warmup_epochs:
+    c.optim.warmup_epochs, c.optim.warmup_steps = None, 1
   if c.bn.mode == "ghost":
     c.bn.groups = 4
   if c.objective.fnc.num_support_views:
@@ -134,7 +134,8 @@ def cpu(c) -> None:
   # the features worse than at initialisation in 2 epochs.
   c.optim.update(name="adamw", base_lr=2e-3, lr_scaling="none", weight_decay=1e-4,
                  schedule="cosine")
-  c.optim.warmup_steps = epochs(c, 0.1)   # (SCE's 5 warm-up epochs would be most of the run)
+  c.optim.warmup_steps = 0
+  c.optim.warmup_epochs = 0.1      # (SCE's 5 warm-up epochs would be most of the run)
   for view in (c.data.view1, c.data.view2):
     view.crop_scale = (0.3, 1.0)   # 0.2 cuts away most of a 28x28 garment
   c.data.cache = True              # 47 MB decoded: the input then costs a fraction of a core;

@@ -35,5 +35,5 @@ def get_config(arg=None, dataset="cifar10"):
   c.num_epochs = 200                             # unverified (MoCo's demo)
   c.optim.update(name="sgd", base_lr=0.06, lr_scaling="none", momentum=0.9, weight_decay=5e-4,
                  schedule="cosine")
-  c.optim.warmup_steps = common.epochs(c, 5)
+  c.optim.warmup_epochs = 5
   return common.finish(c, arg)

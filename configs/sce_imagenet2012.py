@@ -39,5 +39,5 @@ def get_config(arg=None):
   c.optim.update(name="lars", base_lr=0.3, lr_scaling="linear", momentum=0.9, weight_decay=1e-6,
                  exclude_1d_from_wd=True, schedule="cosine")
   c.optim.trust_coefficient = 1e-3               # unverified (LARS' usual value)
-  c.optim.warmup_steps = common.epochs(c, 10)
+  c.optim.warmup_epochs = 10
   return common.finish(c, arg)

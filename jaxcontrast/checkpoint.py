@@ -279,8 +279,11 @@ def load_run(workdir, *, step: Optional[int] = None, mesh=None) -> RestoredRun:
   config = config_from_dict(saved)
   mesh = make_mesh() if mesh is None else mesh
   models = train.build_models(config, mesh)
+  # The schedule does not shape the optimizer state; `steps_per_epoch` (saved since warm-up
+  # could be given in epochs) only keeps make_optimizer's warm-up checks satisfied.
   tx, _ = make_optimizer(config.optim, global_batch_size=config.global_batch_size,
-                         total_steps=int(data.get("total_steps") or 1))
+                         total_steps=int(data.get("total_steps") or 1),
+                         steps_per_epoch=data.get("steps_per_epoch"))
   image_shape = data.get("image_shape")
   if image_shape is None:
     from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top

@@ -13,7 +13,8 @@ Optimizers (METHODS.md sections 1-2):
 - `adamw`: `optax.adamw` (decoupled decay, multiplied by the learning rate), b1 = `momentum`.
 
 Schedule, with peak lr `P = base_lr * global_batch / 256` (`lr_scaling="linear"`) or `base_lr`
-(`"none"`), warm-up W steps, total T steps, final lr F:
+(`"none"`), warm-up W steps (`warmup_steps`, or `floor(warmup_epochs * num_train / global_batch)`),
+total T steps, final lr F:
   t < W:  lr(t) = P * t / W                                  (linear warm-up from 0)
   t >= W: lr(t) = F + (P - F) * (1 + cos(pi * min(t - W, T - W) / (T - W))) / 2   (cosine)
           lr(t) = P                                          (constant)
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from jaxcontrast.config_merge import override_known
 import optax
@@ -49,6 +51,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.exclude_1d_from_wd = False    # 1-D params (biases, norm scale/offset): no wd; lars: no trust
   #                                 ratio either (True in the SCE / FNC LARS recipes)
   c.warmup_steps = 0              # linear warm-up from 0 to the peak lr over this many steps
+  # ... or over this many epochs of the train split, resolved at launch against the split's size
+  # and the global batch: W = floor(warmup_epochs * num_train / global_batch). Set one of the two.
+  c.warmup_epochs = config_dict.placeholder(float)
   c.schedule = "cosine"           # "cosine" (to final_lr at total_steps) | "constant"
   c.final_lr = 0.0                # lr at the end of the cosine decay (absolute, not scaled)
   c.trust_coefficient = 1e-3      # LARS trust coefficient
@@ -85,7 +90,26 @@ def resolve_optim_config(optim_config: Any) -> ml_collections.ConfigDict:
   if not isinstance(c.warmup_steps, int) or isinstance(c.warmup_steps, bool) or (
       c.warmup_steps < 0):
     _fail("warmup_steps", c.warmup_steps, "an int >= 0")
+  if c.warmup_epochs is not None:
+    if not _number(c.warmup_epochs) or c.warmup_epochs < 0:
+      _fail("warmup_epochs", c.warmup_epochs, "None or a number >= 0")
+    if c.warmup_steps:
+      _fail("warmup_epochs", c.warmup_epochs,
+            f"None when warmup_steps is set (warmup_steps={c.warmup_steps}): set one of the two")
   return c
+
+
+def warmup_steps(optim_config: Any, *, steps_per_epoch: float | None) -> int:
+  """W in steps: `warmup_steps`, or `floor(warmup_epochs * steps_per_epoch)` when
+  `warmup_epochs` is set (steps_per_epoch = train examples / global batch)."""
+  c = resolve_optim_config(optim_config)
+  if c.warmup_epochs is None:
+    return int(c.warmup_steps)
+  if steps_per_epoch is None:
+    raise ValueError("optim config: warmup_epochs needs the train split's size (steps_per_epoch); "
+                     "the split's size is unknown: set optim.warmup_steps instead")
+  # Floor, as the step count of an epoch: 0.1 epoch of 60,000 images at batch 128 is 46 steps.
+  return int(math.floor(c.warmup_epochs * steps_per_epoch + 1e-6))
 
 
 def peak_learning_rate(optim_config: Any, global_batch_size: int) -> float:
@@ -96,16 +120,19 @@ def peak_learning_rate(optim_config: Any, global_batch_size: int) -> float:
   return float(c.base_lr)
 
 
-def make_schedule(optim_config: Any, *, global_batch_size: int, total_steps: int
-                  ) -> Callable[[jax.Array], jax.Array]:
-  """Learning rate as a traceable function of the step (formula in the module docstring)."""
+def make_schedule(optim_config: Any, *, global_batch_size: int, total_steps: int,
+                  steps_per_epoch: float | None = None) -> Callable[[jax.Array], jax.Array]:
+  """Learning rate as a traceable function of the step (formula in the module docstring).
+  `steps_per_epoch` resolves `warmup_epochs` (see `warmup_steps`)."""
   c = resolve_optim_config(optim_config)
   if not isinstance(total_steps, int) or total_steps < 1:
     raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-  if c.warmup_steps > total_steps:
-    _fail("warmup_steps", c.warmup_steps, f"<= total_steps ({total_steps})")
+  warmup = warmup_steps(c, steps_per_epoch=steps_per_epoch)
+  if warmup > total_steps:
+    key = "warmup_steps" if c.warmup_epochs is None else "warmup_epochs"
+    _fail(key, c[key], f"at most the run: {warmup} warm-up steps > total_steps ({total_steps})")
   peak = peak_learning_rate(c, global_batch_size)
-  warmup, final = c.warmup_steps, float(c.final_lr)
+  final = float(c.final_lr)
   decay_steps = total_steps - warmup
 
   def schedule(step):
@@ -129,7 +156,8 @@ def _not_1d_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def make_optimizer(optim_config: Any, *, global_batch_size: int, total_steps: int
+def make_optimizer(optim_config: Any, *, global_batch_size: int, total_steps: int,
+                   steps_per_epoch: float | None = None
                    ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """Returns `(tx, schedule)`: the optax transformation and its learning-rate schedule.
 
@@ -137,9 +165,11 @@ def make_optimizer(optim_config: Any, *, global_batch_size: int, total_steps: in
     optim_config: ConfigDict/dict with `default_optim_config()`'s keys (missing keys default).
     global_batch_size: batch size summed over all devices (for linear lr scaling).
     total_steps: length of the run in optimizer steps (end of the cosine).
+    steps_per_epoch: train examples / global batch; needed when `warmup_epochs` is set.
   """
   c = resolve_optim_config(optim_config)
-  schedule = make_schedule(c, global_batch_size=global_batch_size, total_steps=total_steps)
+  schedule = make_schedule(c, global_batch_size=global_batch_size, total_steps=total_steps,
+                           steps_per_epoch=steps_per_epoch)
   mask = _not_1d_mask if c.exclude_1d_from_wd else None
   if c.name == "sgd":
     tx = optax.chain(

@@ -153,8 +153,9 @@ def train_and_evaluate(config, workdir) -> dict:
   log_every = max(1, int(config.log_every))
   checkpoint_every = int(config.get("checkpoint_every") or 0)
   knn_every = int(config.get("knn_every") or 0)
+  per_epoch = (info["num_train"] / config.global_batch_size) if info["num_train"] else None
   tx, schedule = make_optimizer(config.optim, global_batch_size=config.global_batch_size,
-                                total_steps=steps)
+                                total_steps=steps, steps_per_epoch=per_epoch)
   models = train.build_models(config, mesh)
   abstract, shardings = checkpoint_lib.abstract_state(
       config, models=models, tx=tx, mesh=mesh, image_shape=info["image_shape"])
@@ -194,6 +195,7 @@ def train_and_evaluate(config, workdir) -> dict:
                               enabled=is_main)
   watcher = preemption.PreemptionWatcher(ckpt)
   position_extra = dict(seed=int(config.seed), data_devices=int(mesh.shape[DATA_AXIS]),
+                        steps_per_epoch=per_epoch,
                         image_shape=list(info["image_shape"]), total_steps=steps)
   # Replicated like the step's outputs (a plain jnp.array would live on one local device).
   first_bad = jax.jit(lambda: jnp.array(-1, jnp.int32), out_shardings=replicated(mesh))()

@@ -74,7 +74,10 @@ def test_recipe_values_come_from_the_files():
   sce = config_lib.load_config("configs/sce_imagenet2012.py")
   assert sce.objective.symmetric and sce.optim.name == "lars" and sce.optim.base_lr == 0.3
   assert (sce.model.proj_dim, sce.model.pred_hidden_dims, sce.model.pred_dim) == (256, (4096,), 256)
-  assert sce.optim.warmup_steps == 10 * 1_281_167 // 4096   # 10 epochs at batch 4096
+  assert (sce.optim.warmup_epochs, sce.optim.warmup_steps) == (10, 0)   # resolved at launch
+  from jaxcontrast import optim  # pylint: disable=g-import-not-at-top
+  assert optim.warmup_steps(sce.optim, steps_per_epoch=1_281_167 / 4096) == 10 * 1_281_167 // 4096
+  assert config_lib.load_config("configs/sce_cifar10.py").optim.warmup_epochs == 5
   moco = config_lib.load_config("configs/moco_cifar10.py")
   assert (moco.queue.size, moco.ema.momentum, moco.objective.temperature) == (4096, 0.99, 0.1)
 
@@ -124,10 +127,10 @@ def test_command_line_matches_load_config_and_overrides_placeholders():
 
 def test_batch_size_override_moves_settings_given_in_epochs():
   c = _parse_flags("--config=configs/sce_cifar10.py", "--config.global_batch_size=256")
-  assert c.optim.warmup_steps == 5 * 50_000 // 256 and c.knn_every == 2 * 50_000 // 256
-  c = _parse_flags("--config=configs/sce_cifar10.py", "--config.optim.warmup_steps=7",
+  assert c.optim.warmup_epochs == 5 and c.knn_every == 2 * 50_000 // 256
+  c = _parse_flags("--config=configs/sce_cifar10.py", "--config.optim.warmup_epochs=2",
                    "--config.knn_every=9", "--config.global_batch_size=128")
-  assert (c.optim.warmup_steps, c.knn_every, c.checkpoint_every) == (7, 9, 5 * 50_000 // 128)
+  assert (c.optim.warmup_epochs, c.knn_every, c.checkpoint_every) == (2, 9, 5 * 50_000 // 128)
   c = _parse_flags("--config=configs/fnc_fashion_mnist.py",
                    "--config.objective.fnc.num_support_views=4")
   assert c.data.num_support_views == 4    # tied: the pipeline makes as many as the loss reads

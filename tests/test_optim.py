@@ -67,6 +67,25 @@ def test_constant_schedule_and_no_lr_scaling():
     np.testing.assert_allclose(float(sched(step)), lr, rtol=1e-6)
 
 
+def test_warmup_in_epochs_is_resolved_against_the_epoch_length():
+  # 2 epochs of 10,000 images at batch 256: floor(2 * 39.0625) = 78 warm-up steps.
+  cfg = dict(base_lr=0.3, lr_scaling="none", schedule="constant", warmup_epochs=2)
+  assert optim.warmup_steps(cfg, steps_per_epoch=10_000 / 256) == 78
+  _, sched = optim.make_optimizer(cfg, global_batch_size=256, total_steps=500,
+                                  steps_per_epoch=10_000 / 256)
+  for step, lr in {0: 0.0, 39: 0.15, 78: 0.3, 400: 0.3}.items():
+    np.testing.assert_allclose(float(sched(step)), lr, rtol=1e-6, err_msg=str(step))
+  # 0.1 epoch of 60,000 at batch 128 = 46 steps, as an epoch's integer step count.
+  assert optim.warmup_steps(dict(warmup_epochs=0.1), steps_per_epoch=60_000 / 128) == 46
+  with pytest.raises(ValueError, match="steps_per_epoch"):
+    optim.make_optimizer(cfg, global_batch_size=256, total_steps=500)
+  with pytest.raises(ValueError, match="warmup_epochs.*set one of the two"):
+    optim.make_optimizer(dict(cfg, warmup_steps=5), global_batch_size=256, total_steps=500,
+                         steps_per_epoch=39)
+  with pytest.raises(ValueError, match="warmup_epochs.*> total_steps"):
+    optim.make_optimizer(cfg, global_batch_size=256, total_steps=50, steps_per_epoch=39)
+
+
 def test_cosine_without_warmup_starts_at_peak():
   _, sched = optim.make_optimizer({}, global_batch_size=256, total_steps=200)
   np.testing.assert_allclose([float(sched(s)) for s in (0, 100, 200)], [0.03, 0.015, 0.0],
@@ -179,14 +198,14 @@ def test_adamw_excludes_1d_params_from_weight_decay():
 def test_default_optim_config_keys():
   assert set(optim.default_optim_config()) == {
       "name", "base_lr", "lr_scaling", "momentum", "nesterov", "weight_decay",
-      "exclude_1d_from_wd", "warmup_steps", "schedule", "final_lr", "trust_coefficient", "eps",
-      "adam_b2", "adam_eps"}
+      "exclude_1d_from_wd", "warmup_steps", "warmup_epochs", "schedule", "final_lr",
+      "trust_coefficient", "eps", "adam_b2", "adam_eps"}
 
 
 @pytest.mark.parametrize("key,value", [
     ("name", "adam"), ("schedule", "linear"), ("lr_scaling", "sqrt"), ("base_lr", -1.0),
     ("momentum", 1.0), ("warmup_steps", 1.5), ("exclude_1d_from_wd", "yes"), ("nesterov", 1),
-    ("learning_rate", 0.1), ("warmup_steps", 20)])
+    ("learning_rate", 0.1), ("warmup_steps", 20), ("warmup_epochs", -1.0)])
 def test_invalid_optim_config_raises_naming_key(key, value):
   with pytest.raises(ValueError, match=key):
     optim.make_optimizer({key: value}, global_batch_size=256, total_steps=10)
