@@ -2,7 +2,9 @@
 
 Every function takes arrays and keyword-only hyper-parameters and returns `(loss, metrics)`, with
 `metrics` a dict of scalar arrays. Functions normalise `query`/`key` themselves, stop gradients
-through keys, queues and support views themselves, and compute softmaxes in float32. With
+through keys, queues and support views themselves, and compute softmaxes in float32. Similarity
+products run at `lax.Precision.HIGHEST` (`precision=` to change it: the GPU/TPU default rounds to
+TF32 / one bfloat16 pass, which the temperature magnifies). With
 `axis_name` they run inside `jax.shard_map` with the batch and the queue split over that mesh axis
 and return the same loss and gradients as the unsharded call on the concatenated arrays.
 

@@ -12,7 +12,7 @@ from jaxcontrast.losses import _core
 def co2_consistency(query: jax.Array, key: jax.Array, queue: jax.Array, *,
                     temperature: float = 0.04, include_positive: bool = False,
                     axis_name: Optional[str] = None,
-                    queue_valid: Optional[jax.Array] = None):
+                    queue_valid: Optional[jax.Array] = None, precision=_core.HIGHEST):
   """CO2 consistency regulariser: symmetric KL between the query's and the key's similarity
   distributions over the same negatives (the key's acts as a pseudo-label).
 
@@ -32,7 +32,8 @@ def co2_consistency(query: jax.Array, key: jax.Array, queue: jax.Array, *,
   alpha (10 on MoCo v1) come from the paper's text and are *unverified* (no official code).
 
   `queue_valid` (optional, see `moco_infonce`) leaves unfilled queue rows out of both
-  distributions; with no valid row (and no positive column) the regulariser is 0.
+  distributions; with no valid row (and no positive column) the regulariser is 0. `precision`:
+  of the similarity products (default `lax.Precision.HIGHEST`, see `moco_infonce`).
 
   Returns:
     (reg, metrics) with metrics `symmetric_kl` (the same value, for logging).
@@ -44,8 +45,8 @@ def co2_consistency(query: jax.Array, key: jax.Array, queue: jax.Array, *,
   q, k = _core.prepare(query, key, dist)
   block = _core.queue_block(queue)
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
-  lp = _core.mask_columns(q @ block.T / temperature, valid)
-  lr = _core.mask_columns(k @ block.T / temperature, valid)
+  lp = _core.mask_columns(_core.sim(q, block, precision) / temperature, valid)
+  lr = _core.mask_columns(_core.sim(k, block, precision) / temperature, valid)
   head = jnp.sum(q * k, axis=-1, keepdims=True) / temperature if include_positive else None
   lse_p = _core.split_logsumexp(head, lp, dist)[:, None]
   lse_r = _core.split_logsumexp(head, lr, dist)[:, None]

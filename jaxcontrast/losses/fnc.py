@@ -11,17 +11,18 @@ from jaxcontrast.losses import _core
 from jaxcontrast.losses.infonce import _multi_positive_from_logits
 
 
-def _max_similarity(views: jax.Array, block: jax.Array) -> jax.Array:
+def _max_similarity(views: jax.Array, block: jax.Array, precision) -> jax.Array:
   """max over views v of views[:, v] @ block.T, one view at a time: (Bg, V, D) x (K, D) ->
   (Bg, K) without materialising (Bg, V, K)."""
-  sims = views[:, 0] @ block.T
+  sims = _core.sim(views[:, 0], block, precision)
   for v in range(1, views.shape[1]):
-    sims = jnp.maximum(sims, views[:, v] @ block.T)
+    sims = jnp.maximum(sims, _core.sim(views[:, v], block, precision))
   return sims
 
 
 def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshold: float,
-                           top_k: int, dist: _core.Dist, head_similarity=None, valid=None):
+                           top_k: int, dist: _core.Dist, head_similarity=None, valid=None,
+                           precision=_core.HIGHEST):
   """FNC detection (official code): the max cosine similarity of each candidate to any of the
   anchor's target views, kept when above `threshold` and among the row's `top_k`.
 
@@ -32,7 +33,7 @@ def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshol
   the k-th value going to the lower index (head columns, then the queue rows in order). Rows
   with `valid` False are not candidates. Returns (fn_head, fn_block) boolean masks (no gradient).
   """
-  s_block = _core.mask_columns(_max_similarity(views, queue_block), valid, -jnp.inf)
+  s_block = _core.mask_columns(_max_similarity(views, queue_block, precision), valid, -jnp.inf)
   top_head, top_block = _core.split_top_k_mask(head_similarity, s_block, top_k, dist)
   fn_block = (s_block > threshold) & top_block
   fn_head = None
@@ -63,7 +64,8 @@ def _check_support(support_keys, b: int, d: int) -> None:
 
 
 def _detect(k: jax.Array, support_keys: Optional[jax.Array], block: jax.Array,
-            valid: Optional[jax.Array], dist: _core.Dist, *, threshold, top_k: int) -> jax.Array:
+            valid: Optional[jax.Array], dist: _core.Dist, *, threshold, top_k: int,
+            precision) -> jax.Array:
   """The one definition of FNC's detection on a MoCo queue, shared by `fnc` and `fnc_detect`.
 
   k: (Bg, D) normalised global keys without gradient; support_keys: this device's raw (B, S, D)
@@ -74,13 +76,13 @@ def _detect(k: jax.Array, support_keys: Optional[jax.Array], block: jax.Array,
     support = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(support_keys))))
     views = jnp.concatenate([views, support], axis=1)
   _, fn = detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist,
-                                 valid=valid)
+                                 valid=valid, precision=precision)
   return fn
 
 
 def fnc_detect(key: jax.Array, support_keys: Optional[jax.Array], queue: jax.Array, *,
                threshold: float = 0.7, top_k: int = 10, queue_valid: Optional[jax.Array] = None,
-               axis_name: Optional[str] = None) -> jax.Array:
+               axis_name: Optional[str] = None, precision=_core.HIGHEST) -> jax.Array:
   """FNC's false-negative detection alone: which queue rows `fnc` treats as false negatives.
 
       views = sg(n([key, support_1..S]))                 # (B, 1+S, D)
@@ -97,6 +99,8 @@ def fnc_detect(key: jax.Array, support_keys: Optional[jax.Array], queue: jax.Arr
     threshold, top_k: as `fnc`.
     queue_valid: optional (K,) bool (this device's rows); invalid rows are never detected.
     axis_name: inside `jax.shard_map`, the mesh axis splitting the batch and the queue rows.
+    precision: of the similarity products (default `lax.Precision.HIGHEST`: exact float32; the
+      backend default is TF32 on GPU and one bfloat16 pass on TPU).
 
   Returns:
     (B, K) bool, no gradient. Under `axis_name`: (Bg, K/n), the whole global batch (device
@@ -110,13 +114,13 @@ def fnc_detect(key: jax.Array, support_keys: Optional[jax.Array], queue: jax.Arr
   k = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(key))))
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   return _detect(k, support_keys, _core.queue_block(queue), valid, dist, threshold=threshold,
-                 top_k=top_k)
+                 top_k=top_k, precision=precision)
 
 
 def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Optional[jax.Array],
         temperature: float = 0.1, threshold: float = 0.7, top_k: int = 10,
         mode: str = "attraction", axis_name: Optional[str] = None,
-        queue_valid: Optional[jax.Array] = None):
+        queue_valid: Optional[jax.Array] = None, precision=_core.HIGHEST):
   """FNC on a MoCo queue: detect false negatives among the queue with support views, then attract
   them (extra positives) or eliminate them (drop from the denominator).
 
@@ -133,8 +137,8 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
   With `threshold` above 1 nothing is detected and both modes equal `moco_infonce`.
 
   Args:
-    query, key, queue, temperature, axis_name, queue_valid: as `moco_infonce` (queue required;
-      an invalid row is never detected, nor a negative).
+    query, key, queue, temperature, axis_name, queue_valid, precision: as `moco_infonce` (queue
+      required; an invalid row is never detected, nor a negative).
     support_keys: (B, S, D) target-encoder embeddings of S extra views of each anchor (or None
       for S = 0: detection by the key view alone). Normalised here; no gradient.
     threshold: cosine-similarity threshold of detection.
@@ -155,9 +159,10 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
   q, k = _core.prepare(query, key, dist)
   block = _core.queue_block(queue)
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
-  fn = _detect(k, support_keys, block, valid, dist, threshold=threshold, top_k=top_k)
+  fn = _detect(k, support_keys, block, valid, dist, threshold=threshold, top_k=top_k,
+               precision=precision)
   pos = jnp.sum(q * k, axis=-1) / temperature
-  neg = _core.mask_columns(q @ block.T / temperature, valid)
+  neg = _core.mask_columns(_core.sim(q, block, precision) / temperature, valid)
   num_fn = dist.batch_mean(_core.split_sum(None, fn.astype(neg.dtype), dist))
   if mode == "attraction":
     loss, metrics = _multi_positive_from_logits(pos, neg, fn, dist, valid)
@@ -172,7 +177,7 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
 
 def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax.Array], *,
                   temperature: float = 0.1, threshold: float = 0.7, top_k: int = 10,
-                  axis_name: Optional[str] = None):
+                  axis_name: Optional[str] = None, precision=_core.HIGHEST):
   """FNC attraction in the official multi-view form (google-research/fnc `objective.py`), for
   parity with the TF1 release.
 
@@ -195,7 +200,7 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
     views: (V, B, D) online embeddings, V >= 2. With `axis_name`, split on axis 1.
     target_views: (V, B, D) target (EMA) embeddings of the same views; no gradient.
     queue: (M, D) older memory rows (normalised), or None for none (SimCLR-style in-batch).
-    temperature, threshold, top_k, axis_name: as `fnc`.
+    temperature, threshold, top_k, axis_name, precision: as `fnc`.
 
   Returns:
     (loss, metrics): `pos_logit` (mean logit of the other views), `neg_logit` (mean logit of
@@ -224,10 +229,11 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
   column_image = jnp.arange(num_views * bg) % bg
   own = column_image[None, :] == rows[:, None]                                 # (Bg, V*Bg)
   e_by_image = jnp.swapaxes(e, 0, 1)                                           # (Bg, V, D)
-  s_head = jnp.where(own, -jnp.inf, _max_similarity(e_by_image, memory_head))
+  s_head = jnp.where(own, -jnp.inf, _max_similarity(e_by_image, memory_head, precision))
   if block is not None:
     fn_head, fn_block = detect_false_negatives(e_by_image, block, threshold=threshold,
-                                               top_k=top_k, dist=dist, head_similarity=s_head)
+                                               top_k=top_k, dist=dist, head_similarity=s_head,
+                                               precision=precision)
   else:
     top_head, _ = _core.split_top_k_mask(s_head, None, top_k, dist)
     fn_head, fn_block = (s_head > threshold) & top_head, None
@@ -236,8 +242,8 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
   total, pos_logit, neg_logit, acc = 0.0, 0.0, 0.0, 0.0
   num_neg = (num_views - 1) * bg + (0 if block is None else block.shape[0] * dist.size)
   for a in range(num_views):
-    head = z[a] @ memory_head.T / temperature                                  # (Bg, V*Bg)
-    lb = None if block is None else z[a] @ block.T / temperature
+    head = _core.sim(z[a], memory_head, precision) / temperature               # (Bg, V*Bg)
+    lb = None if block is None else _core.sim(z[a], block, precision) / temperature
     anchor_key = own & (jnp.arange(num_views * bg)[None, :] // bg == a)
     other_views = own & ~anchor_key
     lse = _core.split_logsumexp(jnp.where(anchor_key, -jnp.inf, head), lb, dist)

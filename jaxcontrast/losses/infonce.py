@@ -11,7 +11,7 @@ from jaxcontrast.losses import _core
 
 def moco_infonce(query: jax.Array, key: jax.Array, queue: Optional[jax.Array], *,
                  temperature: float = 0.2, axis_name: Optional[str] = None,
-                 queue_valid: Optional[jax.Array] = None):
+                 queue_valid: Optional[jax.Array] = None, precision=_core.HIGHEST):
   """MoCo v2 InfoNCE (Chen et al. 2020; facebookresearch/moco `builder.py`, exact).
 
       q = n(query); k = sg(n(key))                      # (B, D)
@@ -31,6 +31,9 @@ def moco_infonce(query: jax.Array, key: jax.Array, queue: Optional[jax.Array], *
     queue_valid: optional (K,) bool, False for rows holding no real key yet (METHODS.md's "valid
       count"; with `axis_name` the device's (K/n,) block). Those rows are left out: the result
       equals the call on `queue[queue_valid]`. With no valid row the positive is alone (loss 0).
+    precision: matrix-product precision of the similarities (default
+      `lax.Precision.HIGHEST`: exact float32; the backend default is TF32 on GPU and one bfloat16
+      pass on TPU, whose rounding the temperature magnifies).
 
   Returns:
     (loss, metrics) with metrics `pos_logit`, `neg_logit` (means, in logit units) and `acc`
@@ -41,19 +44,20 @@ def moco_infonce(query: jax.Array, key: jax.Array, queue: Optional[jax.Array], *
   dist = _core.Dist(axis_name, query.shape[0])
   q, k = _core.prepare(query, key, dist)
   if queue is None:
-    return _in_batch_infonce(q, k, temperature, dist)
+    return _in_batch_infonce(q, k, temperature, dist, precision)
   _core.check_queue(queue, query.shape[1])
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   pos = jnp.sum(q * k, axis=-1) / temperature
-  neg = _core.mask_columns(q @ _core.queue_block(queue).T / temperature, valid)
+  neg = _core.mask_columns(_core.sim(q, _core.queue_block(queue), precision) / temperature,
+                           valid)
   lse = _core.split_logsumexp(pos[:, None], neg, dist)
   loss = dist.batch_mean(lse - pos)
   return loss, _core.negative_metrics(pos, neg, valid, dist)
 
 
-def _in_batch_infonce(q, k, temperature, dist):
+def _in_batch_infonce(q, k, temperature, dist, precision):
   """Global-batch negatives: every device holds all Bg keys (gathered; small)."""
-  logits = q @ k.T / temperature                       # (Bg, Bg), positives on the diagonal
+  logits = _core.sim(q, k, precision) / temperature    # (Bg, Bg), positives on the diagonal
   pos = jnp.diagonal(logits)
   loss = dist.batch_mean(jax.nn.logsumexp(logits, axis=-1) - pos)
   if logits.shape[0] > 1:
@@ -67,7 +71,7 @@ def _in_batch_infonce(q, k, temperature, dist):
 def multi_positive_infonce(query: jax.Array, key: jax.Array, queue: jax.Array, *,
                            positive_mask: jax.Array, temperature: float,
                            axis_name: Optional[str] = None,
-                           queue_valid: Optional[jax.Array] = None):
+                           queue_valid: Optional[jax.Array] = None, precision=_core.HIGHEST):
   """InfoNCE with several positives per anchor: the key and the queue entries marked positive.
 
       logits = [q.k, q @ sg(queue).T] / temperature                 # (B, 1+K)
@@ -78,8 +82,8 @@ def multi_positive_infonce(query: jax.Array, key: jax.Array, queue: jax.Array, *
   mask this is `moco_infonce`.
 
   Args:
-    query, key, queue, temperature, axis_name, queue_valid: as `moco_infonce` (queue required;
-      an invalid row is neither a negative nor a positive).
+    query, key, queue, temperature, axis_name, queue_valid, precision: as `moco_infonce`
+      (queue required; an invalid row is neither a negative nor a positive).
     positive_mask: (B, K) bool, which queue rows are positives of which anchor. With `axis_name`
       it is split by *columns*: each device passes the (Bg, K/n) block matching its queue rows
       (shard_map in_specs `P(None, axis)`), so no device ever holds a Bg x K mask it does not use.
@@ -99,7 +103,8 @@ def multi_positive_infonce(query: jax.Array, key: jax.Array, queue: jax.Array, *
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   q, k = _core.prepare(query, key, dist)
   pos = jnp.sum(q * k, axis=-1) / temperature
-  neg = _core.mask_columns(q @ _core.queue_block(queue).T / temperature, valid)
+  neg = _core.mask_columns(_core.sim(q, _core.queue_block(queue), precision) / temperature,
+                           valid)
   mask = jax.lax.stop_gradient(jnp.asarray(positive_mask, bool))
   return _multi_positive_from_logits(pos, neg, mask, dist, valid)
 

@@ -11,7 +11,8 @@ from jaxcontrast.losses import _core
 
 def sce(query: jax.Array, key: jax.Array, queue: jax.Array, *, temperature: float = 0.1,
         target_temperature: float = 0.07, coeff: float = 0.5, mask_self: bool = False,
-        axis_name: Optional[str] = None, queue_valid: Optional[jax.Array] = None):
+        axis_name: Optional[str] = None, queue_valid: Optional[jax.Array] = None,
+        precision=_core.HIGHEST):
   """SCE loss: cross-entropy to a target mixing the one-hot positive with the key's similarities.
 
   Exact semantics of the official code (CEA-LIST/SCE `sce.py`, eztorch `sce_loss.py`):
@@ -37,6 +38,9 @@ def sce(query: jax.Array, key: jax.Array, queue: jax.Array, *, temperature: floa
     queue_valid: optional mask of the queue rows that hold real keys (see `moco_infonce`); the
       others are out of both distributions. With `mask_self` and no valid row, the target is the
       one-hot positive.
+    precision: matrix-product precision of the similarities (default
+      `lax.Precision.HIGHEST`: exact float32; the backend default is TF32 on GPU and one bfloat16
+      pass on TPU, whose rounding the temperature magnifies).
 
   Returns:
     (loss, metrics): `pos_logit`, `neg_logit`, `acc` of the online logits, and `target_entropy`
@@ -53,8 +57,8 @@ def sce(query: jax.Array, key: jax.Array, queue: jax.Array, *, temperature: floa
   block = _core.queue_block(queue)
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
   lq_pos = jnp.sum(q * k, axis=-1) / temperature                   # (Bg,)
-  lq_neg = _core.mask_columns(q @ block.T / temperature, valid)    # (Bg, K_local)
-  lk_neg = _core.mask_columns(k @ block.T / target_temperature, valid)
+  lq_neg = _core.mask_columns(_core.sim(q, block, precision) / temperature, valid)  # (Bg, K_l)
+  lk_neg = _core.mask_columns(_core.sim(k, block, precision) / target_temperature, valid)
   lk_head = None if mask_self else jnp.zeros_like(lq_pos)[:, None]
   lse_k = _core.split_logsumexp(lk_head, lk_neg, dist)
   p_self = jnp.zeros_like(lse_k) if mask_self else jnp.exp(-lse_k)

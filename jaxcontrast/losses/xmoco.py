@@ -18,7 +18,7 @@ from jaxcontrast.losses import _core
 
 def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: float = 0.1,
                             divergence: str = "kl", pairs: str = "query",
-                            axis_name: Optional[str] = None):
+                            axis_name: Optional[str] = None, precision=_core.HIGHEST):
   """Cross-similarity consistency over the global batch (interpretation, see module docstring).
 
   The similarity of image i to image j under view 1 (online) should match the same similarity
@@ -30,7 +30,8 @@ def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: fl
       divergence="kl":  reg = mean_i KL(softmax(S_k[i, j!=i] / tau) || softmax(S_q[i, j!=i] / tau))
       divergence="mse": reg = mean_{i != j} (S_q[i, j] - S_k[i, j])^2      (raw cosines)
 
-  A global batch of one has no pairs: the value is 0.
+  A global batch of one has no pairs: the value is 0. `precision`: of the similarity products
+  (default `lax.Precision.HIGHEST`, see `moco_infonce`).
 
   Returns:
     (reg, metrics) with metrics `cross_consistency` (the same value).
@@ -44,8 +45,8 @@ def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: fl
   if q.shape[0] == 1:
     per_row = jnp.zeros((1,), q.dtype) * jnp.sum(q)  # keeps the (zero) dependence on query
   else:
-    s_q = _core.off_diagonal(q @ (q if pairs == "query" else k).T)
-    s_k = _core.off_diagonal(k @ k.T)
+    s_q = _core.off_diagonal(_core.sim(q, q if pairs == "query" else k, precision))
+    s_k = _core.off_diagonal(_core.sim(k, k, precision))
     if divergence == "kl":
       log_p = jax.nn.log_softmax(s_q / temperature, axis=-1)
       log_r = jax.nn.log_softmax(s_k / temperature, axis=-1)
@@ -58,7 +59,7 @@ def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: fl
 
 def xmoco_negative_uniformity(query: jax.Array, queue: jax.Array, *, temperature: float = 0.2,
                               per_sample: bool = False, axis_name: Optional[str] = None,
-                              queue_valid: Optional[jax.Array] = None):
+                              queue_valid: Optional[jax.Array] = None, precision=_core.HIGHEST):
   """Uniform similarity over the negatives across the batch (interpretation, see module docstring).
 
       p_i  = softmax(n(query_i) @ sg(queue).T / tau)          # (Bg, K)
@@ -69,7 +70,8 @@ def xmoco_negative_uniformity(query: jax.Array, queue: jax.Array, *, temperature
   Computed in log space (log pbar = logsumexp_i log p_ij - log Bg), so negatives no query
   looks at give 0 * log 0 = 0 without NaNs. With `axis_name` each device reduces its own K/n
   columns and one psum adds them. `queue_valid` (optional, see `moco_infonce`) leaves unfilled
-  rows out: K becomes the number of valid rows; with none the regulariser is 0.
+  rows out: K becomes the number of valid rows; with none the regulariser is 0. `precision`: of
+  the similarity products (default `lax.Precision.HIGHEST`, see `moco_infonce`).
 
   Returns:
     (reg, metrics) with metrics `negative_uniformity` (the same value).
@@ -80,7 +82,7 @@ def xmoco_negative_uniformity(query: jax.Array, queue: jax.Array, *, temperature
   dist = _core.Dist(axis_name, query.shape[0])
   q, _ = _core.prepare(query, None, dist)
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
-  logits = q @ _core.queue_block(queue).T / temperature          # (Bg, K_local)
+  logits = _core.sim(q, _core.queue_block(queue), precision) / temperature   # (Bg, K_local)
   logits = _core.mask_columns(logits, valid)
   log_p = logits - _core.split_logsumexp(None, logits, dist)[:, None]
   count = _core.num_valid(logits, valid, dist)
