@@ -44,6 +44,7 @@ def long(c):
   """`bash launch/local.sh --long`: the same recipe for 12 epochs (~40 min on 2 cores).
   NOT YET MEASURED: the number of epochs at which the probe beats raw pixels is still open."""
   c.num_epochs = 12
+  c.keep_checkpoints = 13   # every epoch's checkpoint stays, for the probe at each run length
 
 
 def get_config(arg=None):
