@@ -95,8 +95,9 @@ def mocov2_imagenet(c) -> None:
 
 
 def tiny(c) -> None:
-  """Shrinks any recipe for tests and smoke runs: ResNet-18 at width 1/8, 16x16 inputs,
-  batch 16, K 64, 4 steps, no kNN; the method's own settings stay."""
+  """Shrinks any recipe for tests and smoke runs: ResNet-18 at width 1/8, 16x16 inputs (local
+  crops 12, 10, 8, ...), batch 16, K 64, 4 steps, no kNN; the method's own settings stay (a
+  file's own variants run before it, in any order: `:tiny,multicrop`)."""
   c.model.update(arch="resnet18", stem="cifar", width=0.125, proj_hidden_dims=(32,), proj_dim=16)
   if c.model.pred_dim:
     c.model.update(pred_hidden_dims=(32,), pred_dim=16)
@@ -113,6 +114,8 @@ def tiny(c) -> None:
     c.bn.groups = 4
   if c.objective.fnc.num_support_views:
     c.objective.fnc.num_support_views = c.data.num_support_views = 2
+  if c.data.local_crop_sizes:   # multi-crop: same number of local crops, 12, 10, 8, ... px
+    c.data.local_crop_sizes = tuple(max(4, 12 - 2 * i) for i in range(len(c.data.local_crop_sizes)))
   c.data.shuffle_buffer = 64
 
 

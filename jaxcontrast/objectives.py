@@ -138,21 +138,42 @@ def _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name):
   return total, metrics
 
 
+def crop_pairs(queries, keys, local_queries=()):
+  """The (query, key) pairs of one step, multi-crop included, in the SCE code's order.
+
+  queries / keys: one (B, D) embedding per global direction: `(q1,)`, `(k2,)` (asymmetric) or
+  `(q1, q2)`, `(k2, k1)` (symmetric: q_j against the key of the other global view). Each local
+  crop's query is an extra query against every global view's key:
+
+      pairs = [(queries[d], keys[d]) for d] + [(q_l, k) for q_l in local_queries for k in keys]
+
+  Averaging a loss over these pairs is the official SCE multi-crop loss (eztorch
+  `ShuffleMomentumQueueBaseModel.training_step`): symmetric, sum over global views i and all
+  crops j != i of loss(q_j, k_i), divided by (num_crops - 1) * num_global_crops; asymmetric,
+  loss(q_j, k_2) over the other crops j, divided by num_crops - 1.
+  """
+  if len(queries) != len(keys):
+    raise ValueError(f"{len(queries)} queries for {len(keys)} keys: one key per direction")
+  return list(zip(queries, keys)) + [(q, k) for q in local_queries for k in keys]
+
+
 def objective_value(cfg, queries, keys, queue_keys, queue_ids, queue_valid, extras,
-                    axis_name: Optional[str] = None, queue_labels=None):
+                    axis_name: Optional[str] = None, queue_labels=None, local_queries=()):
   """The whole objective for one step.
 
   queries / keys: tuples of (B, D) embeddings, one per direction: `(q1,)`, `(k2,)` for the
-  asymmetric loss; `(q1, q2)`, `(k2, k1)` for the symmetric one (averaged). The queue is the one
-  from before this step; `queue_valid` (K,) bool or None marks the rows holding real keys
-  (`queue.mask_unfilled`). Returns (loss, metrics), metrics averaged over directions.
+  asymmetric loss; `(q1, q2)`, `(k2, k1)` for the symmetric one. local_queries: the online
+  embeddings of the multi-crop local views, each an extra query against every key
+  (`crop_pairs`); the objective is the mean over all pairs. The queue is the one from before
+  this step; `queue_valid` (K,) bool or None marks the rows holding real keys
+  (`queue.mask_unfilled`). Returns (loss, metrics), metrics averaged over the pairs.
 
   With `queue_labels` (K,) and `extras["label"]` (B,) the metrics also hold the label
   diagnostics (`diagnostics.label_metrics`: "diag/queue_same_label", and for FNC
   "diag/fn_precision", "diag/fn_recall"); labels never enter the loss.
   """
   totals, all_metrics = [], []
-  for q, k in zip(queries, keys):
+  for q, k in crop_pairs(queries, keys, local_queries):
     total, metrics = _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name)
     totals.append(total)
     all_metrics.append(metrics)
@@ -168,8 +189,8 @@ def objective_value(cfg, queries, keys, queue_keys, queue_ids, queue_valid, extr
 
 
 def make_objective_fn(cfg, *, mesh, queue_mode: str, axis_name: str = "data"):
-  """`fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None)
-  -> (loss, metrics)`.
+  """`fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None,
+  local_queries=()) -> (loss, metrics)` (arguments as in `objective_value`).
 
   `replicated`: plain global-array code (XLA partitions the batch; the queue is on every device).
   `sharded`: one `jax.shard_map` over `axis_name`; queue rows and batch rows split, outputs
@@ -178,18 +199,21 @@ def make_objective_fn(cfg, *, mesh, queue_mode: str, axis_name: str = "data"):
   neighbours) are batch-split in both.
   """
   if queue_mode == "replicated":
-    return lambda qs, ks, qk, qi, qv, extras, ql=None: objective_value(
-        cfg, qs, ks, qk, qi, qv, extras, None, ql)
+    return lambda qs, ks, qk, qi, qv, extras, ql=None, local_queries=(): objective_value(
+        cfg, qs, ks, qk, qi, qv, extras, None, ql, tuple(local_queries))
   if queue_mode != "sharded":
     raise ValueError(f"queue.mode must be 'replicated' or 'sharded', got {queue_mode!r}")
 
-  def fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None):
-    body = lambda qs, ks, qk, qi, qv, ex, ql: objective_value(cfg, qs, ks, qk, qi, qv, ex,
-                                                              axis_name, ql)
+  def fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None,
+         local_queries=()):
+    body = lambda qs, ks, qk, qi, qv, ex, ql, lq: objective_value(cfg, qs, ks, qk, qi, qv, ex,
+                                                                  axis_name, ql, lq)
     batch_spec, rows = P(axis_name), P(axis_name)
-    specs = (jax.tree.map(lambda _: batch_spec, queries), jax.tree.map(lambda _: batch_spec, keys),
-             rows, rows, rows, jax.tree.map(lambda _: batch_spec, extras), rows)
+    split = lambda tree: jax.tree.map(lambda _: batch_spec, tree)
+    local_queries = tuple(local_queries)
+    specs = (split(queries), split(keys), rows, rows, rows, split(extras), rows,
+             split(local_queries))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)(
-        queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels)
+        queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels, local_queries)
 
   return fn

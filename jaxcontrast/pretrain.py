@@ -31,8 +31,14 @@ from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh, 
 
 log = logging.getLogger("jaxcontrast")
 
-# What the train step reads from a batch (interfaces: view1, view2, support, id, key_id, label).
+# What the train step reads from a batch (interfaces: view1, view2, support, id, key_id, label),
+# besides the multi-crop local views "local_i".
 BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label")
+
+
+def step_inputs(batch: dict) -> dict:
+  """The entries of a pipeline batch that the train step reads (BATCH_KEYS and "local_i")."""
+  return {k: v for k, v in batch.items() if k in BATCH_KEYS or k.startswith("local_")}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -217,7 +223,7 @@ def train_and_evaluate(config, workdir) -> dict:
   try:
     for step in range(start, steps):
       batch = next(data)
-      batch = global_batch_from_local(mesh, {k: batch[k] for k in BATCH_KEYS if k in batch})
+      batch = global_batch_from_local(mesh, step_inputs(batch))
       state, metrics = step_fn(state, batch)
       examples += local_batch
       first_bad = _track_first_bad(first_bad, state.step, metrics["loss"], metrics["grad_norm"])

@@ -5,7 +5,8 @@ One step (METHODS.md section 0), all inside one `jax.jit` over the mesh, the sta
   2. [ema.update_at == before_keys] target <- m target + (1 - m) online   (MoCo v2);
   3. target forward (train-mode BN, its own statistics) on the key view(s) and support views,
      with the BN-shuffle permutation of `bn.mode`; no gradient;
-  4. online forward + objective against the queue *as it was before this step*; gradients;
+  4. online forward (view 1, view 2 when symmetric, each multi-crop local view) + objective
+     against the queue *as it was before this step*; gradients;
   5. optimizer update; [ema.update_at == after_step] target EMA from the new params (SCE, FNC);
   6. enqueue this step's keys (both views' when symmetric) with their ids and labels; step + 1.
 
@@ -100,6 +101,12 @@ def validate_config(config) -> None:
                       store_ids=config.queue.store_ids)
 
 
+def local_view_names(batch) -> list[str]:
+  """The batch's multi-crop local views, "local_0", "local_1", ... in crop order."""
+  names = [k for k in batch if k.startswith("local_")]
+  return sorted(names, key=lambda k: int(k[len("local_"):]))
+
+
 def query_embedding(out: dict) -> jax.Array:
   """The online network's output used as the query: predictor output if any, else projection."""
   return out["prediction"] if "prediction" in out else out["projection"]
@@ -143,7 +150,9 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
   """The un-jitted step `(state, batch) -> (state, metrics)`; `jit_train_step` compiles it.
 
   batch: dict of global arrays split on `data`: "view1" (online view), "view2" (key view),
-  optional "support" (B, S, H, W, C), "id", "key_id", "neighbors", "label" (int32 class of the
+  optional "support" (B, S, H, W, C), "local_0", "local_1", ... (multi-crop local views (B, h_i,
+  h_i, C): extra online queries against the keys, `objectives.crop_pairs`; never enqueued),
+  "id", "key_id", "neighbors", "label" (int32 class of the
   anchor image, -1 = unknown) and "key_label" (class of the image view2 was cut from; default
   "label"). The "diag/..." metrics are present iff "label" is in the batch, the queue exists and
   `queue.store_labels` is on.
@@ -191,6 +200,7 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
                                 predict=False, mutable=["batch_stats"])[0]
       extras["support"] = jax.lax.stop_gradient(out["projection"].reshape(b, s, -1))
     batch_size = batch["view1"].shape[0]
+    local_names = local_view_names(batch)
     ids = batch.get("id", jnp.full((batch_size,), -1, jnp.int32))
     key_ids = batch.get("key_id", ids)
     if cfg_obj.loss == "multi_positive":
@@ -223,8 +233,16 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
                                             batch["view2"], train=True, mutable=["batch_stats"])
         queries, keys = queries + (query_embedding(out2),), (k2, k1)
         stats = updates["batch_stats"]
+      # Multi-crop: each local crop is one more online forward (its own BN batch, as SCE's code
+      # forwards each resolution separately) and one more query against every key.
+      local_queries = ()
+      for name in local_names:
+        out_l, updates = models.online.apply({"params": params, "batch_stats": stats},
+                                             batch[name], train=True, mutable=["batch_stats"])
+        local_queries += (query_embedding(out_l),)
+        stats = updates["batch_stats"]
       loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, queue_valid, extras,
-                                   queue_labels)
+                                   queue_labels, local_queries=local_queries)
       return loss, (metrics, stats)
 
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -16,10 +16,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "common.py")
 # Variants of a file beyond the shared ones (common.VARIANTS), by method.
 OWN_VARIANTS = {"sepp": ["queue_ids"]}
+OWN_FILE_VARIANTS = {"sce_imagenet2012": ["multicrop"]}
 
 
 def variants_of(path):
-  own = OWN_VARIANTS.get(path.name.split("_")[0], [])
+  own = OWN_VARIANTS.get(path.name.split("_")[0], []) + OWN_FILE_VARIANTS.get(path.stem, [])
   if path.stem.endswith("_cpu"):   # the main job's config (configs/moco_fashion_mnist_cpu.py)
     own = own + ["long"]
   shared = ["", "tiny"] + (["cpu"] if "fashion_mnist" in path.name else [])
@@ -55,6 +56,10 @@ def test_config_loads_and_validates(path, variant):
   if "tiny" in variant:
     assert (c.global_batch_size, c.queue.size, c.data.image_size, c.knn_every) == (16, 64, 16, 0)
     assert c.model.width == 0.125 and c.optim.warmup_steps <= 1
+  if "multicrop" in variant:
+    sizes = (12, 10, 8, 6) if "tiny" in variant else (192, 160, 128, 96)
+    assert c.data.local_crop_sizes == sizes
+    assert len(recipes.local_crop_scales(c.data)) == 4
   if "queue_ids" in variant:
     assert c.objective.loss == "multi_positive" and c.queue.store_ids
   if ("cpu" in variant or path.stem.endswith("_cpu")) and "tiny" not in variant:

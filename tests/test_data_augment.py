@@ -245,7 +245,7 @@ def test_default_config_keys():
   for key in ("dataset", "data_dir", "train_split", "eval_split", "image_size", "num_channels",
               "recipe", "num_support_views", "local_crop_sizes", "local_crop_scale",
               "semantic_pairs", "p_semantic", "shuffle_buffer", "prefetch", "cache",
-              "eval_crop_ratio", "view1", "view2"):
+              "eval_crop_ratio", "view1", "view2", "local_view"):
     assert key in cfg, key
   assert cfg.dataset == "fashion_mnist" and cfg.recipe == "mocov2" and cfg.data_dir is None
   cfg.image_size = 64  # Typed placeholders accept values (as command-line flags do).

@@ -1,4 +1,5 @@
 """Training and evaluation pipelines on the real Fashion-MNIST files (via our tfds builder)."""
+import dataclasses
 import numpy as np
 import pytest
 
@@ -95,7 +96,8 @@ def test_grayscale_as_three_channels_and_info(fashion_dir):
 
 def test_support_views_and_multicrop(fashion_dir):
   cfg = fashion_config(fashion_dir, train_split="test", num_support_views=3,
-                       local_crop_sizes=(12, 16), image_size=32)
+                       local_crop_sizes=(12, 16), image_size=32,
+                       local_crop_scale=((0.3, 0.6), (0.05, 0.1)))
   batch = first_batch(_train(cfg, batch_size=4))
   assert batch["view1"].shape == (4, 32, 32, 1)
   assert batch["support"].shape == (4, 3, 32, 32, 1) and batch["support"].dtype == np.float32
@@ -179,10 +181,27 @@ def test_recipe_overrides_and_presets():
   assert views["view2"].blur_prob == 0.1 and views["view2"].solarize_prob == 0.2
   assert views["support"] == views["view2"]
   cfg.view2.blur_prob = 0.3
+  cfg.local_crop_sizes = (12, 8)
   cfg.local_crop_scale = (0.05, 0.3)
   views = recipes.view_recipes(cfg)
   assert views["view2"].blur_prob == 0.3 and views["view1"].blur_prob == 1.0
-  assert views["local"].crop_scale == (0.05, 0.3) and views["local"].blur_prob == 1.0
+  for name in ("local_0", "local_1"):   # one range for all: view 1's recipe, that crop scale
+    assert views[name] == dataclasses.replace(views["view1"], crop_scale=(0.05, 0.3))
+  # One range per crop, and the local_view overrides on top of view 1's recipe.
+  cfg.local_crop_scale = ((0.2, 0.8), (0.1, 0.4))
+  cfg.local_view.blur_prob = 0.5
+  cfg.local_view.solarize_prob = 0.2
+  views = recipes.view_recipes(cfg)
+  assert views["local_0"].crop_scale == (0.2, 0.8) and views["local_1"].crop_scale == (0.1, 0.4)
+  assert views["local_1"] == dataclasses.replace(views["view1"], crop_scale=(0.1, 0.4),
+                                                 blur_prob=0.5, solarize_prob=0.2)
+  assert views["view1"].blur_prob == 1.0 and views["view1"].solarize_prob == 0.0
+  for bad, match in [(((0.2, 0.8),), "1 ranges for 2 local crops"),
+                     (((0.2, 0.8), (0.5, 0.4)), "0 < min <= max <= 1"), ((0.0, 0.5), "got")]:
+    cfg.local_crop_scale = bad
+    with pytest.raises(ValueError, match=match):
+      recipes.view_recipes(cfg)
+  cfg.local_crop_sizes, cfg.local_crop_scale = (), (0.05, 0.14)
   cfg.recipe = "sce_cifar"
   weak = recipes.view_recipes(cfg)["view2"]
   assert weak.jitter_prob == weak.grayscale_prob == weak.solarize_prob == 0.0

@@ -56,8 +56,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_support_views = 0
   # Multi-crop: sizes of the extra local crops ("local_0", ...), e.g. (96, 96); () = none.
   c.local_crop_sizes = ()
-  # Multi-crop: RandomResizedCrop area range of the local crops.
+  # Multi-crop: RandomResizedCrop area range of the local crops: one (min, max) pair for all,
+  # or one pair per crop, e.g. ((0.172, 0.86), (0.086, 0.429)).
   c.local_crop_scale = (0.05, 0.14)
+  # Multi-crop: overrides of view 1's recipe for the local crops (online branch).
+  c.local_view = view_overrides()
   # SePP: path of a semantic pairs .npz (jaxcontrast.semantic_pairs); None = off.
   c.semantic_pairs = config_dict.placeholder(str)
   # SePP: probability that view 2 comes from a semantic partner instead of the anchor.

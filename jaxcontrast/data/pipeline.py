@@ -126,7 +126,7 @@ def _view_sizes(cfg, r: _Resolved) -> list[tuple[str, str, int]]:
   views = [("view1", "view1", r.image_size), ("view2", "view2", r.image_size)]
   views += [(f"support_{s}", "support", r.image_size)
             for s in range(int(cfg.get("num_support_views") or 0))]
-  views += [(f"local_{i}", "local", int(size))
+  views += [(f"local_{i}", f"local_{i}", int(size))
             for i, size in enumerate(cfg.get("local_crop_sizes") or ())]
   return views
 
@@ -230,7 +230,8 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
                                          shape[0], shape[1])
     boxes = params.pop("box")
     for v, (name, kind, size) in enumerate(views):
-      source = anchor if kind in ("view1", "local") else target
+      # Local crops are extra online views of the anchor (the key comes from the target image).
+      source = anchor if kind == "view1" or kind.startswith("local_") else target
       crop = augment.crop_and_resize(source, boxes[v], size, flip=params["flip"][v],
                                      antialias=antialias)
       out[name] = tf.ensure_shape(crop, [size, size, r.num_channels])

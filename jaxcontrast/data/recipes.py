@@ -5,8 +5,9 @@ A recipe is a pair of `ViewRecipe`s: view 1 feeds the ONLINE (query) branch, vie
 
 * FNC support views (METHODS §5) use view 2's recipe: they are embedded by the target encoder,
   like the key view.
-* Multi-crop local views use view 1's recipe with their own crop scale
-  (`local_crop_scale`): they go through the online branch, as in SwAV and SCE's multi-crop.
+* Multi-crop local views use view 1's recipe with their own crop scale (`local_crop_scale`: one
+  range for all, or one per crop) and the `local_view` overrides: they go through the online
+  branch, as in SwAV and SCE's multi-crop.
 * SePP (§6) changes which image view 2 is cut from, not how: any recipe works.
 
 Any knob of any view can be overridden from the config (`config.view1.blur_prob = 0.3`, ...).
@@ -63,11 +64,35 @@ def _override(base: ViewRecipe, overrides: Mapping[str, Any] | None, where: str)
   return dataclasses.replace(base, **changes)
 
 
-def view_recipes(data_config) -> dict[str, ViewRecipe]:
-  """The recipe of every view kind: "view1", "view2", "support" and "local".
+def local_crop_scales(data_config) -> list[tuple[float, float]]:
+  """The RandomResizedCrop area range of each local crop (`local_crop_sizes` order).
+
+  `local_crop_scale` is one (min, max) pair for every crop or a sequence of pairs, one per crop
+  (SCE's multi-crop scales each crop's range with its size).
 
   Raises:
-    ValueError: unknown recipe name or override knob.
+    ValueError: not a pair or a sequence of pairs of the right length, or a range outside (0, 1].
+  """
+  sizes = tuple(data_config.get("local_crop_sizes") or ())
+  scale = tuple(data_config.get("local_crop_scale") or ())
+  per_crop = bool(scale) and all(isinstance(s, (list, tuple)) for s in scale)
+  scales = [tuple(s) for s in scale] if per_crop else [scale] * len(sizes)
+  if per_crop and len(scales) != len(sizes):
+    raise ValueError(f"local_crop_scale has {len(scales)} ranges for {len(sizes)} local crops "
+                     f"(local_crop_sizes={sizes}): give one (min, max) pair or one per crop")
+  for s in scales:
+    if len(s) != 2 or not 0 < s[0] <= s[1] <= 1:
+      raise ValueError(f"local_crop_scale: each range must be (min, max) with 0 < min <= max <= "
+                       f"1, got {s}")
+  return [(float(lo), float(hi)) for lo, hi in scales]
+
+
+def view_recipes(data_config) -> dict[str, ViewRecipe]:
+  """The recipe of every view kind: "view1", "view2", "support" and "local_i" (one per local
+  crop: view 1's recipe, then `local_view`, then its `local_crop_scale`).
+
+  Raises:
+    ValueError: unknown recipe name, override knob or malformed `local_crop_scale`.
   """
   name = data_config.recipe
   if name not in RECIPES:
@@ -75,5 +100,8 @@ def view_recipes(data_config) -> dict[str, ViewRecipe]:
   base1, base2 = RECIPES[name]
   view1 = _override(base1, data_config.get("view1"), "config.view1")
   view2 = _override(base2, data_config.get("view2"), "config.view2")
-  local = dataclasses.replace(view1, crop_scale=tuple(data_config.local_crop_scale))
-  return {"view1": view1, "view2": view2, "support": view2, "local": local}
+  local = _override(view1, data_config.get("local_view"), "config.local_view")
+  recipes = {"view1": view1, "view2": view2, "support": view2}
+  for i, scale in enumerate(local_crop_scales(data_config)):
+    recipes[f"local_{i}"] = dataclasses.replace(local, crop_scale=scale)
+  return recipes
