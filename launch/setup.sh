@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a .venv at the repository root with the package (editable) and its test
-# extras, plus the embedded Fashion-MNIST from Debian. Re-running is a no-op unless setup.cfg or
-# pyproject.toml changed (a stamp in .venv records their hash). Source it or run it.
+# Idempotent set-up: a .venv at the repository root with the package (editable) and its train
+# and test extras at the versions of launch/constraints.txt, plus the embedded Fashion-MNIST
+# from Debian. Re-running is a no-op unless setup.cfg, pyproject.toml or the constraints changed
+# (a stamp in .venv records their hash). Source it or run it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PYTHON:-python3}"
 stamp=.venv/.jaxcontrast-installed
-want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+want="$(cat setup.cfg pyproject.toml launch/constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing jaxcontrast into .venv (first run takes about 2 minutes)" >&2
   [ -x .venv/bin/python ] || "$py" -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c launch/constraints.txt -e ".[train,test]"
   echo "$want" > "$stamp"
 fi
 # The offline default dataset: original Fashion-MNIST idx files from Debian.
