@@ -5,16 +5,17 @@ loss on 8 (simulated) devices checked against the single-device value.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from jaxcontrast import losses  # noqa: E402
-
 
 def main():
+  # 8 simulated CPU devices for the sharded check, set here rather than at import time: importing
+  # this module changes nothing, and the flags only take effect if jax is not yet imported.
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from jaxcontrast import losses  # pylint: disable=g-import-not-at-top
+
   rng = jax.random.split(jax.random.key(0), 4)
   batch, queue_size, dim, support = 16, 64, 32, 4
   query = jax.random.normal(rng[0], (batch, dim))
