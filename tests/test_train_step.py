@@ -88,9 +88,11 @@ def queue_rows_as_set(q, num_blocks):
 
 @pytest.mark.parametrize("method,variant", METHOD_VARIANTS)
 def test_one_device_equals_eight(method, variant, monkeypatch):
-  """Same global batch on 1 device and on 8 devices with the replicated and with the K-sharded
-  queue: same losses, gradients (from the SGD update), new params, EMA params, BN statistics
-  and queue, over two steps (the second reads the first's keys from the queue).
+  """Same global batch on 1 device and on 8 devices with the K-sharded queue (every method: each
+  loss's own distributed code) and with the replicated queue (MoCo, SCE, FNC: the partitioning
+  of the plain global-array objective by XLA, the same code for every loss): same losses,
+  gradients (from the SGD update), new params, EMA params, BN statistics and queue, over two
+  steps (the second reads the first's keys from the queue).
 
   The nets here use GELU for ReLU. A ReLU net's gradient jumps where a pre-activation crosses 0,
   and the 1- and 8-device runs reach step 2 at params a float rounding apart: with ReLU, CO2's
@@ -105,7 +107,8 @@ def test_one_device_equals_eight(method, variant, monkeypatch):
   history1 = []
   init1, final1, m1, _ = run_steps(c, 1, batches, params_history=history1)
   grads1 = step_gradients(init1.params, history1)
-  for queue_mode in ("replicated", "sharded"):
+  queue_modes = ("replicated", "sharded") if method in ("moco", "sce", "fnc") else ("sharded",)
+  for queue_mode in queue_modes:
     c = tiny_config(method, variant, queue_mode=queue_mode)
     history8 = []
     init8, final8, m8, _ = run_steps(c, 8, batches, params_history=history8)
@@ -171,13 +174,10 @@ def test_sharded_queue_step_never_gathers_the_queue():
 
 
 def test_target_gets_no_gradient_and_ema_follows_the_formula():
-  """With momentum 1 the target never moves (nothing but the EMA writes it); with m < 1 and
-  `before_keys` the target after one step is m * target0 + (1 - m) * online0."""
+  """With `before_keys` the target after one step is m * target0 + (1 - m) * online0, with
+  `after_step` m * target0 + (1 - m) * online1, to 1e-6: nothing but the EMA writes the target
+  (a gradient or optimizer update reaching it would break both equalities)."""
   batches = [random_batch(tiny_config("moco"), np.random.RandomState(0))]
-  c = tiny_config("moco")
-  c.ema.momentum = 1.0
-  init, final, _, _ = run_steps(c, 1, batches)
-  assert_trees_close(init.ema_params, final.ema_params, 0, "target with m=1")
   c = tiny_config("moco")
   c.ema.update(momentum=0.9, init="independent")
   init, final, _, _ = run_steps(c, 1, batches)
@@ -245,18 +245,20 @@ def test_training_on_real_images_lowers_the_loss(method, variant, fashion_images
 @pytest.mark.parametrize("method", ["moco", "sce"])
 def test_mask_unfilled_queue(method):
   """`queue.mask_unfilled`: the first step sees no negatives (only the positive: loss exactly
-  0), later steps only the keys enqueued so far; 1 device equals 8 with the sharded queue; off
-  (MoCo's default), the noise rows are negatives from the first step."""
+  0), later steps only the keys enqueued so far. SCE: 1 device equals 8 with the sharded queue.
+  MoCo: off (its default), the noise rows are negatives from the first step."""
   c = tiny_config(method, queue_mode="sharded")
   c.queue.mask_unfilled = True
   rng = np.random.RandomState(0)
   batches = [random_batch(c, rng) for _ in range(3)]
   _, _, m1, _ = run_steps(c, 1, batches)
-  _, _, m8, _ = run_steps(c, 8, batches)
   losses1 = np.array([m["loss"] for m in m1])
-  np.testing.assert_allclose([m["loss"] for m in m8], losses1, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(losses1[0], 0.0, atol=1e-6)
   assert losses1[1] > 0.1
-  c.queue.mask_unfilled = False
-  _, _, m_noise, _ = run_steps(c, 1, batches[:1])
-  assert float(m_noise[0]["loss"]) > 0.1
+  if method == "sce":
+    _, _, m8, _ = run_steps(c, 8, batches)
+    np.testing.assert_allclose([m["loss"] for m in m8], losses1, rtol=1e-4, atol=1e-5)
+  else:
+    c.queue.mask_unfilled = False
+    _, _, m_noise, _ = run_steps(c, 1, batches[:1])
+    assert float(m_noise[0]["loss"]) > 0.1
