@@ -31,9 +31,9 @@ from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh, 
 
 log = logging.getLogger("jaxcontrast")
 
-# What the train step reads from a batch (interfaces: view1, view2, support, id, key_id, label),
-# besides the multi-crop local views "local_i".
-BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label")
+# What the train step reads from a batch (interfaces: view1, view2, support, id, key_id, label,
+# neighbors), besides the multi-crop local views "local_i".
+BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label", "neighbors")
 
 
 def step_inputs(batch: dict) -> dict:

@@ -49,9 +49,10 @@ def test_partners_are_neighbours_and_view2_is_cut_from_them(fashion_dir, pairs_p
   batches = _batches(_sepp_config(fashion_dir, pairs_path, 1.0))
   drew_second = False
   for b in batches:
-    for i, k in zip(b["id"], b["key_id"]):
+    for i, k, row in zip(b["id"], b["key_id"], b["neighbors"]):
       options = _neighbours(int(i))
       assert k in options if options else k == i  # p = 1: a neighbour whenever there is one.
+      assert sorted(int(n) for n in row if n >= 0) == options   # the pairs file's row, -1 padded
       drew_second |= len(options) == 2 and k == options[1]
     np.testing.assert_array_equal(b["label"], labels[b["id"]])
     view2 = unnormalize(b["view2"], (0.2860,), (0.3530,)) * 255

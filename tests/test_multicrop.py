@@ -138,8 +138,10 @@ def test_objective_with_local_crops_eight_devices_equal_one(case):
 
 
 def test_pretrain_feeds_local_views_to_the_step():
-  batch = {"view1": 1, "view2": 2, "local_0": 3, "local_1": 4, "params": 5, "support": 6}
-  assert set(pretrain.step_inputs(batch)) == {"view1", "view2", "local_0", "local_1", "support"}
+  batch = {"view1": 1, "view2": 2, "local_0": 3, "local_1": 4, "params": 5, "support": 6,
+           "neighbors": 7}
+  assert set(pretrain.step_inputs(batch)) == {"view1", "view2", "local_0", "local_1", "support",
+                                              "neighbors"}
   assert train.local_view_names({"local_10": 0, "local_2": 0, "view1": 0}) == ["local_2",
                                                                               "local_10"]
 

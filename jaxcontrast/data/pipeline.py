@@ -162,6 +162,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       "local_i"  float32 (B, h_i, h_i, C)  only for multi-crop (local_crop_sizes)
       "id"       int32 (B,)  index of the anchor within its split
       "key_id"   int32 (B,)  index of the image view2 was cut from (SePP partner, else id)
+      "neighbors" int32 (B, k)  SePP only: the anchor's mined neighbours (-1 = padding)
       "label"    int32 (B,)  -1 when the split has no labels
   """
   cfg = data_config
@@ -222,6 +223,8 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       key_id = sepp.draw_partner(k_partner, row, ex["id"], p_semantic)
       target = get_image(key_id)
     out = {"id": ex["id"], "label": ex["label"], "key_id": key_id}
+    if semantic:   # the anchor's mined neighbours: queue positives of objective.loss=multi_positive
+      out["neighbors"] = tf.cast(row, tf.int32)
     # One draw for all views. SePP images all have one size, so the anchor's shape serves the
     # views cut from the partner too.
     shape = tf.shape(anchor)
@@ -240,7 +243,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
 
   @tf.autograph.experimental.do_not_convert
   def per_batch(batch):
-    out = {k: batch[k] for k in ("id", "label", "key_id")}
+    out = {k: batch[k] for k in ("id", "label", "key_id", "neighbors") if k in batch}
     params = batch["params"]  # Entries (B, V, ...), views in the order of `views`.
     for v, (name, kind, _) in enumerate(views):
       if kind == "support":
