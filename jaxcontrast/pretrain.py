@@ -32,8 +32,8 @@ from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh, 
 log = logging.getLogger("jaxcontrast")
 
 # What the train step reads from a batch (interfaces: view1, view2, support, id, key_id, label,
-# neighbors), besides the multi-crop local views "local_i".
-BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label", "neighbors")
+# key_label, neighbors), besides the multi-crop local views "local_i".
+BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label", "key_label", "neighbors")
 
 
 def step_inputs(batch: dict) -> dict:

@@ -55,6 +55,7 @@ def test_partners_are_neighbours_and_view2_is_cut_from_them(fashion_dir, pairs_p
       assert sorted(int(n) for n in row if n >= 0) == options   # the pairs file's row, -1 padded
       drew_second |= len(options) == 2 and k == options[1]
     np.testing.assert_array_equal(b["label"], labels[b["id"]])
+    np.testing.assert_array_equal(b["key_label"], labels[b["key_id"]])
     view2 = unnormalize(b["view2"], (0.2860,), (0.3530,)) * 255
     np.testing.assert_allclose(view2, images[b["key_id"]], atol=1e-2)  # Whole partner image.
   assert drew_second  # Uniform over the valid neighbours, not always the first.

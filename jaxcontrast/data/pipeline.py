@@ -163,6 +163,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       "id"       int32 (B,)  index of the anchor within its split
       "key_id"   int32 (B,)  index of the image view2 was cut from (SePP partner, else id)
       "neighbors" int32 (B, k)  SePP only: the anchor's mined neighbours (-1 = padding)
+      "key_label" int32 (B,)  SePP only: the label of the image view2 was cut from
       "label"    int32 (B,)  -1 when the split has no labels
   """
   cfg = data_config
@@ -178,9 +179,9 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
     raise ValueError(f"p_semantic must be a probability, got {p_semantic}")
 
   datasets.check_split(r.builder, r.train_split)
-  get_image, pairs_var, sepp_offset = None, None, 0
+  get_image, get_label, pairs_var, sepp_offset = None, None, None, 0
   if semantic:
-    ds, get_image, pairs_var, sepp_offset = sepp.in_memory_source(
+    ds, get_image, get_label, pairs_var, sepp_offset = sepp.in_memory_source(
         r.builder, r.spec, r.train_split, pairs_path=semantic, convert_to=r.convert_to,
         max_bytes=int(cfg.get("in_memory_max_bytes") or 0), process_index=process_index,
         process_count=process_count)
@@ -225,6 +226,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
     out = {"id": ex["id"], "label": ex["label"], "key_id": key_id}
     if semantic:   # the anchor's mined neighbours: queue positives of objective.loss=multi_positive
       out["neighbors"] = tf.cast(row, tf.int32)
+      out["key_label"] = get_label(key_id)   # the key's own class, for the queue's diagnostics
     # One draw for all views. SePP images all have one size, so the anchor's shape serves the
     # views cut from the partner too.
     shape = tf.shape(anchor)
@@ -243,7 +245,7 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
 
   @tf.autograph.experimental.do_not_convert
   def per_batch(batch):
-    out = {k: batch[k] for k in ("id", "label", "key_id", "neighbors") if k in batch}
+    out = {k: batch[k] for k in ("id", "label", "key_id", "key_label", "neighbors") if k in batch}
     params = batch["params"]  # Entries (B, V, ...), views in the order of `views`.
     for v, (name, kind, _) in enumerate(views):
       if kind == "support":

@@ -100,7 +100,8 @@ def in_memory_source(builder, spec, split: str, *, pairs_path: str, convert_to: 
 
   Returns:
     (dataset of {"id", "label"} for this process's anchors, `get_image(id)` -> uint8 image with
-    `convert_to` channels, tf.Variable of pair indices (N, k), id of row 0).
+    `convert_to` channels, `get_label(id)` -> int32 label, tf.Variable of pair indices (N, k),
+    id of row 0).
 
   Raises:
     ValueError: variable-size images, split above `max_bytes`, or a pairs file that does not
@@ -134,4 +135,7 @@ def in_memory_source(builder, spec, split: str, *, pairs_path: str, convert_to: 
   def get_image(i):
     return augment.convert_channels(tf.gather(images_var, i - offset), convert_to)
 
-  return ids, get_image, pairs_var, offset
+  def get_label(i):
+    return tf.gather(labels_t, i - offset)
+
+  return ids, get_image, get_label, pairs_var, offset
