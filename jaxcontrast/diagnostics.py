@@ -26,8 +26,8 @@ detects with its own key view) and the ratios are pooled: precision = sum |det &
 
 The anchor's label is the batch's "label" (the image view 1 and the support views are cut from).
 A queue row's label is the label of the image its key view came from: the batch's "key_label"
-when the input pipeline provides it (SePP, where the key view may come from a semantic partner),
-else "label" (then a SePP partner's key is recorded with its anchor's label).
+when the input pipeline provides it (the SePP pipeline does: the key view may come from a
+semantic partner of another class), else "label".
 """
 from __future__ import annotations
 
