@@ -6,7 +6,7 @@
 #   bash launch/local.sh --workdir /tmp/run               # another workdir (default below)
 #   bash launch/local.sh --method sce                     # another method at the same budget
 #   bash launch/local.sh --config configs/sce_fashion_mnist.py:cpu    # any config spec
-#   bash launch/local.sh --long                           # MoCo v2 for 8 epochs: beats raw pixels
+#   bash launch/local.sh --long                           # MoCo v2, 12 epochs: beats raw pixels
 #   bash launch/local.sh --config.queue.size=8192         # any config override passes through
 #
 # Recipe and measurements: configs/moco_fashion_mnist_cpu.py. Other arguments go to

@@ -66,7 +66,7 @@ def test_config_loads_and_validates(path, variant):
     # The main job's budget (common.cpu): the same for every method.
     assert (c.model.stem, c.model.width, c.global_batch_size, c.optim.name) == (
         "cifar_s2", 0.25, 128, "adamw")
-    assert c.total_steps is None and c.num_epochs == (8 if "long" in variant else 2.5)
+    assert c.total_steps is None and c.num_epochs == (12 if "long" in variant else 2.5)
 
 
 def test_base_config_has_run_layer_keys():
