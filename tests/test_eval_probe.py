@@ -68,7 +68,7 @@ def test_cli_every_encoder(workdir, capsys):
   assert target["l2"] in target["probe_config"]["full_batch"]["l2_grid"]
   assert 0 <= target["held_out_top1"] <= 1 and target["held_out_size"] == 26
   assert target["num_train"] == 256 and target["num_test"] == 128
-  assert target["feature_dim"] == 64   # ResNet-18 at width 1/8
+  assert target["feature_dim"] == 64   # ResNet-10 at width 1/8: 512 / 8
   _probe(workdir, "--config.encoder=random,pixels")   # two probes, one process
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 2 and "random/" in lines[0] and "pixels/" in lines[1]

@@ -64,6 +64,9 @@ def _assert_trees_close(a, b, rtol, atol):
     ("resnet18", 11_689_512 - 513_000),  # torchvision totals minus the 1000-way fc layer
     ("resnet34", 21_797_672 - 513_000),
     ("resnet50", 25_557_032 - 2_049_000),
+    # ResNet-18 without the second basic block of each stage: 2 convs 3x3 C->C + 2 BN (2C each)
+    # for C = 64, 128, 256, 512.
+    ("resnet10", 11_689_512 - 513_000 - sum(2 * 9 * c * c + 4 * c for c in (64, 128, 256, 512))),
 ])
 def test_full_width_parameter_counts_match_torchvision(arch, expected):
   variables = _shapes(models.build_resnet(arch), jnp.zeros((1, 224, 224, 3)), train=False)
@@ -71,7 +74,8 @@ def test_full_width_parameter_counts_match_torchvision(arch, expected):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
 
 
-@pytest.mark.parametrize("arch,feat", [("resnet18", 128), ("resnet34", 128), ("resnet50", 512)])
+@pytest.mark.parametrize("arch,feat", [("resnet10", 128), ("resnet18", 128), ("resnet34", 128),
+                                       ("resnet50", 512)])
 @pytest.mark.parametrize("stem", ["imagenet", "cifar", "cifar_s2"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_backbone_shapes(arch, feat, stem, channels):

@@ -1,6 +1,5 @@
 """Packaging: `jaxcontrast.losses` needs jax alone; training dependencies are the `train` extra."""
 import configparser
-import os
 import pathlib
 import re
 import subprocess
@@ -65,16 +64,12 @@ def test_losses_import_and_run_without_training_dependencies():
   assert proc.returncode != 0 and "blocked in this test" in proc.stderr
 
 
-def test_demo_runs_and_importing_it_changes_nothing():
+def test_importing_the_demo_changes_nothing():
+  """`python -m jaxcontrast.demo` sets its simulated-device flags in main(); importing the module
+  leaves the environment alone. (Running the demo takes ~35 s of eager compiles, so the suite
+  does not: its losses are tested on their own.)"""
   env_check = ("import os; before = dict(os.environ); import jaxcontrast.demo; "
                "assert dict(os.environ) == before; print('UNCHANGED')")
   proc = subprocess.run([sys.executable, "-c", env_check], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0 and "UNCHANGED" in proc.stdout, proc.stderr[-2000:]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run([sys.executable, "-m", "jaxcontrast.demo"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("K-sharded")][0]
-  sharded, single = map(float, re.findall(r": ([\d.]+) vs single device ([\d.]+)", line)[0])
-  assert "on 8 devices" in line and abs(sharded - single) < 1e-5, line
