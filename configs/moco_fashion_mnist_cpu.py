@@ -13,7 +13,8 @@ for the budget as follows. The budget every method shares is `common.cpu`
 
 Measured on an idle 2-core machine (2026-11-27), the whole `bash launch/local.sh`:
 2.5 epochs (1,171 steps of 128), ~300 images/s, pretraining 10 min, probes 4 min, 852 s in all
-(plus ~2 min of set-up on a fresh machine); probe 81.83% against 76.44% for the same encoder
+(plus ~2 min of set-up on a fresh machine; a fresh clone on 2026-11-28 took 1,028 s in all,
+pretraining at ~250 images/s); probe 81.83% against 76.44% for the same encoder
 at initialisation (+5.4) and 84.62% on raw pixels; kNN 70.3, 73.2, 73.7% at epochs 1, 2, 2.5.
 
 * Stem: ResNet-18 width 1/4 with the CIFAR stem runs ~250 images/s; 2.4 epochs gave a probe
