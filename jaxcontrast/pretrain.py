@@ -38,7 +38,8 @@ BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label", "key_label",
 
 def step_inputs(batch: dict) -> dict:
   """The entries of a pipeline batch that the train step reads (BATCH_KEYS and "local_i")."""
-  return {k: v for k, v in batch.items() if k in BATCH_KEYS or k.startswith("local_")}
+  keep = set(BATCH_KEYS) | set(train.local_view_names(batch))
+  return {k: v for k, v in batch.items() if k in keep}
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -223,24 +223,22 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
           queue, devices if cfg_queue.mode == "sharded" else 1)
 
     def loss_fn(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      out1, updates = models.online.apply(variables, batch["view1"], train=True,
-                                          mutable=["batch_stats"])
-      queries, keys = (query_embedding(out1),), (k2,)
-      stats = updates["batch_stats"]
-      if symmetric:
-        out2, updates = models.online.apply({"params": params, "batch_stats": stats},
-                                            batch["view2"], train=True, mutable=["batch_stats"])
-        queries, keys = queries + (query_embedding(out2),), (k2, k1)
+      stats = state.batch_stats
+
+      def query(images):
+        """Online forward in train mode; threads the BN statistics through `stats`."""
+        nonlocal stats
+        out, updates = models.online.apply({"params": params, "batch_stats": stats}, images,
+                                           train=True, mutable=["batch_stats"])
         stats = updates["batch_stats"]
+        return query_embedding(out)
+
+      queries, keys = (query(batch["view1"]),), (k2,)
+      if symmetric:
+        queries, keys = queries + (query(batch["view2"]),), (k2, k1)
       # Multi-crop: each local crop is one more online forward (its own BN batch, as SCE's code
       # forwards each resolution separately) and one more query against every key.
-      local_queries = ()
-      for name in local_names:
-        out_l, updates = models.online.apply({"params": params, "batch_stats": stats},
-                                             batch[name], train=True, mutable=["batch_stats"])
-        local_queries += (query_embedding(out_l),)
-        stats = updates["batch_stats"]
+      local_queries = tuple(query(batch[name]) for name in local_names)
       loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, queue_valid, extras,
                                    queue_labels, local_queries=local_queries)
       return loss, (metrics, stats)
