@@ -2,7 +2,7 @@
 # The main job: set up (idempotent), pretrain MoCo v2 on Fashion-MNIST on the CPU, then the same
 # linear probe on the trained encoder, on the same encoder randomly initialised and on raw pixels.
 #
-#   bash launch/local.sh                                  # MoCo v2, ~14 min on 2 idle CPU cores
+#   bash launch/local.sh                                  # MoCo v2, ~15 min on 2 idle CPU cores
 #   bash launch/local.sh --workdir /tmp/run               # another workdir (default below)
 #   bash launch/local.sh --method sce                     # another method at the same budget
 #   bash launch/local.sh --config configs/sce_fashion_mnist.py:cpu    # any config spec
@@ -68,11 +68,48 @@ if [ "$method" = sepp ] || [[ "$config" == *sepp* ]]; then
   fi
 fi
 
+# The random-init and pixel baselines do not depend on the training (never redone once there).
+# Pretraining keeps only about one of two CPU cores busy, so they run beside it, in the
+# background, as soon as its first checkpoint exists (the probe reads the run's config from it).
+baselines=()
+for encoder in random pixels; do
+  [ -f "$workdir/linear_probe_$encoder.json" ] || baselines+=("$encoder")
+done
+baseline_pid=""
+if [ ${#baselines[@]} -gt 0 ]; then
+  mkdir -p "$workdir"
+  baseline_log="$workdir/linear_probe_baselines.log"
+  encoders="$(IFS=,; echo "${baselines[*]}")"
+  echo "[local] linear probes $encoders: beside pretraining, after its first checkpoint" \
+       "(log: $baseline_log)"
+  (
+    # A finished checkpoint is a directory named by its step (Orbax renames it when complete).
+    until compgen -G "$workdir/checkpoints/[0-9]*" | grep -qE '/[0-9]+$'; do
+      kill -0 $$ 2>/dev/null || exit 1     # the launcher is gone: nothing to wait for
+      sleep 5
+    done
+    exec "$py" -m jaxcontrast.eval.linear_probe --workdir="$workdir" --config.encoder="$encoders"
+  ) > "$baseline_log" 2>&1 &
+  baseline_pid=$!
+  trap '[ -n "$baseline_pid" ] && kill "$baseline_pid" 2>/dev/null; true' EXIT
+fi
+
 echo "[local] pretraining: $config -> $workdir"
 "$py" -m jaxcontrast.main --config="$config" --workdir="$workdir" ${pass[@]+"${pass[@]}"}
 
-# The three probes in one process; a result newer than the last checkpoint is not redone (the
-# random and pixel baselines do not depend on the checkpoint, so they are never redone).
+if [ -n "$baseline_pid" ]; then
+  echo "[local] waiting for the baseline probes ($encoders)"
+  if ! wait "$baseline_pid"; then
+    baseline_pid=""
+    echo "[local] the baseline probes failed; the end of $baseline_log:" >&2
+    tail -n 20 "$baseline_log" >&2
+    exit 1
+  fi
+  baseline_pid=""
+fi
+
+# The remaining probes in one process; the target's result is redone only when it is older
+# than the last checkpoint.
 todo=()
 for encoder in target random pixels; do
   result="$workdir/linear_probe_$encoder.json"
