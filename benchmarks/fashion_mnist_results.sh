@@ -52,7 +52,8 @@ for method in "${methods[@]}"; do
   echo "[results] $method: pretraining into $workdir ($(date -u +%H:%M:%S) UTC)"
   start=$(date +%s)
   config="configs/${method}_fashion_mnist.py:cpu"
-  [ "$method" = moco ] && config=configs/moco_fashion_mnist_cpu.py   # the main job's run
+  # The main job's run, with the kNN monitor after every epoch (the curve's points).
+  [ "$method" = moco ] && config=configs/moco_fashion_mnist_cpu.py:knn
   "$py" -m jaxcontrast.main --config "$config" \
       --workdir "$workdir" "${extra[@]}"
   echo "[results] $method: pretraining took $(( $(date +%s) - start )) s"

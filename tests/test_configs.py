@@ -22,7 +22,7 @@ OWN_FILE_VARIANTS = {"sce_imagenet2012": ["multicrop"]}
 def variants_of(path):
   own = OWN_VARIANTS.get(path.name.split("_")[0], []) + OWN_FILE_VARIANTS.get(path.stem, [])
   if path.stem.endswith("_cpu"):   # the main job's config (configs/moco_fashion_mnist_cpu.py)
-    own = own + ["long"]
+    own = own + ["knn", "long"]
   shared = ["", "tiny"] + (["cpu"] if "fashion_mnist" in path.name else [])
   return shared + own + [f"tiny,{v}" for v in own]
 
@@ -67,6 +67,11 @@ def test_config_loads_and_validates(path, variant):
     assert (c.model.stem, c.model.width, c.global_batch_size, c.optim.name) == (
         "cifar_s2", 0.25, 128, "adamw")
     assert c.total_steps is None and c.num_epochs == (12 if "long" in variant else 2.5)
+  if path.stem.endswith("_cpu") and "tiny" not in variant:
+    # The main job has no room for the kNN monitor; its `knn` and `long` variants (and the
+    # shared `cpu` budget applied on top) have it after every epoch (60,000 / 128 = 468 steps).
+    with_knn = any(v in variant for v in ("knn", "long", "cpu"))
+    assert c.knn_every == (468 if with_knn else 0)
 
 
 def test_base_config_has_run_layer_keys():

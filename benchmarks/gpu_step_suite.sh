@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU step benchmarks of the README's performance section, in priority order, one JSON line
+# each appended to OUT/results.jsonl (so a run cut short keeps what finished).
+#
+#   bash benchmarks/gpu_step_suite.sh OUT [PYTHON]      # PYTHON: default python3
+#
+# ResNet-50, 224 px, bfloat16 compute, batch 256, K 65,536, synthetic inputs already on the GPU.
+# H100 / H200 dense bf16 peak: 989 TFLOP/s (for `mfu`).
+set -uo pipefail
+out="${1:?usage: gpu_step_suite.sh OUT [PYTHON]}"
+py="${2:-python3}"
+mkdir -p "$out"
+common=(--dtype bfloat16 --batch 256 --queue_size 65536 --peak_flops 989e12)
+run() {   # name, then bench flags
+  local name="$1"; shift
+  echo "== $name: $*" >&2
+  local t0=$SECONDS
+  if "$py" -m jaxcontrast.bench "${common[@]}" "$@" > "$out/$name.json" 2> "$out/$name.log"; then
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['name']=sys.argv[2]; print(json.dumps(r))" \
+      "$out/$name.json" "$name" >> "$out/results.jsonl"
+    echo "   done in $((SECONDS - t0)) s: $(grep -o '"images_per_s": [0-9.]*' "$out/$name.json" | head -1)" >&2
+  else
+    echo "   FAILED after $((SECONDS - t0)) s; end of its log:" >&2
+    tail -n 15 "$out/$name.log" >&2
+  fi
+}
+run moco_vs_torch --method moco --reference torch --profile /tmp/profile_moco
+run moco_sce_loss --method moco --override objective.loss=sce --steps 10
+run co2 --method co2 --steps 10
+run xmoco --method xmoco --steps 10
+run fnc_s2 --method fnc --override objective.fnc.num_support_views=2 --steps 10
+run sce --method sce --steps 10
+run fnc_s8 --method fnc --steps 10
