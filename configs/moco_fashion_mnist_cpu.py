@@ -11,11 +11,12 @@ for the budget as follows. The budget every method shares is `common.cpu`
 (`configs/<method>_fashion_mnist.py:cpu`); this file adds MoCo's temperature. Linear probe below
 = logistic regression on standardised pooled backbone features of the target encoder.
 
-Measured on an idle 2-core machine (2026-11-27), the whole `bash launch/local.sh`:
-2.5 epochs (1,171 steps of 128), ~300 images/s, pretraining 10 min, probes 4 min, 852 s in all
-(plus ~2 min of set-up on a fresh machine; a fresh clone on 2026-11-28 took 1,028 s in all,
-pretraining at ~250 images/s); probe 81.83% against 76.44% for the same encoder
-at initialisation (+5.4) and 84.62% on raw pixels; kNN 70.3, 73.2, 73.7% at epochs 1, 2, 2.5.
+Measured on an idle 2-core machine from a fresh clone (2026-11-28), the whole
+`bash launch/local.sh`: 884 s (14 min 44 s): set-up 78 s, 2.5 epochs (1,171 steps of 128) of
+pretraining in 10.7 min at ~240-270 images/s with the baseline probes beside it, the trained
+encoder's probe 2.4 min; probe 81.83% against 76.44% for the same encoder at initialisation
+(+5.4) and 84.62% on raw pixels. No kNN monitor here (67 s of the budget); with `:knn`, kNN
+70.3, 73.2, 73.7% at epochs 1, 2, 2.5.
 
 * Stem: ResNet-18 width 1/4 with the CIFAR stem runs ~250 images/s; 2.4 epochs gave a probe
   of 81.7% against 78.5% for the same encoder at initialisation. The stride-2 stem (`cifar_s2`,

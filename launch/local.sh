@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up (idempotent), pretrain MoCo v2 on Fashion-MNIST on the CPU, then the same
-# linear probe on the trained encoder, on the same encoder randomly initialised and on raw pixels.
+# linear probe on the trained encoder, on the same encoder randomly initialised and on raw pixels
+# (these two beside the pretraining, once its first checkpoint exists).
 #
 #   bash launch/local.sh                                  # MoCo v2, ~15 min on 2 idle CPU cores
 #   bash launch/local.sh --workdir /tmp/run               # another workdir (default below)
@@ -12,12 +13,10 @@
 # Recipe and measurements: configs/moco_fashion_mnist_cpu.py. Other arguments go to
 # `python -m jaxcontrast.main`. Running the same command again resumes: pretraining from the
 # workdir's latest checkpoint, and probes whose result is already there are not redone.
-# Output: WORKDIR/{checkpoints,metrics.jsonl,tensorboard,config.json,linear_probe*.json}.
+# Output: WORKDIR/{checkpoints,metrics.jsonl,tensorboard,config.json,linear_probe*.json,
+# linear_probe_baselines.log}.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/launch/setup.sh"
-cd "$root"
-py=.venv/bin/python
 
 config="" method="" workdir="" long=0 pass=()
 while [ $# -gt 0 ]; do
@@ -33,6 +32,9 @@ while [ $# -gt 0 ]; do
     *) pass+=("$1"); shift ;;      # --config.KEY=VALUE and any other flag of jaxcontrast.main
   esac
 done
+bash "$root/launch/setup.sh"
+cd "$root"
+py=.venv/bin/python
 if [ -n "$method" ] && [ -n "$config" ]; then
   echo "[local] give --method or --config, not both" >&2; exit 2
 fi
