@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU step benchmarks of the README's performance section, in priority order, one JSON line
-# each appended to OUT/results.jsonl (so a run cut short keeps what finished).
+# each appended to OUT/results.jsonl (so a run cut short keeps what finished), their stderr in
+# OUT/suite.log.
 #
 #   bash benchmarks/gpu_step_suite.sh OUT [PYTHON]      # PYTHON: default python3
 #
@@ -10,19 +11,24 @@ set -uo pipefail
 out="${1:?usage: gpu_step_suite.sh OUT [PYTHON]}"
 py="${2:-python3}"
 mkdir -p "$out"
+tmp="$(mktemp -d)"
+# JAX takes 75% of the GPU's memory at start by default; the PyTorch reference runs in the same
+# process after it and needs its share.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 common=(--dtype bfloat16 --batch 256 --queue_size 65536 --peak_flops 989e12)
 run() {   # name, then bench flags
   local name="$1"; shift
-  echo "== $name: $*" >&2
+  echo "== $name: $*" | tee -a "$out/suite.log" >&2
   local t0=$SECONDS
-  if "$py" -m jaxcontrast.bench "${common[@]}" "$@" > "$out/$name.json" 2> "$out/$name.log"; then
+  if "$py" -m jaxcontrast.bench "${common[@]}" "$@" > "$tmp/$name.json" 2> "$tmp/$name.log"; then
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['name']=sys.argv[2]; print(json.dumps(r))" \
-      "$out/$name.json" "$name" >> "$out/results.jsonl"
-    echo "   done in $((SECONDS - t0)) s: $(grep -o '"images_per_s": [0-9.]*' "$out/$name.json" | head -1)" >&2
+      "$tmp/$name.json" "$name" >> "$out/results.jsonl"
+    echo "   done in $((SECONDS - t0)) s: $(grep -o '"images_per_s": [0-9.]*' "$tmp/$name.json" | head -1)" | tee -a "$out/suite.log" >&2
   else
-    echo "   FAILED after $((SECONDS - t0)) s; end of its log:" >&2
-    tail -n 15 "$out/$name.log" >&2
+    echo "   FAILED after $((SECONDS - t0)) s; end of its log:" | tee -a "$out/suite.log" >&2
+    tail -n 25 "$tmp/$name.log" | tee -a "$out/suite.log" >&2
   fi
+  grep -v '^[WI][0-9]' "$tmp/$name.log" | tail -n 5 >> "$out/suite.log"
 }
 run moco_vs_torch --method moco --reference torch --profile /tmp/profile_moco
 run moco_sce_loss --method moco --override objective.loss=sce --steps 10

@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     --workdir) workdir="$2"; shift 2 ;;
     --workdir=*) workdir="${1#*=}"; shift ;;
     --long) long=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;      # --config.KEY=VALUE and any other flag of jaxcontrast.main
   esac
 done

@@ -51,6 +51,8 @@ _PROFILE = flags.DEFINE_string("profile", None, "Folder for a jax.profiler trace
                                "adds `profile`: device ms per step by kernel kind.")
 _TORCH_MODES = flags.DEFINE_list("torch_modes", ["eager", "compile"],
                                  "PyTorch reference modes (eager, compile).")
+_TORCH_CHANNELS_LAST = flags.DEFINE_bool(
+    "torch_channels_last", True, "PyTorch reference in channels_last memory (else NCHW).")
 
 
 def _literal(text: str):
@@ -109,7 +111,8 @@ def main(argv):
     from jaxcontrast.bench import torch_reference  # pylint: disable=g-import-not-at-top
     reference = torch_reference.bench_reference(
         config, image_size=step_lib.image_size(config), steps=_STEPS.value,
-        warmup=_WARMUP.value, device=None, modes=tuple(_TORCH_MODES.value))
+        warmup=_WARMUP.value, device=None, modes=tuple(_TORCH_MODES.value),
+        channels_last=_TORCH_CHANNELS_LAST.value)
     result["reference"] = reference
     for mode in _TORCH_MODES.value:
       if mode in reference:
