@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The CPU step benchmarks of the README's performance section (2 cores), one JSON line each
+# appended to OUT/results.jsonl, stderr in OUT/suite.log; then the Markdown tables.
+#
+#   bash benchmarks/cpu_step_suite.sh OUT [GROUP ...]   # groups: torch conv regularisers queue methods
+#
+# torch: the MoCo v2 step, ResNet-18 with the CIFAR stem, 32 px, batch 256, K 4096, float32,
+#   against the PyTorch reference (eager, channels_last and NCHW; torch.compile), same process.
+#   Needs torch importable (pip install -e ".[bench]", or PYTHONPATH pointing at a torch).
+# conv: the same step with model.conv_impl "xla" and "matmul".
+# regularisers: CO2, XMoCo and SCE's loss over the plain MoCo step at K 65,536 (ResNet-18 width
+#   1/4, 32 px, batch 64), SCE's symmetric + predictor recipe and FNC apart.
+# queue: 8 simulated devices, K 4,096 / 65,536 / 1,048,576, replicated and sharded.
+# methods: the six methods' Fashion-MNIST presets at the budget of configs/*:cpu (1 device).
+set -uo pipefail
+out="${1:?usage: cpu_step_suite.sh OUT [GROUP ...]}"
+shift
+groups=("$@")
+[ ${#groups[@]} -gt 0 ] || groups=(torch conv regularisers queue methods)
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-.venv/bin/python}"
+mkdir -p "$out"
+tmp="$(mktemp -d)"
+
+run() {   # name, then bench flags
+  local name="$1"; shift
+  echo "== $name: $*" | tee -a "$out/suite.log" >&2
+  local t0=$SECONDS
+  if "$py" -m jaxcontrast.bench "$@" > "$tmp/$name.json" 2> "$tmp/$name.log"; then
+    "$py" -c "import json,sys; r=json.load(open(sys.argv[1])); r['name']=sys.argv[2]; print(json.dumps(r))" \
+      "$tmp/$name.json" "$name" >> "$out/results.jsonl"
+    echo "   done in $((SECONDS - t0)) s" | tee -a "$out/suite.log" >&2
+  else
+    echo "   FAILED after $((SECONDS - t0)) s:" | tee -a "$out/suite.log" >&2
+    tail -n 25 "$tmp/$name.log" | tee -a "$out/suite.log" >&2
+  fi
+}
+
+small=(--width 0.25 --stem cifar --image_size 32 --override "model.proj_hidden_dims=(128,)")
+for group in "${groups[@]}"; do
+  case "$group" in
+    torch)
+      cifar=(--arch resnet18 --stem cifar --image_size 32 --batch 256 --queue_size 4096
+             --dtype float32 --steps 5 --warmup 2)
+      run torch_channels_last "${cifar[@]}" --reference torch --torch_modes eager,compile
+      run torch_nchw "${cifar[@]}" --conv_impl xla --reference torch --torch_modes eager \
+          --notorch_channels_last ;;
+    conv)
+      run conv_matmul --arch resnet18 --stem cifar --image_size 32 --batch 256 --queue_size 4096 \
+          --dtype float32 --steps 5 --warmup 2 --conv_impl matmul ;;
+    regularisers)
+      reg=("${small[@]}" --batch 64 --queue_size 65536 --steps 10)
+      run reg_moco --method moco "${reg[@]}"
+      run reg_co2 --method co2 "${reg[@]}"
+      run reg_xmoco --method xmoco "${reg[@]}"
+      run reg_sce_loss --method moco --override objective.loss=sce "${reg[@]}"
+      run reg_sce_recipe --method sce "${reg[@]}" --override "model.pred_hidden_dims=(128,)"
+      run reg_fnc_s2 --method fnc --override objective.fnc.num_support_views=2 "${reg[@]}" ;;
+    queue)
+      for k in 4096 65536 1048576; do
+        for mode in replicated sharded; do
+          run "queue_${mode}_${k}" --method moco "${small[@]}" --batch 64 --devices 8 \
+              --queue_size "$k" --queue_mode "$mode" --steps 10
+        done
+      done ;;
+    methods)
+      for m in moco co2 xmoco sce fnc sepp; do
+        cfg="configs/${m}_fashion_mnist.py:cpu"
+        [ "$m" = moco ] && cfg=configs/moco_fashion_mnist_cpu.py
+        [ "$m" = sepp ] && cfg="configs/sepp_fashion_mnist.py:cpu,queue_ids"
+        run "method_$m" --config "$cfg" --steps 10
+      done ;;
+    *) echo "unknown group $group" >&2; exit 2 ;;
+  esac
+done
+"$py" benchmarks/bench_tables.py "$out/results.jsonl"
