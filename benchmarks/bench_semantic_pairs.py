@@ -21,21 +21,23 @@ import time
 import jax
 import numpy as np
 
-from jaxcontrast import semantic_pairs as sp
+from jaxcontrast.data import pairs as pairs_lib
 from jaxcontrast.data.fashion_mnist import load_fashion_mnist_numpy
+from jaxcontrast.eval import mining
 
 
-def restrict(pairs: sp.SemanticPairs, top_k: int, threshold: float) -> sp.SemanticPairs:
+def restrict(pairs: pairs_lib.SemanticPairs, top_k: int, threshold: float
+             ) -> pairs_lib.SemanticPairs:
   """The pairs a run with (top_k, threshold) would give, from a run at larger k, lower t."""
   keep = pairs.similarities[:, :top_k] > threshold
-  return sp.SemanticPairs(np.where(keep, pairs.indices[:, :top_k], -1).astype(np.int32),
-                          np.where(keep, pairs.similarities[:, :top_k], -np.inf
+  return pairs_lib.SemanticPairs(np.where(keep, pairs.indices[:, :top_k], -1).astype(np.int32),
+                                 np.where(keep, pairs.similarities[:, :top_k], -np.inf
                                    ).astype(np.float32))
 
 
 def timed_mine(embeddings, **kwargs):
   start = time.perf_counter()
-  pairs = sp.mine_semantic_pairs(embeddings, log_every_s=0, **kwargs)
+  pairs = mining.mine_semantic_pairs(embeddings, log_every_s=0, **kwargs)
   return pairs, time.perf_counter() - start
 
 
@@ -69,10 +71,10 @@ def main():
     print(f"  block {block:5d} chunk {chunk:5d}: {len(sub) / seconds:9.0f} images/s")
 
   # 2. The full run, as the CLI does it.
-  batches = sp.numpy_batches(images, labels, batch_size=1024)
-  embed_fn = jax.jit(sp.pixel_embed_fn)
+  batches = mining.numpy_batches(images, labels, batch_size=1024)
+  embed_fn = jax.jit(mining.pixel_embed_fn)
   start = time.perf_counter()
-  embeddings, batch_labels = sp.embed_dataset(embed_fn, batches)
+  embeddings, batch_labels = mining.embed_dataset(embed_fn, batches)
   embed_s = time.perf_counter() - start
   pairs, mine_s = timed_mine(embeddings, labels=batch_labels, threshold=args.threshold,
                              top_k=args.top_k, block_size=args.block_size,
@@ -98,7 +100,7 @@ def main():
     cells = []
     for t in ts:
       p = restrict(wide, k, t)
-      cells.append(f"{sp.same_label_rate(p, labels):.3f} / {sp.coverage(p):.2f}")
+      cells.append(f"{pairs_lib.same_label_rate(p, labels):.3f} / {pairs_lib.coverage(p):.2f}")
     print(f"  {k:>18} " + "".join(f"{c:>16}" for c in cells))
   check = restrict(wide, args.top_k, args.threshold)
   agree = np.mean(check.indices == pairs.indices)

@@ -8,7 +8,7 @@
 #   against the PyTorch reference (eager, channels_last and NCHW; torch.compile), same process.
 #   Needs torch importable (pip install -e ".[bench]", or PYTHONPATH pointing at a torch).
 # conv: the same step with model.conv_impl "xla" and "matmul".
-# regularisers: CO2, XMoCo and SCE's loss over the plain MoCo step at K 65,536 (ResNet-18 width
+# regularisers: CO2, XMoCo and SCE's loss over the plain MoCo step at K 65,536 (ResNet-50 width
 #   1/4, 32 px, batch 64), SCE's symmetric + predictor recipe and FNC apart.
 # queue: 8 simulated devices, K 4,096 / 65,536 / 1,048,576, replicated and sharded.
 # methods: the six methods' Fashion-MNIST presets at the budget of configs/*:cpu (1 device).

@@ -30,10 +30,12 @@ from typing import Callable, Mapping, Optional
 import ml_collections
 from ml_collections import config_dict
 
-from jaxcontrast import ema, objectives
+from jaxcontrast.config_check import fail, is_int
 from jaxcontrast.data.config import default_data_config
 from jaxcontrast.models import default_model_config
-from jaxcontrast.optim import default_optim_config
+from jaxcontrast.models.config import validate_model_config
+from jaxcontrast.step import ema, objectives, optim, train_step
+from jaxcontrast.step import queue as queue_lib
 
 METHODS = ("moco", "co2", "xmoco", "sce", "fnc", "sepp")
 # The repository root (parent of the package): `load_config` falls back to it for relative
@@ -53,7 +55,6 @@ def default_knn_config() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Every section with its defaults (MoCo v2); see each `default_*_config` for the keys."""
-  from jaxcontrast.train import default_bn_config, default_queue_config  # avoid an import cycle
   c = ml_collections.ConfigDict()
   c.method = "moco"                 # one of METHODS; names the run, the objective decides the loss
   c.seed = 0
@@ -68,13 +69,41 @@ def base_config() -> ml_collections.ConfigDict:
   c.knn = default_knn_config()
   # Sections, each with its own defaults and validation.
   c.model = default_model_config()
-  c.optim = default_optim_config()
+  c.optim = optim.default_optim_config()
   c.data = default_data_config()
   c.objective = objectives.default_objective_config()
   c.ema = ema.default_ema_config()
-  c.queue = default_queue_config()
-  c.bn = default_bn_config()
+  c.queue = queue_lib.default_queue_config()
+  c.bn = train_step.default_bn_config()
   return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every section of a whole config, once, when it is loaded (`load_config`; the entry
+  points after their command-line overrides: `run.pretrain.train_and_evaluate`), so a bad value
+  fails before any data, state or checkpoint exists. Types were checked by ConfigDict on
+  assignment; this checks choices, ranges and combinations. Raises `ConfigError` ("config
+  section.key = value: expected ...") on the first problem. The data section is checked where
+  its dataset is resolved (`data.pipeline`, also before any state exists)."""
+  if config.method not in METHODS:
+    fail("", "method", config.method, f"one of {METHODS}")
+  for key in ("global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if not is_int(config[key]) or config[key] < 1:
+      fail("", key, config[key], "an int >= 1")
+  if not is_int(config.knn_every) or config.knn_every < 0:
+    fail("", "knn_every", config.knn_every, "an int >= 0 (0: no kNN monitor)")
+  if config.total_steps is None and not config.num_epochs > 0:
+    fail("", "num_epochs", config.num_epochs, "a number > 0 (or set total_steps)")
+  if config.total_steps is not None and (not is_int(config.total_steps) or
+                                         config.total_steps < 1):
+    fail("", "total_steps", config.total_steps, "None or an int >= 1")
+  validate_model_config(config.model)
+  optim.validate(config.optim)
+  ema.validate(config.ema)
+  queue_lib.validate(config.queue)
+  train_step.validate_bn(config.bn)
+  objectives.validate(config.objective, queue_size=config.queue.size,
+                      store_ids=config.queue.store_ids)
 
 
 def _load_module(path: pathlib.Path, name: str) -> types.ModuleType:
@@ -151,6 +180,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ValueError(f"{path}:get_config() returned {type(config).__name__}, not a ConfigDict")
   config.lock()
+  validate_config(config)
   return config
 
 

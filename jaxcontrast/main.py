@@ -11,7 +11,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxcontrast import config_lib, pretrain
+from jaxcontrast import config_lib
+from jaxcontrast.run import pretrain
 from jaxcontrast.sharding import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (.py:variant).")

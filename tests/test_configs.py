@@ -2,14 +2,17 @@
 unknown variants fail clearly; loading works from any directory; docstrings name their file."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jaxcontrast import config_lib, optim, train
+from jaxcontrast import config_check, config_lib
 from jaxcontrast.data import datasets, recipes
 from jaxcontrast.models import resolve_model_config
+from jaxcontrast.step import optim
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -45,7 +48,7 @@ def test_config_loads_and_validates(path, variant):
   c = config_lib.load_config(spec(path, variant))
   assert c.is_locked
   assert path.stem in (f"{c.method}_{c.data.dataset}", f"{c.method}_{c.data.dataset}_cpu")
-  train.validate_config(c)
+  config_lib.validate_config(c)
   resolve_model_config(c.model)
   optim.resolve_optim_config(c.optim)
   recipes.view_recipes(c.data)
@@ -85,7 +88,7 @@ def test_recipe_values_come_from_the_files():
   assert sce.objective.symmetric and sce.optim.name == "lars" and sce.optim.base_lr == 0.3
   assert (sce.model.proj_dim, sce.model.pred_hidden_dims, sce.model.pred_dim) == (256, (4096,), 256)
   assert (sce.optim.warmup_epochs, sce.optim.warmup_steps) == (10, 0)   # resolved at launch
-  from jaxcontrast import optim  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.step import optim  # pylint: disable=g-import-not-at-top
   assert optim.warmup_steps(sce.optim, steps_per_epoch=1_281_167 / 4096) == 10 * 1_281_167 // 4096
   assert config_lib.load_config("configs/sce_cifar10.py").optim.warmup_epochs == 5
   moco = config_lib.load_config("configs/moco_cifar10.py")
@@ -186,3 +189,65 @@ def test_docstring_holds_its_own_command_lines(path):
     assert f"--workdir /tmp/{path.stem}" in line, line
   assert any(f"configs/{path.name}:tiny " in l and l.endswith("# smoke") for l in lines)
   assert "shared" not in doc and "docs/METHODS.md" in doc
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("queue.mode", "bogus", "config queue.mode = 'bogus': expected one of"),
+    ("queue.size", -1, "config queue.size = -1: expected an int >= 0"),
+    ("ema.momentum", 1.5, "config ema.momentum = 1.5: expected a number in [0, 1]"),
+    ("optim.name", "adam", "config optim.name = 'adam': expected one of"),
+    ("model.arch", "resnet9", "config model.arch = 'resnet9': expected one of"),
+    ("bn.mode", "batch", "config bn.mode = 'batch': expected one of"),
+    ("objective.temperature", 0.0, "config objective.temperature = 0.0: expected a number > 0"),
+    ("objective.loss", "simclr", "config objective.loss = 'simclr': expected one of"),
+    ("global_batch_size", 0, "config global_batch_size = 0: expected an int >= 1"),
+    ("method", "byol", "config method = 'byol': expected one of"),
+])
+def test_every_section_fails_on_a_bad_value_with_one_error_style(key, value, expected):
+  c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  *path, last = key.split(".")
+  with c.unlocked():
+    section = c
+    for name in path:
+      section = section[name]
+    section[last] = value
+  with pytest.raises(config_check.ConfigError) as error:
+    config_lib.validate_config(c)
+  assert str(error.value).startswith(expected), str(error.value)
+
+
+def test_combinations_are_checked_across_sections():
+  c = config_lib.load_config("configs/sce_fashion_mnist.py:tiny")
+  with c.unlocked():
+    c.queue.size = 0            # in-batch negatives: MoCo's loss only
+  with pytest.raises(config_check.ConfigError, match=r"config queue.size = 0: expected > 0"):
+    config_lib.validate_config(c)
+
+
+def test_a_bad_override_fails_before_the_run_touches_its_workdir(tmp_path):
+  """Through the real entry point: the command-line value is checked with the whole config
+  before any data, state or checkpoint exists."""
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxcontrast.main", "--config=configs/moco_fashion_mnist.py:tiny",
+       "--config.ema.momentum=1.5", f"--workdir={workdir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode != 0
+  assert "config ema.momentum = 1.5: expected a number in [0, 1]" in out.stderr
+  assert not workdir.exists()
+
+
+def test_partial_sections_merge_through_configdict_typing(monkeypatch):
+  """Library calls may pass a partial dict: unknown keys and wrong types fail naming the key;
+  make_optimizer resolves its section once (not once per helper)."""
+  with pytest.raises(config_check.ConfigError, match=r"config optim: unknown key 'lr'"):
+    optim.resolve_optim_config({"lr": 0.1})
+  with pytest.raises(config_check.ConfigError, match=r"config optim.base_lr = 'fast'"):
+    optim.resolve_optim_config({"base_lr": "fast"})
+  with pytest.raises(config_check.ConfigError, match=r"config model.width = 'wide'"):
+    resolve_model_config({"width": "wide"})
+  calls = []
+  real = optim.merge_known
+  monkeypatch.setattr(optim, "merge_known", lambda *a: calls.append(a) or real(*a))
+  optim.make_optimizer({"name": "sgd", "warmup_steps": 2}, global_batch_size=256, total_steps=10)
+  assert len(calls) == 1

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jaxcontrast import semantic_pairs
+from jaxcontrast.data import pairs as pairs_lib
 from jaxcontrast.data import pipeline
 from jaxcontrast.data import sepp
 from jaxcontrast.data.fashion_mnist import load_fashion_mnist_numpy
@@ -25,8 +25,8 @@ def pairs_path(tmp_path_factory):
     for j, partner in enumerate(_neighbours(i)):
       indices[i, j], sims[i, j] = partner, 0.9 - 0.1 * j
   path = str(tmp_path_factory.mktemp("pairs") / "pairs.npz")
-  semantic_pairs.save_pairs(path, semantic_pairs.SemanticPairs(indices, sims, {}),
-                            threshold=0.5, embedding="test")
+  pairs_lib.save_pairs(path, pairs_lib.SemanticPairs(indices, sims, {}),
+                       threshold=0.5, embedding="test")
   return path
 
 

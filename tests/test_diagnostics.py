@@ -1,7 +1,7 @@
 """Label diagnostics: queue labels written like a FIFO, the "diag/..." metrics against NumPy,
 8 devices (K-sharded queue) equal to 1, and absent without labels.
 
-References are plain NumPy written from the formulas in jaxcontrast/diagnostics.py and
+References are plain NumPy written from the formulas in jaxcontrast/step/diagnostics.py and
 METHODS.md section 5 (FNC detection).
 """
 import jax
@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcontrast import config_lib, diagnostics, losses, objectives, train
-from jaxcontrast import queue as queue_lib
+from jaxcontrast import config_lib, losses
 from jaxcontrast.sharding import global_batch_from_local, make_mesh
+from jaxcontrast.step import diagnostics, objectives, train_step
+from jaxcontrast.step import queue as queue_lib
 
 DIAG = {"diag/queue_same_label", "diag/labeled_pairs", "diag/same_label_pairs"}
 FNC_DIAG = {"diag/fn_precision", "diag/fn_recall", "diag/fn_detected"}
@@ -90,8 +91,7 @@ def test_queue_labels_follow_a_numpy_fifo(mode, symmetric):
   mesh = make_mesh(devices)
   rng = np.random.RandomState(0)
   q = queue_lib.init_queue(jax.random.key(0), size, 3, devices)
-  enqueue = jax.jit(lambda q, k, i, l: train.enqueue_step_keys(q, k, i, l, queue_mode=mode,
-                                                               mesh=mesh))
+  enqueue = jax.jit(lambda q, k, i, l: queue_lib.push(q, k, i, l, mode=mode, mesh=mesh))
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   writes = {"keys": [], "ids": [], "labels": []}
   blocks = {name: [[] for _ in range(devices)] for name in writes}
@@ -240,13 +240,15 @@ def test_objective_diagnostics_on_eight_devices_equal_one_and_need_labels():
     put = lambda tree: global_batch_from_local(mesh, tree)
     qs, ks, extras = put(x["queries"]), put(x["keys"]), put(
         {"support": x["support"], "label": x["labels"]})
-    queue, queue_labels, valid = put(x["queue"]), put(x["queue_labels"]), put(x["valid"])
-    _, metrics = fn(qs, ks, queue, queue_labels, valid, extras, queue_labels)
+    labelled = put(queue_lib.Negatives(keys=x["queue"], labels=x["queue_labels"],
+                                       valid=x["valid"]))
+    _, metrics = fn(qs, ks, labelled, extras)
     results.append(jax.device_get(metrics))
     assert DIAG | FNC_DIAG <= set(metrics)
     no_label = {"support": extras["support"]}
-    for args in ((no_label, queue_labels), (extras, None)):
-      _, metrics = fn(qs, ks, queue, queue_labels, valid, *args)
+    unlabelled = labelled.replace(labels=None)
+    for negatives, ex in ((labelled, no_label), (unlabelled, extras)):
+      _, metrics = fn(qs, ks, negatives, ex)
       assert not [n for n in metrics if n.startswith("diag/")], (devices, set(metrics))
   one, eight = results
   assert set(one) == set(eight)
@@ -268,27 +270,27 @@ def test_train_step_reports_diagnostics_only_with_stored_labels():
   queue.store_labels off, the metrics have no diag entry (checked by tracing, not compiling)."""
   c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   mesh = make_mesh(1)
-  models = train.build_models(c, mesh)
+  models = train_step.build_models(c, mesh)
   tx = optax.sgd(0.01)
   rng = np.random.RandomState(5)
   batch_size = 16
   images = lambda: rng.rand(batch_size, 16, 16, 1).astype(np.float32)
   batches = [{"view1": images(), "view2": images(),
               "label": rng.randint(-1, 3, batch_size).astype(np.int32)} for _ in range(2)]
-  state, shardings = train.create_state(c, models=models, tx=tx, mesh=mesh,
-                                        sample_images=jnp.zeros((2, 16, 16, 1)),
-                                        rng=jax.random.key(0))
-  step_fn = train.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=2,
-                                  base_rng=jax.random.key(1))
+  state, shardings = train_step.create_state(c, models=models, tx=tx, mesh=mesh,
+                                             sample_images=jnp.zeros((2, 16, 16, 1)),
+                                             rng=jax.random.key(0))
+  step_fn = train_step.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=2,
+                                       base_rng=jax.random.key(1))
   no_label = {k: v for k, v in batches[0].items() if k != "label"}
   assert not [n for n in jax.eval_shape(step_fn, state, no_label)[1] if n.startswith("diag/")]
   c_off = c.copy_and_resolve_references()
   c_off.queue.store_labels = False
-  step_off = train.make_train_step(c_off, models=models, tx=tx, mesh=mesh, total_steps=2,
-                                   base_rng=jax.random.key(1))
+  step_off = train_step.make_train_step(c_off, models=models, tx=tx, mesh=mesh, total_steps=2,
+                                        base_rng=jax.random.key(1))
   assert not [n for n in jax.eval_shape(step_off, state, batches[0])[1] if n.startswith("diag/")]
 
-  step = train.jit_train_step(step_fn, mesh=mesh, shardings=shardings)
+  step = train_step.jit_train_step(step_fn, mesh=mesh, shardings=shardings)
   metrics = []
   for batch in batches:
     state, m = step(state, global_batch_from_local(mesh, batch))

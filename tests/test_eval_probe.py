@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcontrast import checkpoint
 from jaxcontrast.eval import config as probe_config_lib
 from jaxcontrast.eval import encoders
 from jaxcontrast.eval import knn
 from jaxcontrast.eval import linear_probe
 from jaxcontrast.eval import sgd as sgd_lib
+from jaxcontrast.run import checkpoint
 from jaxcontrast.sharding import make_mesh
 from test_eval_knn import numpy_knn_scores
 
@@ -26,7 +26,8 @@ SPLITS = ["--config.train_split=train[:256]", "--config.test_split=test[:128]",
 
 
 def _pretrain(path):
-  from jaxcontrast import config_lib, pretrain
+  from jaxcontrast import config_lib
+  from jaxcontrast.run import pretrain
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   config.data.train_split = "train[:64]"
   config.total_steps = 2
@@ -136,11 +137,12 @@ def test_knn_monitor_matches_numpy(workdir):
 
 
 def test_semantic_pairs_from_workdir(workdir, capsys):
+  from jaxcontrast.data import pairs as pairs_lib
   from jaxcontrast import semantic_pairs as sp
   from jaxcontrast.data import sepp
   assert sp.main(["--workdir", str(workdir), "--threshold", "0.5", "--top_k", "5"]) == 0
   assert "same-label rate" in capsys.readouterr().out
-  pairs = sp.load_pairs(workdir)   # a workdir resolves to WORKDIR/semantic_pairs.npz
+  pairs = pairs_lib.load_pairs(workdir)   # a workdir resolves to WORKDIR/semantic_pairs.npz
   assert pairs.n == 64 and pairs.k == 5
   assert pairs.metadata["embedding"].startswith("checkpoint:")
   assert pairs.metadata["step"] == 2 and "same_label_rate" in pairs.metadata

@@ -13,8 +13,11 @@ import optax
 import pytest
 
 import numpy_reference as ref
-from jaxcontrast import config_lib, objectives, pretrain, train
+from jaxcontrast import config_lib
+from jaxcontrast.run import pretrain
 from jaxcontrast.sharding import global_batch_from_local, make_mesh
+from jaxcontrast.step import objectives, train_step
+from jaxcontrast.step import queue as queue_lib
 
 B, D, K = 16, 8, 32
 
@@ -96,13 +99,14 @@ def test_objective_equals_the_sce_code_loop(case):
   queries, keys, locals_, support, queue, (online, targets) = inputs(rng, cfg)
   extras = {"support": support} if case == "fnc" else {}
   fn = objectives.make_objective_fn(cfg, mesh=make_mesh(1), queue_mode="replicated")
-  loss, metrics = jax.jit(lambda *a: fn(*a[:6], local_queries=a[6]))(
-      queries, keys, queue, None, None, extras, tuple(locals_))
+  negatives = queue_lib.Negatives(keys=queue)
+  loss, metrics = jax.jit(lambda *a: fn(*a[:4], local_queries=a[4]))(
+      queries, keys, negatives, extras, tuple(locals_))
   want = sce_code_multicrop(cfg, online, targets, queue, support if case == "fnc" else None)
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5)
   # Local crops change the value (they are not silently dropped).
-  no_local, _ = fn(queries, keys, queue, None, None, extras)
+  no_local, _ = fn(queries, keys, negatives, extras)
   assert abs(float(no_local) - want) > 1e-3
   if case == "fnc":   # detection fires on some rows: the test exercises FNC's positives
     assert ref.fnc_detect(targets[0], support, queue, threshold=0.2, top_k=3).any()
@@ -127,9 +131,10 @@ def test_objective_with_local_crops_eight_devices_equal_one(case):
     mesh = make_mesh(devices)
     put = lambda tree: global_batch_from_local(mesh, tree)
     fn = jax.jit(lambda *a: objectives.make_objective_fn(cfg, mesh=mesh, queue_mode=mode)(
-        *a[:6], local_queries=a[6]))
-    results.append(jax.device_get(fn(put(queries), put(keys), put(queue), None, put(valid),
-                                     put(extras), put(tuple(locals_)))))
+        *a[:4], local_queries=a[4]))
+    negatives = put(queue_lib.Negatives(keys=queue, valid=valid))
+    results.append(jax.device_get(fn(put(queries), put(keys), negatives, put(extras),
+                                     put(tuple(locals_)))))
   (loss1, m1), (loss8, m8) = results
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   assert set(m1) == set(m8)
@@ -142,8 +147,8 @@ def test_pretrain_feeds_local_views_to_the_step():
            "neighbors": 7}
   assert set(pretrain.step_inputs(batch)) == {"view1", "view2", "local_0", "local_1", "support",
                                               "neighbors"}
-  assert train.local_view_names({"local_10": 0, "local_2": 0, "view1": 0}) == ["local_2",
-                                                                              "local_10"]
+  assert train_step.local_view_names({"local_10": 0, "local_2": 0, "view1": 0}) == ["local_2",
+                                                                                   "local_10"]
 
 
 def test_train_step_with_local_crops():
@@ -160,15 +165,15 @@ def test_train_step_with_local_crops():
   batch = {"view1": images(16, 16), "view2": images(16, 16), "local_0": images(12, 12),
            "local_1": images(10, 10), "id": np.arange(16, dtype=np.int32)}
   mesh = make_mesh(1)
-  models = train.build_models(c, mesh)
+  models = train_step.build_models(c, mesh)
   tx = optax.sgd(0.05)
-  state, shardings = train.create_state(c, models=models, tx=tx, mesh=mesh,
-                                        sample_images=jnp.zeros((2, 16, 16, 1)),
-                                        rng=jax.random.key(0))
+  state, shardings = train_step.create_state(c, models=models, tx=tx, mesh=mesh,
+                                             sample_images=jnp.zeros((2, 16, 16, 1)),
+                                             rng=jax.random.key(0))
   initial = jax.device_get(state)
-  step = train.jit_train_step(
-      train.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=10,
-                            base_rng=jax.random.key(1)), mesh=mesh, shardings=shardings)
+  step = train_step.jit_train_step(
+      train_step.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=10,
+                                 base_rng=jax.random.key(1)), mesh=mesh, shardings=shardings)
   final, metrics = jax.device_get(step(state, global_batch_from_local(mesh, batch)))
   online = lambda x: models.online.apply(
       {"params": initial.params, "batch_stats": initial.batch_stats}, x, train=True,

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from jaxcontrast import objectives
 from jaxcontrast.sharding import global_batch_from_local, make_mesh
+from jaxcontrast.step import objectives
+from jaxcontrast.step import queue as queue_lib
 
 B, D, K, N_IMAGES = 16, 8, 64, 40
 
@@ -43,9 +44,10 @@ def test_multi_positive_uses_ids_keys_and_neighbours(devices, mode):
   put = lambda tree: global_batch_from_local(mesh, tree)
   fn = jax.jit(objectives.make_objective_fn(cfg, mesh=mesh, queue_mode=mode))
   extras = {"id": ids, "key_id": key_ids, "neighbors": neighbors}
-  loss, _ = fn((put(q),), (put(k),), put(queue), put(queue_ids), None, put(extras))
+  negatives = put(queue_lib.Negatives(keys=queue, ids=queue_ids))
+  loss, _ = fn((put(q),), (put(k),), negatives, put(extras))
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   # Without the neighbours the loss is another one (they are used, not dropped).
   del extras["neighbors"]
-  no_neighbours, _ = fn((put(q),), (put(k),), put(queue), put(queue_ids), None, put(extras))
+  no_neighbours, _ = fn((put(q),), (put(k),), negatives, put(extras))
   assert abs(float(no_neighbours) - want) > 1e-3

@@ -1,4 +1,5 @@
-"""Tests for jaxcontrast.optim: schedule values, SGD/LARS/AdamW updates against NumPy references.
+"""Tests for jaxcontrast.step.optim: schedule values, SGD/LARS/AdamW updates against NumPy
+references.
 
 The references are written from the formulas (PyTorch SGD, LARS as in SimCLR/BYOL), not from
 optax, so a wrong chain order, a missing mask or a wrong scaling fails them.
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcontrast import optim
+from jaxcontrast.step import optim
 
 WD = 0.1
 MOMENTUM = 0.9

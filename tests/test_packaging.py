@@ -58,7 +58,8 @@ def test_losses_import_and_run_without_training_dependencies():
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith("OK") and proc.stdout.rstrip().endswith("[]"), proc.stdout
   # The blocker works: importing the train step fails under it.
-  bad = BLOCKED_IMPORT.replace("from jaxcontrast import losses", "from jaxcontrast import train")
+  bad = BLOCKED_IMPORT.replace("from jaxcontrast import losses",
+                              "from jaxcontrast.step import train_step")
   proc = subprocess.run([sys.executable, "-c", bad, ",".join(TRAINING_ONLY)], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "blocked in this test" in proc.stderr

@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jaxcontrast import checkpoint, config_lib, pretrain, train
+from jaxcontrast import config_lib
+from jaxcontrast.run import checkpoint, pretrain
+from jaxcontrast.step import train_step
 from test_data_helpers import prepared_fashion_dir
 
 SPEC = "configs/moco_fashion_mnist.py:tiny"
@@ -238,7 +240,7 @@ def test_kill_sigterm_and_resume_is_exact(reference, data_dir, compile_cache, tm
 def test_nan_stops_with_the_step_and_saves_nothing_non_finite(data_dir, tmp_path, monkeypatch):
   """From step 3 on the step returns NaN parameters and loss: the run stops naming step 3 and
   the last good checkpoint (2), and no later checkpoint exists."""
-  make = train.make_train_step
+  make = train_step.make_train_step
 
   def poisoned(*args, **kwargs):
     step_fn = make(*args, **kwargs)
@@ -251,7 +253,7 @@ def test_nan_stops_with_the_step_and_saves_nothing_non_finite(data_dir, tmp_path
       return new_state, dict(metrics, loss=poison(metrics["loss"]))
     return wrapped
 
-  monkeypatch.setattr(train, "make_train_step", poisoned)
+  monkeypatch.setattr(train_step, "make_train_step", poisoned)
   config = _config(data_dir, total_steps=6, checkpoint_every=2, log_every=100)
   with pytest.raises(pretrain.NonFiniteLossError,
                      match=r"at step 3 .*Last good checkpoint: step 2"):

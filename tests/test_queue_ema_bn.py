@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcontrast import bn_shuffle, ema
-from jaxcontrast import queue as queue_lib
 from jaxcontrast.sharding import make_mesh
+from jaxcontrast.step import bn_shuffle, ema
+from jaxcontrast.step import queue as queue_lib
 
 
 def _numpy_fifo(size, dim, batches):

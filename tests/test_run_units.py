@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jaxcontrast import checkpoint, metrics, pretrain, progress
 from jaxcontrast.data import pipeline
+from jaxcontrast.run import checkpoint, metrics, pretrain, progress
 from test_data_helpers import fashion_config, fashion_dir  # pylint: disable=unused-import
 
 
@@ -131,9 +131,10 @@ def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypa
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from jaxcontrast import config_lib, queue as queue_lib  # pylint: disable=g-import-not-at-top
+  from jaxcontrast import config_lib  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.step import queue as queue_lib  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
-  from jaxcontrast.train_state import TrainState  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.step.state import TrainState  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   config.unlock()
   config.queue.mode = "sharded"

@@ -1,4 +1,5 @@
-"""Tests for SePP pair mining (jaxcontrast/semantic_pairs.py), against brute-force NumPy.
+"""Tests for SePP pair mining (jaxcontrast/eval/mining.py), the pairs file
+(jaxcontrast/data/pairs.py) and the CLI (jaxcontrast/semantic_pairs.py), against brute-force NumPy.
 
 Two fixed embeddings of a Fashion-MNIST subset:
 - "quantised pixels" (pixel // 16, not normalised): every dot product is an integer below 2^24,
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 
 from jaxcontrast import semantic_pairs as sp
+from jaxcontrast.data import pairs as pairs_lib
+from jaxcontrast.eval import mining
 
 N_SUBSET = 1800
 
@@ -67,15 +70,15 @@ def brute_same_label_rate(indices, labels):
 def test_matches_brute_force_exactly(quantised, fmnist, block_size, chunk_size, top_k, threshold):
   exact = quantised.astype(np.int64) @ quantised.astype(np.int64).T
   want_ids, want_sims = brute_force(exact, top_k, threshold)
-  got = sp.mine_semantic_pairs(quantised, threshold=threshold, top_k=top_k,
-                               block_size=block_size, chunk_size=chunk_size, normalize=False,
-                               labels=fmnist[1])
+  got = mining.mine_semantic_pairs(quantised, threshold=threshold, top_k=top_k,
+                                   block_size=block_size, chunk_size=chunk_size, normalize=False,
+                                   labels=fmnist[1])
   assert got.indices.dtype == np.int32 and got.similarities.dtype == np.float32
   assert got.indices.shape == (N_SUBSET, top_k)
   np.testing.assert_array_equal(got.indices, want_ids)
   np.testing.assert_array_equal(got.similarities, want_sims.astype(np.float32))
   assert got.metadata["same_label_rate"] == brute_same_label_rate(want_ids, fmnist[1])
-  sp.validate_pairs(got)
+  pairs_lib.validate_pairs(got)
 
 
 def test_threshold_is_strict(quantised):
@@ -85,12 +88,12 @@ def test_threshold_is_strict(quantised):
   anchor = 5
   nearest = int(np.argmax(exact[anchor]))
   threshold = float(exact[anchor, nearest])  # exactly representable in float32
-  got = sp.mine_semantic_pairs(quantised, threshold=threshold, top_k=4, block_size=500,
-                               normalize=False)
+  got = mining.mine_semantic_pairs(quantised, threshold=threshold, top_k=4, block_size=500,
+                                   normalize=False)
   assert nearest not in got.partners(anchor)
   assert (got.similarities[got.valid] > threshold).all()
-  below = sp.mine_semantic_pairs(quantised, threshold=threshold - 1, top_k=4, block_size=500,
-                                 normalize=False)
+  below = mining.mine_semantic_pairs(quantised, threshold=threshold - 1, top_k=4, block_size=500,
+                                     normalize=False)
   assert below.partners(anchor)[0] == nearest
 
 
@@ -112,9 +115,9 @@ def test_matches_brute_force_normalised_pixels(normalised, fmnist, block_size, c
   labels = fmnist[1]
   want_ids, want_sims = brute_force(normalised @ normalised.T, top_k, threshold)
   # Raw (unnormalised) pixels in: the miner normalises itself.
-  got = sp.mine_semantic_pairs(fmnist[0].reshape(N_SUBSET, -1), threshold=threshold,
-                               top_k=top_k, block_size=block_size, chunk_size=chunk_size,
-                               labels=labels)
+  got = mining.mine_semantic_pairs(fmnist[0].reshape(N_SUBSET, -1), threshold=threshold,
+                                   top_k=top_k, block_size=block_size, chunk_size=chunk_size,
+                                   labels=labels)
   tol = 1e-5
   # Values agree everywhere up to float32 rounding (including which slots are padding, except
   # for values within tol of the threshold).
@@ -139,10 +142,10 @@ def test_matches_brute_force_normalised_pixels(normalised, fmnist, block_size, c
   assert not (differ & ~near_tie & ~near_threshold).any()
   assert differ.mean() < 1e-3
   # Same-label rate equals the brute-force one (up to the near-tie swaps above).
-  rate = sp.same_label_rate(got, labels)
+  rate = pairs_lib.same_label_rate(got, labels)
   want_rate = brute_same_label_rate(want_ids, labels)
   print(f"\nsame-label rate (pixels, top_k={top_k}, threshold={threshold}): {rate:.4f}, "
-        f"brute force {want_rate:.4f}, coverage {sp.coverage(got):.3f}")
+        f"brute force {want_rate:.4f}, coverage {pairs_lib.coverage(got):.3f}")
   assert abs(rate - want_rate) <= differ.sum() / max(got.num_pairs, 1)
   assert rate == got.metadata["same_label_rate"]
   assert rate > 0.5  # chance is ~0.1 on balanced 10-class Fashion-MNIST
@@ -154,8 +157,8 @@ def test_duplicates_found_and_self_excluded_by_index(quantised):
   dup_of = {400: 3, 401: 250, 402: 399, 403: 3}  # 3 has two copies; 250 and its copy across blocks
   emb = np.concatenate([base, base[list(dup_of.values())]])
   for block_size, chunk_size in [(64, 50), (404, 404), (7, 400)]:
-    got = sp.mine_semantic_pairs(emb, threshold=0.999, top_k=5, block_size=block_size,
-                                 chunk_size=chunk_size)
+    got = mining.mine_semantic_pairs(emb, threshold=0.999, top_k=5, block_size=block_size,
+                                     chunk_size=chunk_size)
     assert not (got.indices == np.arange(len(emb))[:, None]).any()
     for copy, orig in dup_of.items():
       twins = sorted({copy, orig} | {c for c, o in dup_of.items() if o == orig})
@@ -170,40 +173,40 @@ def test_duplicates_found_and_self_excluded_by_index(quantised):
 
 def test_threshold_above_one_gives_no_pairs(fmnist):
   emb = fmnist[0][:300].reshape(300, -1)
-  got = sp.mine_semantic_pairs(emb, threshold=1.0001, top_k=5, block_size=128,
-                               labels=fmnist[1][:300])
+  got = mining.mine_semantic_pairs(emb, threshold=1.0001, top_k=5, block_size=128,
+                                   labels=fmnist[1][:300])
   assert got.num_pairs == 0
   assert (got.indices == -1).all() and np.isneginf(got.similarities).all()
-  assert sp.coverage(got) == 0.0
-  assert np.isnan(sp.same_label_rate(got, fmnist[1][:300]))
+  assert pairs_lib.coverage(got) == 0.0
+  assert np.isnan(pairs_lib.same_label_rate(got, fmnist[1][:300]))
 
 
 def test_top_k_larger_than_n_pads():
   emb = np.array([[1, 0], [1, 1], [0, 1], [-1, 0]], np.float32)
-  got = sp.mine_semantic_pairs(emb, threshold=-2.0, top_k=6, block_size=3, chunk_size=2)
+  got = mining.mine_semantic_pairs(emb, threshold=-2.0, top_k=6, block_size=3, chunk_size=2)
   assert got.counts.tolist() == [3, 3, 3, 3]
   assert (got.indices[:, 3:] == -1).all() and np.isneginf(got.similarities[:, 3:]).all()
   assert got.partners(0).tolist() == [1, 2, 3]  # cos 0.707, 0, -1
   np.testing.assert_allclose(got.similarities[0, :3], [np.sqrt(0.5), 0.0, -1.0], atol=1e-6)
-  single = sp.mine_semantic_pairs(emb[:1], threshold=-2.0, top_k=2)
+  single = mining.mine_semantic_pairs(emb[:1], threshold=-2.0, top_k=2)
   assert single.num_pairs == 0 and single.indices.shape == (1, 2)
 
 
 def test_embed_fn_and_batches_match_embeddings(fmnist):
   """The embed_fn path (masked padded last batch, ids shuffled) equals the direct path."""
   images, labels = fmnist[0][:700], fmnist[1][:700]
-  direct = sp.mine_semantic_pairs(images.reshape(700, -1), threshold=0.8, top_k=8,
-                                  block_size=256, labels=labels)
-  batches = list(sp.numpy_batches(images, labels, batch_size=128))  # 6 * 128 - 700 = 68 padded
+  direct = mining.mine_semantic_pairs(images.reshape(700, -1), threshold=0.8, top_k=8,
+                                      block_size=256, labels=labels)
+  batches = list(mining.numpy_batches(images, labels, batch_size=128))  # 6 * 128 - 700 = 68 padded
   assert not batches[-1]["mask"].all()
   perm = np.random.default_rng(0).permutation(len(batches))
   shuffled = []
   for b in (batches[i] for i in perm):  # batch order scrambled; ids restore dataset order
     shuffled.append(b)
   progress = []
-  mined = sp.mine_semantic_pairs(embed_fn=jax.jit(sp.pixel_embed_fn), batches=iter(shuffled),
-                                 threshold=0.8, top_k=8, block_size=256,
-                                 progress=progress.append, embedding="pixels")
+  mined = mining.mine_semantic_pairs(embed_fn=jax.jit(mining.pixel_embed_fn),
+                                     batches=iter(shuffled), threshold=0.8, top_k=8, block_size=256,
+                                     progress=progress.append, embedding="pixels")
   np.testing.assert_array_equal(mined.indices, direct.indices)
   np.testing.assert_allclose(mined.similarities, direct.similarities, atol=1e-6)
   assert mined.metadata["same_label_rate"] == direct.metadata["same_label_rate"]
@@ -211,29 +214,29 @@ def test_embed_fn_and_batches_match_embeddings(fmnist):
   assert all(p["images_per_s"] > 0 for p in progress)
   with pytest.raises(ValueError, match="permutation"):
     bad = [dict(b, id=np.zeros(128, int)) for b in batches]
-    sp.mine_semantic_pairs(embed_fn=sp.pixel_embed_fn, batches=bad, threshold=0.8, top_k=8)
+    mining.mine_semantic_pairs(embed_fn=mining.pixel_embed_fn, batches=bad, threshold=0.8, top_k=8)
 
 
 def test_same_label_rate_and_coverage_by_hand():
-  pairs = sp.SemanticPairs(
+  pairs = pairs_lib.SemanticPairs(
       np.array([[1, 2], [0, -1], [-1, -1], [2, -1]], np.int32),
       np.array([[0.9, 0.8], [0.9, -np.inf], [-np.inf, -np.inf], [0.7, -np.inf]], np.float32))
   labels = np.array([0, 0, 1, 1])
   # Directed pairs: 0-1 same, 0-2 diff, 1-0 same, 3-2 same.
-  assert sp.same_label_rate(pairs, labels) == 0.75
-  assert sp.coverage(pairs) == 0.75
+  assert pairs_lib.same_label_rate(pairs, labels) == 0.75
+  assert pairs_lib.coverage(pairs) == 0.75
   assert pairs.num_pairs == 4 and pairs.counts.tolist() == [2, 1, 0, 1]
   with pytest.raises(ValueError, match="labels"):
-    sp.same_label_rate(pairs, labels[:3])
+    pairs_lib.same_label_rate(pairs, labels[:3])
 
 
 def test_save_load_round_trip_exact(tmp_path, normalised):
-  got = sp.mine_semantic_pairs(normalised[:500].astype(np.float32), threshold=0.85, top_k=6,
-                               block_size=200, embedding="pixels", note="round trip")
+  got = mining.mine_semantic_pairs(normalised[:500].astype(np.float32), threshold=0.85, top_k=6,
+                                   block_size=200, embedding="pixels", note="round trip")
   path = tmp_path / "pairs.npz"
-  sp.save_pairs(path, got, extra=3)
-  loaded = sp.load_pairs(path)
-  assert isinstance(loaded, sp.SemanticPairs)
+  pairs_lib.save_pairs(path, got, extra=3)
+  loaded = pairs_lib.load_pairs(path)
+  assert isinstance(loaded, pairs_lib.SemanticPairs)
   assert loaded.indices.dtype == np.int32 and loaded.similarities.dtype == np.float32
   np.testing.assert_array_equal(loaded.indices, got.indices)
   assert loaded.similarities.tobytes() == got.similarities.tobytes()  # bitwise, -inf included
@@ -253,7 +256,7 @@ def _good_arrays():
   indices = np.array([[1, -1], [0, 2], [-1, -1]], np.int32)
   sims = np.array([[0.9, -np.inf], [0.9, 0.5], [-np.inf, -np.inf]], np.float32)
   meta = json.dumps({"threshold": 0.4, "top_k": 2, "n": 3, "embedding": "pixels",
-                     "format_version": sp.FORMAT_VERSION})
+                     "format_version": pairs_lib.FORMAT_VERSION})
   return dict(indices=indices, similarities=sims, metadata=np.asarray(meta))
 
 
@@ -277,30 +280,30 @@ def _good_arrays():
 ])
 def test_load_rejects_bad_files(tmp_path, change, message):
   arrays = _good_arrays()
-  sp.load_pairs(_write(tmp_path / "good.npz", **arrays))  # the unmodified file loads
+  pairs_lib.load_pairs(_write(tmp_path / "good.npz", **arrays))  # the unmodified file loads
   change(arrays)
   path = _write(tmp_path / "bad.npz", **arrays)
   with pytest.raises(ValueError, match=message):
-    sp.load_pairs(path)
+    pairs_lib.load_pairs(path)
 
 
 def test_load_rejects_non_npz_and_missing(tmp_path):
   path = tmp_path / "junk.npz"
   path.write_bytes(b"not a zip file")
   with pytest.raises(ValueError, match="not a readable"):
-    sp.load_pairs(path)
+    pairs_lib.load_pairs(path)
   with pytest.raises(FileNotFoundError):
-    sp.load_pairs(tmp_path / "absent.npz")
+    pairs_lib.load_pairs(tmp_path / "absent.npz")
 
 
 def test_save_requires_metadata_and_valid_arrays(tmp_path):
   arrays = _good_arrays()
-  pairs = sp.SemanticPairs(arrays["indices"], arrays["similarities"])
+  pairs = pairs_lib.SemanticPairs(arrays["indices"], arrays["similarities"])
   with pytest.raises(ValueError, match="threshold"):
-    sp.save_pairs(tmp_path / "p.npz", pairs, embedding="pixels")
-  bad = sp.SemanticPairs(arrays["indices"], arrays["similarities"][:, ::-1].copy())
+    pairs_lib.save_pairs(tmp_path / "p.npz", pairs, embedding="pixels")
+  bad = pairs_lib.SemanticPairs(arrays["indices"], arrays["similarities"][:, ::-1].copy())
   with pytest.raises(ValueError):
-    sp.save_pairs(tmp_path / "p.npz", bad, threshold=0.4, embedding="pixels")
+    pairs_lib.save_pairs(tmp_path / "p.npz", bad, threshold=0.4, embedding="pixels")
   assert not os.path.exists(tmp_path / "p.npz")
 
 
@@ -321,10 +324,10 @@ def test_block_function_never_builds_n_by_n():
   an N x N matrix, fails both checks.
   """
   n, dim, block, chunk, k = 1_000_000, 16, 256, 512, 10
-  b, c, m = sp._block_layout(n, block, chunk)
+  b, c, m = mining._block_layout(n, block, chunk)
   emb = jax.ShapeDtypeStruct((m, dim), jnp.float32)
-  lowered = sp._topk_block.lower(emb, jnp.int32(0), jnp.float32(0.5), n=n, block_size=b,
-                                 chunk_size=c, top_k=k, precision="highest")
+  lowered = mining._topk_block.lower(emb, jnp.int32(0), jnp.float32(0.5), n=n, block_size=b,
+                                     chunk_size=c, top_k=k, precision="highest")
   compiled = lowered.compile()
   working_set = b * (c + k)
   for text in (lowered.as_text(dialect="hlo"), compiled.as_text()):
@@ -336,8 +339,8 @@ def test_block_function_never_builds_n_by_n():
   if mem is not None:
     assert mem.temp_size_in_bytes < 8 * 4 * working_set, mem.temp_size_in_bytes
   out = jax.eval_shape(
-      lambda e: sp._topk_block(e, jnp.int32(0), jnp.float32(0.5), n=n, block_size=b,
-                               chunk_size=c, top_k=k, precision="highest"), emb)
+      lambda e: mining._topk_block(e, jnp.int32(0), jnp.float32(0.5), n=n, block_size=b,
+                                   chunk_size=c, top_k=k, precision="highest"), emb)
   assert [o.shape for o in out] == [(b, k), (b, k)]
 
 
@@ -346,7 +349,7 @@ def test_cli_writes_loadable_file(tmp_path, capsys):
   assert sp.main(["--dataset", "fashion_mnist", "--embedding", "pixels", "--threshold", "0.9",
                   "--top_k", "5", "--limit", "600", "--block_size", "256", "--out",
                   str(out)]) == 0
-  pairs = sp.load_pairs(out)
+  pairs = pairs_lib.load_pairs(out)
   assert pairs.n == 600 and pairs.k == 5
   assert pairs.metadata["embedding"] == "pixels" and pairs.metadata["threshold"] == 0.9
   assert 0.5 < pairs.metadata["same_label_rate"] <= 1.0

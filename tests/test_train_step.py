@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcontrast import config_lib, train
-from jaxcontrast import queue as queue_lib
+from jaxcontrast import config_lib
 from jaxcontrast.data.fashion_mnist import load_fashion_mnist_numpy
 from jaxcontrast.sharding import global_batch_from_local, make_mesh
+from jaxcontrast.step import queue as queue_lib
+from jaxcontrast.step import train_step
 
 LR = 0.05
 METHOD_VARIANTS = [("moco", None), ("co2", None), ("xmoco", None), ("sce", None), ("fnc", None),
@@ -44,15 +45,15 @@ def run_steps(c, num_devices, batches, *, tx=None, total_steps=10, params_histor
   """Initial and final host states and each step's metrics; the params after each step are
   appended to `params_history` when it is a list."""
   mesh = make_mesh(num_devices)
-  models = train.build_models(c, mesh)
+  models = train_step.build_models(c, mesh)
   tx = tx or optax.sgd(LR)
   sample = jnp.zeros((2,) + batches[0]["view1"].shape[1:])
-  state, shardings = train.create_state(c, models=models, tx=tx, mesh=mesh, sample_images=sample,
-                                        rng=jax.random.key(0))
+  state, shardings = train_step.create_state(c, models=models, tx=tx, mesh=mesh,
+                                             sample_images=sample, rng=jax.random.key(0))
   initial = jax.device_get(state)
-  step = train.jit_train_step(
-      train.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=total_steps,
-                            base_rng=jax.random.key(1)), mesh=mesh, shardings=shardings)
+  step = train_step.jit_train_step(
+      train_step.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=total_steps,
+                                 base_rng=jax.random.key(1)), mesh=mesh, shardings=shardings)
   metrics = []
   for batch in batches:
     state, m = step(state, global_batch_from_local(mesh, batch))

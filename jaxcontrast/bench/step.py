@@ -1,7 +1,7 @@
 """Time the compiled train step of any config on synthetic inputs already on the devices.
 
-What it measures is the step alone (`train.make_train_step` + `train.jit_train_step`, the exact
-program `python -m jaxcontrast.main` runs): compile time, per-step wall time after warm-up
+What it measures is the step alone (`train_step.make_train_step` + `train_step.jit_train_step`,
+the exact program `python -m jaxcontrast.main` runs): compile time, per-step wall time after warm-up
 (each step synchronised with `block_until_ready`; the median is reported), images/s, peak
 device memory, and FLOPs per image counted from the traced program (`flops.py`), hence MFU for
 a given peak.
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcontrast import train
 from jaxcontrast.bench import flops as flops_lib
-from jaxcontrast.optim import make_optimizer
 from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh
+from jaxcontrast.step import train_step
+from jaxcontrast.step.optim import make_optimizer
 
 NUM_CLASSES = 1000   # labels of the synthetic batch (ImageNet's), for the "diag/..." metrics
 
@@ -61,8 +61,9 @@ def synthetic_batch(config, *, batch_size: int, seed: int = 0) -> dict:
   return batch
 
 
-def build(config, *, devices: int | None = None, total_steps: int = 10_000):
-  """(mesh, jitted step, state, global batch) for `config` on the first `devices` devices."""
+def build(config, *, devices: int | None = None, total_steps: int = 10_000_000):
+  """(mesh, step function, jitted step, state, global batch) for `config` on the first `devices`
+  devices. `total_steps` only places the schedules (a long run: warm-ups of any length fit)."""
   mesh = make_mesh(devices)
   if config.global_batch_size % mesh.shape[DATA_AXIS]:
     raise ValueError(f"batch {config.global_batch_size} is not divisible by the "
@@ -71,14 +72,14 @@ def build(config, *, devices: int | None = None, total_steps: int = 10_000):
   tx, _ = make_optimizer(config.optim, global_batch_size=config.global_batch_size,
                          total_steps=total_steps,
                          steps_per_epoch=num_train / config.global_batch_size)
-  models = train.build_models(config, mesh)
+  models = train_step.build_models(config, mesh)
   size, channels = image_size(config), image_channels(config)
-  state, shardings = train.create_state(
+  state, shardings = train_step.create_state(
       config, models=models, tx=tx, mesh=mesh,
       sample_images=jnp.zeros((2, size, size, channels), jnp.float32), rng=jax.random.key(0))
-  step_fn = train.make_train_step(config, models=models, tx=tx, mesh=mesh,
-                                  total_steps=total_steps, base_rng=jax.random.key(1))
-  jitted = train.jit_train_step(step_fn, mesh=mesh, shardings=shardings)
+  step_fn = train_step.make_train_step(config, models=models, tx=tx, mesh=mesh,
+                                       total_steps=total_steps, base_rng=jax.random.key(1))
+  jitted = train_step.jit_train_step(step_fn, mesh=mesh, shardings=shardings)
   batch = global_batch_from_local(
       mesh, synthetic_batch(config, batch_size=config.global_batch_size))
   return mesh, step_fn, jitted, state, batch
@@ -107,7 +108,7 @@ def time_calls(call, *, steps: int, warmup: int) -> list[float]:
 def ema_update_ms(state, *, steps: int = 10) -> float:
   """Median milliseconds of the EMA update alone (target <- m target + (1 - m) online) on the
   state's parameters: the step's one pass over every parameter outside the optimizer."""
-  from jaxcontrast import ema  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.step import ema  # pylint: disable=g-import-not-at-top
   update = jax.jit(lambda target, online: ema.update(target, online, 0.999))
   call = lambda: jax.block_until_ready(update(state.ema_params, state.params))
   return round(1e3 * statistics.median(time_calls(call, steps=steps, warmup=2)), 3)

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from jaxcontrast.data import augment
 from jaxcontrast.data import datasets
+from jaxcontrast.data import pairs as pairs_lib
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,9 @@ def load_pair_indices(path: str) -> np.ndarray:
   holding one (`data.semantic_pairs=WORKDIR` reads WORKDIR/semantic_pairs.npz, written by
   `python -m jaxcontrast.semantic_pairs --workdir WORKDIR`).
 
-  Uses `jaxcontrast.semantic_pairs.load_pairs` (which resolves a workdir and validates the file).
+  Uses `data.pairs.load_pairs` (which resolves a workdir and validates the file).
   """
-  from jaxcontrast.semantic_pairs import load_pairs  # pylint: disable=g-import-not-at-top
-  pairs = load_pairs(path)
+  pairs = pairs_lib.load_pairs(path)
   indices = pairs["indices"] if isinstance(pairs, dict) else pairs.indices
   return np.asarray(indices, np.int32)
 

@@ -33,7 +33,7 @@ class ProbeEncoder:
 
 def _saved_config(workdir, step):
   """(config, step) of a checkpoint without restoring its arrays."""
-  from jaxcontrast import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.run import checkpoint  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(workdir, keep=None, read_only=True)
   try:
     steps = ckpt.all_steps()
@@ -56,7 +56,7 @@ def load_probe_encoder(workdir, *, encoder: str, features: str = "backbone", ste
   `workdir` at checkpoint `step` (None = latest). `image_shape` (H, W, C) is needed only by
   "random" (default: from the run's data config)."""
   if encoder in ("target", "online"):
-    from jaxcontrast import checkpoint  # pylint: disable=g-import-not-at-top
+    from jaxcontrast.run import checkpoint  # pylint: disable=g-import-not-at-top
     run = checkpoint.load_run(workdir, step=step, mesh=mesh)
     state = run.state
     if encoder == "target":

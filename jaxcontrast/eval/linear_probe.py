@@ -106,7 +106,7 @@ def full_batch_probe(enc, data_cfg, probe_config, *, mesh, num_classes) -> dict:
 
 def sgd_probe(enc, data_cfg, probe_config, *, mesh, workdir, num_classes, num_train) -> dict:
   """MoCo v2 linear classification; checkpoints in WORKDIR/<output stem>_sgd/."""
-  from jaxcontrast import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.run import checkpoint  # pylint: disable=g-import-not-at-top
   ckpt_dir = (checkpoint.workdir_path(workdir) /
               f"{config_lib.output_stem(probe_config)}_sgd")
   t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def sgd_probe(enc, data_cfg, probe_config, *, mesh, workdir, num_classes, num_tr
 def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   """Probes the run in `workdir` per `probe_config` (`default_probe_config()`); writes the JSON
   result (process 0) and returns it."""
-  from jaxcontrast import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.run import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
   config_lib.validate(probe_config)
   if len(config_lib.encoder_list(probe_config)) > 1:

@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from jaxcontrast.config_merge import override_known
+from jaxcontrast.config_check import fail as _check_fail, is_int as _is_int, merge_known
 from jaxcontrast.models.conv import CONV_IMPLS
 from jaxcontrast.models.encoder import Encoder
 from jaxcontrast.models.heads import MLPHead
@@ -45,11 +45,7 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"model config: invalid {key}={value!r}; expected {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
+  _check_fail("model", key, value, allowed)
 
 
 def _check_dims(key: str, value: Any) -> tuple[int, ...]:
@@ -60,7 +56,7 @@ def _check_dims(key: str, value: Any) -> tuple[int, ...]:
 
 def resolve_model_config(model_config: Any) -> ml_collections.ConfigDict:
   """Defaults overridden by `model_config` (a ConfigDict or dict), validated."""
-  cfg = override_known(default_model_config(), model_config, "model")
+  cfg = merge_known(default_model_config(), model_config, "model")
   validate_model_config(cfg)
   return cfg
 

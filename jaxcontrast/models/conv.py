@@ -4,8 +4,9 @@
 - `"matmul"`: im2col + one matrix product. `lax.conv_general_dilated_patches` gathers every
   `kh x kw x C` window into a feature vector, and an einsum with the reshaped kernel finishes the
   convolution; the weight gradient is a matmul too. Meant for CPUs where XLA's convolution
-  weight gradient is slow. Measure before choosing it (benchmarks/bench_conv.py): with jax
-  0.10.2 on a 2-core AMD EPYC, "xla" trains ResNet-18 faster than "matmul".
+  weight gradient is slow. Measure before choosing it (`python -m jaxcontrast.bench
+  --conv_impl matmul`): with jax 0.10.2 on 2 CPU cores, "xla" runs the MoCo v2 step of a
+  ResNet-18 (32 px, batch 256) at 16.8 images/s, "matmul" at 12.6.
 
 Both paths read the same parameter (`kernel`, shape `(kh, kw, C_in, C_out)`, plus `bias` when
 `use_bias`), so a parameter tree trained with one runs with the other.

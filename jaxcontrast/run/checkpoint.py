@@ -30,10 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxcontrast import queue as queue_lib
-from jaxcontrast import train
-from jaxcontrast.optim import make_optimizer
 from jaxcontrast.sharding import DATA_AXIS, make_mesh
+from jaxcontrast.step import queue as queue_lib
+from jaxcontrast.step import train_step
+from jaxcontrast.step.optim import make_optimizer
 
 log = logging.getLogger("jaxcontrast")
 
@@ -120,9 +120,9 @@ def abstract_state(config, *, models, tx, mesh, image_shape) -> tuple[Any, Any]:
   """(state of jax.ShapeDtypeStruct with shardings, shardings) without allocating anything."""
   sample = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
   shapes = jax.eval_shape(
-      lambda r: train.create_state(config, models=models, tx=tx, mesh=mesh,
-                                   sample_images=sample, rng=r)[0], jax.random.key(0))
-  shardings = train.state_shardings(shapes, mesh, config.queue.mode)
+      lambda r: train_step.create_state(config, models=models, tx=tx, mesh=mesh,
+                                        sample_images=sample, rng=r)[0], jax.random.key(0))
+  shardings = train_step.state_shardings(shapes, mesh, config.queue.mode)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
   return abstract, shardings
@@ -259,7 +259,7 @@ class RestoredRun:
   config: ml_collections.ConfigDict
   step: int
   state: Any
-  models: train.Models
+  models: train_step.Models
 
 
 def load_run(workdir, *, step: Optional[int] = None, mesh=None) -> RestoredRun:
@@ -278,7 +278,7 @@ def load_run(workdir, *, step: Optional[int] = None, mesh=None) -> RestoredRun:
   data, saved = ckpt.saved_json(step)
   config = config_from_dict(saved)
   mesh = make_mesh() if mesh is None else mesh
-  models = train.build_models(config, mesh)
+  models = train_step.build_models(config, mesh)
   # The schedule does not shape the optimizer state; `steps_per_epoch` (saved since warm-up
   # could be given in epochs) only keeps make_optimizer's warm-up checks satisfied.
   tx, _ = make_optimizer(config.optim, global_batch_size=config.global_batch_size,

@@ -1,4 +1,5 @@
-"""The negative queue as a pytree: initialisation, enqueue, and re-blocking.
+"""The negative queue: its config section, its layouts, its one push, and what the objective
+sees of it (`Negatives`), as pytrees.
 
 Two layouts (DESIGN.md, "The negative queue on many devices"):
 
@@ -22,7 +23,50 @@ from typing import Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from jaxcontrast.config_check import fail
+
+MODES = ("replicated", "sharded")
+
+
+def default_queue_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.size = 4096            # K; 0 = no queue: the other keys of the global batch are the negatives
+  c.mode = "replicated"    # "replicated" | "sharded" (rows split over devices, K % devices == 0)
+  c.store_ids = False      # keep each row's source image id (SePP multi_positive, diagnostics)
+  c.store_labels = True    # keep each row's class label (batch "label"): "diag/..." metrics
+  c.mask_unfilled = False  # leave rows not yet written out of every loss (MoCo: False, noise)
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first invalid key of the `queue` section."""
+  if c.mode not in MODES:
+    fail("queue", "mode", c.mode, f"one of {MODES}")
+  if c.size < 0:
+    fail("queue", "size", c.size, "an int >= 0 (0: in-batch negatives)")
+  if c.size == 0 and c.mode == "sharded":
+    fail("queue", "mode", c.mode, "'replicated' when queue.size = 0 (no queue to shard)")
+
+
+def num_blocks(mode: str, devices: int) -> int:
+  """Blocks of the layout: one per device when `sharded`, else one."""
+  return devices if mode == "sharded" else 1
+
+
+@flax.struct.dataclass
+class Negatives:
+  """What the objective sees of the queue as it was before this step: keys (K, D); ids (K,),
+  the rows' source image ids (SePP's multi-positive mask); labels (K,), their class labels (the
+  label diagnostics; None: off); valid (K,) bool, the rows holding real keys
+  (`queue.mask_unfilled`; None: every row counts). In the sharded layout every field is split by
+  rows over the devices."""
+  keys: jax.Array
+  ids: Optional[jax.Array] = None
+  labels: Optional[jax.Array] = None
+  valid: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -102,6 +146,18 @@ def enqueue(queue: QueueState, keys: jax.Array, ids: Optional[jax.Array] = None,
       labels=queue.labels.at[rows].set(labels, unique_indices=True),
       ptr=((queue.ptr + n) % size).astype(jnp.int32),
       filled=jnp.minimum(queue.filled + n, size).astype(jnp.int32))
+
+
+def negatives(queue: Optional[QueueState], config: ml_collections.ConfigDict, *, devices: int,
+              with_labels: bool) -> Optional[Negatives]:
+  """The objective's view of `queue` under the `queue` config section (None: no queue)."""
+  if queue is None:
+    return None
+  valid = (valid_rows(queue, num_blocks(config.mode, devices)) if config.mask_unfilled
+           else None)
+  return Negatives(keys=queue.keys, ids=queue.ids,
+                   labels=queue.labels if with_labels and config.store_labels else None,
+                   valid=valid)
 
 
 def valid_rows(queue: QueueState, num_blocks: int = 1) -> jax.Array:
@@ -192,3 +248,36 @@ def enqueue_sharded(queue: QueueState, keys: jax.Array, ids: Optional[jax.Array]
   return QueueState(keys=new_keys, ids=new_ids, labels=new_labels,
                     ptr=((queue.ptr + local_n) % local_size).astype(jnp.int32),
                     filled=jnp.minimum(queue.filled + n, size).astype(jnp.int32))
+
+
+def _concat_per_device(parts, devices: int) -> jax.Array:
+  """[a; b; ...] arranged so each device's rows of the result are its own rows of a, then of b,
+  ...: what each device writes into its own block of a sharded queue."""
+  shape = parts[0].shape[1:]
+  return jnp.concatenate([p.reshape(devices, -1, *shape) for p in parts],
+                         axis=1).reshape(-1, *shape)
+
+
+def push(queue: QueueState, keys, ids, labels, *, mode: str, mesh,
+         axis_name: str = "data") -> QueueState:
+  """Enqueue one step's keys, normalised, with their source ids and class labels: the only
+  write into the queue, in either layout.
+
+  keys: tuple of global (B, D) keys, one per enqueued view: `(k2,)`, or `(k1, k2)` when the
+  loss is symmetric; ids, labels: tuples of (B,) int32 (or None: -1, unknown) in the same order.
+  Replicated: the views one after the other, [k1; k2] (each in device order), at `ptr`. Sharded:
+  device i writes its own rows of k1 then of k2 into its own block, without communication.
+  """
+  n = keys[0].shape[0]
+  unknown = lambda v: jnp.full((n,), -1, jnp.int32) if v is None else jnp.asarray(v, jnp.int32)
+  ids, labels = tuple(map(unknown, ids)), tuple(map(unknown, labels))
+  if mode == "sharded":
+    devices = mesh.shape[axis_name]
+    join = lambda parts: parts[0] if len(parts) == 1 else _concat_per_device(parts, devices)
+  else:
+    join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  new_keys, new_ids, new_labels = join(keys), join(ids), join(labels)
+  new_keys = new_keys / jnp.linalg.norm(new_keys, axis=-1, keepdims=True).clip(1e-12)
+  if mode == "sharded":
+    return enqueue_sharded(queue, new_keys, new_ids, new_labels, mesh=mesh, axis_name=axis_name)
+  return enqueue(queue, new_keys, new_ids, new_labels)

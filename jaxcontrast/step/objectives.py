@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from jaxcontrast import diagnostics, losses
+from jaxcontrast import losses
+from jaxcontrast.config_check import fail
+from jaxcontrast.step import diagnostics
 
 P = jax.sharding.PartitionSpec
 MAIN_LOSSES = ("moco", "sce", "fnc", "multi_positive")
@@ -65,21 +67,24 @@ def default_objective_config() -> ml_collections.ConfigDict:
 
 
 def validate(objective: ml_collections.ConfigDict, *, queue_size: int, store_ids: bool) -> None:
-  """Fail at start-up, with the offending key, on combinations that cannot run."""
+  """ConfigError naming the first invalid key of the `objective` section (with the queue's size
+  and `store_ids`, which some losses need)."""
   if objective.loss not in MAIN_LOSSES:
-    raise ValueError(f"objective.loss must be one of {MAIN_LOSSES}, got {objective.loss!r}")
+    fail("objective", "loss", objective.loss, f"one of {MAIN_LOSSES}")
   if queue_size == 0 and (objective.loss != "moco" or objective.co2.weight or
                           objective.xmoco_uniformity.weight):
-    raise ValueError("queue.size = 0 (in-batch negatives) works only with objective.loss='moco' "
-                     "and without the co2 / xmoco_uniformity regularisers, which need a queue")
+    fail("queue", "size", queue_size, "> 0 with this objective: queue.size = 0 (in-batch "
+         "negatives) works only with objective.loss='moco' and without the co2 / "
+         "xmoco_uniformity regularisers, which need a queue")
   if objective.loss == "multi_positive" and not store_ids:
-    raise ValueError("objective.loss='multi_positive' needs queue.store_ids=True")
+    fail("queue", "store_ids", store_ids, "True with objective.loss='multi_positive'")
   if objective.fnc.mode not in ("attraction", "elimination"):
-    raise ValueError(f"objective.fnc.mode must be 'attraction' or 'elimination', got "
-                     f"{objective.fnc.mode!r}")
+    fail("objective", "fnc.mode", objective.fnc.mode, "'attraction' or 'elimination'")
+  if objective.temperature <= 0:
+    fail("objective", "temperature", objective.temperature, "a number > 0")
   for name in REGULARIZERS:
     if objective[name].weight < 0:
-      raise ValueError(f"objective.{name}.weight must be >= 0, got {objective[name].weight}")
+      fail("objective", f"{name}.weight", objective[name].weight, "a number >= 0")
 
 
 def _positive_mask(anchor_ids, key_ids, neighbors, queue_ids):
@@ -91,8 +96,11 @@ def _positive_mask(anchor_ids, key_ids, neighbors, queue_ids):
   return mask & (qid >= 0)
 
 
-def _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name):
+def _terms(cfg, q, k, negatives, extras, axis_name):
   """One direction (query q against key k) of the objective; (total, metrics)."""
+  queue_keys = None if negatives is None else negatives.keys
+  queue_ids = None if negatives is None else negatives.ids
+  queue_valid = None if negatives is None else negatives.valid
   tau = cfg.temperature
   loss_name = cfg.loss
   if loss_name == "moco":
@@ -157,63 +165,60 @@ def crop_pairs(queries, keys, local_queries=()):
   return list(zip(queries, keys)) + [(q, k) for q in local_queries for k in keys]
 
 
-def objective_value(cfg, queries, keys, queue_keys, queue_ids, queue_valid, extras,
-                    axis_name: Optional[str] = None, queue_labels=None, local_queries=()):
+def objective_value(cfg, queries, keys, negatives, extras, *, axis_name: Optional[str] = None,
+                    local_queries=()):
   """The whole objective for one step.
 
   queries / keys: tuples of (B, D) embeddings, one per direction: `(q1,)`, `(k2,)` for the
   asymmetric loss; `(q1, q2)`, `(k2, k1)` for the symmetric one. local_queries: the online
   embeddings of the multi-crop local views, each an extra query against every key
-  (`crop_pairs`); the objective is the mean over all pairs. The queue is the one from before
-  this step; `queue_valid` (K,) bool or None marks the rows holding real keys
-  (`queue.mask_unfilled`). Returns (loss, metrics), metrics averaged over the pairs.
+  (`crop_pairs`); the objective is the mean over all pairs. negatives: `queue.Negatives`, the
+  queue as it was before this step (None: no queue, the batch's other keys are the negatives);
+  its `valid` marks the rows holding real keys (`queue.mask_unfilled`). Returns (loss, metrics),
+  metrics averaged over the pairs.
 
-  With `queue_labels` (K,) and `extras["label"]` (B,) the metrics also hold the label
+  With `negatives.labels` (K,) and `extras["label"]` (B,) the metrics also hold the label
   diagnostics (`diagnostics.label_metrics`: "diag/queue_same_label", and for FNC
   "diag/fn_precision", "diag/fn_recall"); labels never enter the loss.
   """
   totals, all_metrics = [], []
   for q, k in crop_pairs(queries, keys, local_queries):
-    total, metrics = _terms(cfg, q, k, queue_keys, queue_ids, queue_valid, extras, axis_name)
+    total, metrics = _terms(cfg, q, k, negatives, extras, axis_name)
     totals.append(total)
     all_metrics.append(metrics)
   n = len(totals)
   metrics = {name: sum(m[name] for m in all_metrics) / n for name in all_metrics[0]}
   loss = sum(totals) / n
   metrics["loss"] = loss
-  if queue_labels is not None and "label" in extras:
+  if negatives is not None and negatives.labels is not None and "label" in extras:
     metrics.update(diagnostics.label_metrics(
-        cfg, keys, extras["label"], queue_keys, queue_labels, queue_valid=queue_valid,
+        cfg, keys, extras["label"], negatives.keys, negatives.labels, queue_valid=negatives.valid,
         support=extras.get("support"), axis_name=axis_name))
   return loss, metrics
 
 
 def make_objective_fn(cfg, *, mesh, queue_mode: str, axis_name: str = "data"):
-  """`fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None,
-  local_queries=()) -> (loss, metrics)` (arguments as in `objective_value`).
+  """`fn(queries, keys, negatives, extras, local_queries=()) -> (loss, metrics)` (arguments as
+  in `objective_value`).
 
   `replicated`: plain global-array code (XLA partitions the batch; the queue is on every device).
-  `sharded`: one `jax.shard_map` over `axis_name`; queue rows and batch rows split, outputs
-  replicated; the queue's ids, labels and valid mask are split like its rows (the label
-  diagnostics psum their counts over `axis_name`). `extras` (support views, ids, labels,
-  neighbours) are batch-split in both.
+  `sharded`: one `jax.shard_map` over `axis_name`; every field of `negatives` split by rows like
+  the queue, batch rows split, outputs replicated (the label diagnostics psum their counts over
+  `axis_name`). `extras` (support views, ids, labels, neighbours) are batch-split in both.
   """
   if queue_mode == "replicated":
-    return lambda qs, ks, qk, qi, qv, extras, ql=None, local_queries=(): objective_value(
-        cfg, qs, ks, qk, qi, qv, extras, None, ql, tuple(local_queries))
+    return lambda queries, keys, negatives, extras, local_queries=(): objective_value(
+        cfg, queries, keys, negatives, extras, local_queries=tuple(local_queries))
   if queue_mode != "sharded":
     raise ValueError(f"queue.mode must be 'replicated' or 'sharded', got {queue_mode!r}")
 
-  def fn(queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels=None,
-         local_queries=()):
-    body = lambda qs, ks, qk, qi, qv, ex, ql, lq: objective_value(cfg, qs, ks, qk, qi, qv, ex,
-                                                                  axis_name, ql, lq)
-    batch_spec, rows = P(axis_name), P(axis_name)
-    split = lambda tree: jax.tree.map(lambda _: batch_spec, tree)
+  def fn(queries, keys, negatives, extras, local_queries=()):
+    body = lambda qs, ks, neg, ex, lq: objective_value(cfg, qs, ks, neg, ex, axis_name=axis_name,
+                                                       local_queries=lq)
+    split = lambda tree: jax.tree.map(lambda _: P(axis_name), tree)
     local_queries = tuple(local_queries)
-    specs = (split(queries), split(keys), rows, rows, rows, split(extras), rows,
-             split(local_queries))
+    specs = (split(queries), split(keys), split(negatives), split(extras), split(local_queries))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)(
-        queries, keys, queue_keys, queue_ids, queue_valid, extras, queue_labels, local_queries)
+        queries, keys, negatives, extras, local_queries)
 
   return fn

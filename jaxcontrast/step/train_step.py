@@ -24,24 +24,14 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxcontrast import bn_shuffle, ema, objectives
-from jaxcontrast import queue as queue_lib
+from jaxcontrast.config_check import fail, is_int
 from jaxcontrast.models import build_encoder
 from jaxcontrast.sharding import DATA_AXIS
-from jaxcontrast.train_state import TrainState, init_train_state, state_shardings
+from jaxcontrast.step import bn_shuffle, ema, objectives
+from jaxcontrast.step import queue as queue_lib
+from jaxcontrast.step.state import TrainState, init_train_state, state_shardings
 
 BN_MODES = ("sync", "ghost", "shuffle")
-QUEUE_MODES = ("replicated", "sharded")
-
-
-def default_queue_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.size = 4096            # K; 0 = no queue: the other keys of the global batch are the negatives
-  c.mode = "replicated"    # "replicated" | "sharded" (rows split over devices, K % devices == 0)
-  c.store_ids = False      # keep each row's source image id (SePP multi_positive, diagnostics)
-  c.store_labels = True    # keep each row's class label (batch "label"): "diag/..." metrics
-  c.mask_unfilled = False  # leave rows not yet written out of every loss (MoCo: False, noise)
-  return c
 
 
 def default_bn_config() -> ml_collections.ConfigDict:
@@ -71,8 +61,6 @@ def build_models(config, mesh) -> Models:
     the global batch (MoCo's Shuffle BN).
   """
   bn = config.bn
-  if bn.mode not in BN_MODES:
-    raise ValueError(f"bn.mode must be one of {BN_MODES}, got {bn.mode!r}")
   with_bn = lambda groups, grouping: build_encoder(
       dict(config.model, bn_groups=groups, bn_grouping=grouping))
   if bn.mode == "sync":
@@ -88,17 +76,12 @@ def build_models(config, mesh) -> Models:
   return Models(model, model, bn_shuffle.shuffle_permutation)
 
 
-def validate_config(config) -> None:
-  """Start-up checks of the step's config sections, each naming the offending key."""
-  ema.validate(config.ema)
-  if config.queue.mode not in QUEUE_MODES:
-    raise ValueError(f"queue.mode must be one of {QUEUE_MODES}, got {config.queue.mode!r}")
-  if config.queue.size < 0:
-    raise ValueError(f"queue.size must be >= 0, got {config.queue.size}")
-  if config.queue.size == 0 and config.queue.mode == "sharded":
-    raise ValueError("queue.mode='sharded' needs queue.size > 0")
-  objectives.validate(config.objective, queue_size=config.queue.size,
-                      store_ids=config.queue.store_ids)
+def validate_bn(bn: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first invalid key of the `bn` section."""
+  if bn.mode not in BN_MODES:
+    fail("bn", "mode", bn.mode, f"one of {BN_MODES}")
+  if not is_int(bn.groups) or bn.groups < 1:
+    fail("bn", "groups", bn.groups, "an int >= 1")
 
 
 def local_view_names(batch) -> list[str]:
@@ -110,39 +93,6 @@ def local_view_names(batch) -> list[str]:
 def query_embedding(out: dict) -> jax.Array:
   """The online network's output used as the query: predictor output if any, else projection."""
   return out["prediction"] if "prediction" in out else out["projection"]
-
-
-def _concat_per_device(parts, devices: int) -> jax.Array:
-  """[a; b; ...] arranged so each device's rows of the result are its own rows of a, then of b,
-  ...: what each device writes into its own block of a sharded queue."""
-  shape = parts[0].shape[1:]
-  return jnp.concatenate([p.reshape(devices, -1, *shape) for p in parts],
-                         axis=1).reshape(-1, *shape)
-
-
-def enqueue_step_keys(queue: queue_lib.QueueState, keys, ids, labels, *, queue_mode: str,
-                      mesh) -> queue_lib.QueueState:
-  """Enqueue this step's keys, normalised, with their source ids and class labels.
-
-  keys: tuple of global (B, D) keys, one per enqueued view: `(k2,)`, or `(k1, k2)` when the
-  loss is symmetric; ids, labels: tuples of (B,) int32 (or None: -1, unknown) in the same order.
-  Replicated: the views one after the other, [k1; k2] (each in device order), at `ptr`. Sharded:
-  device i writes its own rows of k1 then of k2 into its own block, without communication.
-  """
-  n = keys[0].shape[0]
-  unknown = lambda v: jnp.full((n,), -1, jnp.int32) if v is None else jnp.asarray(v, jnp.int32)
-  ids, labels = tuple(map(unknown, ids)), tuple(map(unknown, labels))
-  if queue_mode == "sharded":
-    devices = mesh.shape[DATA_AXIS]
-    join = lambda parts: parts[0] if len(parts) == 1 else _concat_per_device(parts, devices)
-  else:
-    join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-  new_keys, new_ids, new_labels = join(keys), join(ids), join(labels)
-  new_keys = new_keys / jnp.linalg.norm(new_keys, axis=-1, keepdims=True).clip(1e-12)
-  if queue_mode == "sharded":
-    return queue_lib.enqueue_sharded(queue, new_keys, new_ids, new_labels, mesh=mesh,
-                                     axis_name=DATA_AXIS)
-  return queue_lib.enqueue(queue, new_keys, new_ids, new_labels)
 
 
 def make_train_step(config, *, models: Models, tx: optax.GradientTransformation, mesh,
@@ -157,7 +107,6 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
   "label"). The "diag/..." metrics are present iff "label" is in the batch, the queue exists and
   `queue.store_labels` is on.
   """
-  validate_config(config)
   cfg_ema, cfg_obj, cfg_queue = config.ema, config.objective, config.queue
   symmetric = bool(cfg_obj.symmetric)
   objective_fn = objectives.make_objective_fn(cfg_obj, mesh=mesh, queue_mode=cfg_queue.mode)
@@ -209,18 +158,12 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
         extras["neighbors"] = batch["neighbors"]
 
     queue = state.queue
-    queue_keys = None if queue is None else queue.keys
-    queue_ids = None if queue is None else queue.ids
     labels = batch.get("label") if cfg_queue.store_labels else None
     key_labels = None if labels is None else batch.get("key_label", labels)
-    queue_labels = None
     if labels is not None and queue is not None:   # label diagnostics (diagnostics.py)
       extras["label"] = labels
-      queue_labels = queue.labels
-    queue_valid = None
-    if queue is not None and cfg_queue.mask_unfilled:
-      queue_valid = queue_lib.valid_rows(
-          queue, devices if cfg_queue.mode == "sharded" else 1)
+    negatives = queue_lib.negatives(queue, cfg_queue, devices=devices,
+                                    with_labels=labels is not None)
 
     def loss_fn(params):
       stats = state.batch_stats
@@ -239,8 +182,8 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
       # Multi-crop: each local crop is one more online forward (its own BN batch, as SCE's code
       # forwards each resolution separately) and one more query against every key.
       local_queries = tuple(query(batch[name]) for name in local_names)
-      loss, metrics = objective_fn(queries, keys, queue_keys, queue_ids, queue_valid, extras,
-                                   queue_labels, local_queries=local_queries)
+      loss, metrics = objective_fn(queries, keys, negatives, extras,
+                                   local_queries=local_queries)
       return loss, (metrics, stats)
 
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -256,7 +199,7 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
         views = ((k1, k2), (ids, key_ids), (labels, key_labels))
       else:
         views = ((k2,), (key_ids,), (key_labels,))
-      queue = enqueue_step_keys(queue, *views, queue_mode=cfg_queue.mode, mesh=mesh)
+      queue = queue_lib.push(queue, *views, mode=cfg_queue.mode, mesh=mesh, axis_name=DATA_AXIS)
 
     metrics = dict(metrics, ema_momentum=m,
                    grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
@@ -274,8 +217,8 @@ def create_state(config, *, models: Models, tx, mesh, sample_images, rng):
   init = lambda r: init_train_state(r, model=models.online, tx=tx, sample_images=sample_images,
                                     queue_size=config.queue.size, queue_dim=queue_dim,
                                     ema_init=config.ema.init,
-                                    queue_blocks=(mesh.shape[DATA_AXIS]
-                                                  if config.queue.mode == "sharded" else 1))
+                                    queue_blocks=queue_lib.num_blocks(config.queue.mode,
+                                                                      mesh.shape[DATA_AXIS]))
   shapes = jax.eval_shape(init, rng)
   shardings = state_shardings(shapes, mesh, config.queue.mode)
   return jax.jit(init, out_shardings=shardings)(rng), shardings

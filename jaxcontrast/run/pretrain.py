@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcontrast import checkpoint as checkpoint_lib
-from jaxcontrast import metrics as metrics_lib
-from jaxcontrast import preemption, progress as progress_lib, train
+from jaxcontrast import config_lib
 from jaxcontrast.data import pipeline
-from jaxcontrast.optim import make_optimizer
+from jaxcontrast.run import checkpoint as checkpoint_lib
+from jaxcontrast.run import metrics as metrics_lib
+from jaxcontrast.run import preemption, progress as progress_lib
 from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh, replicated
+from jaxcontrast.step import train_step
+from jaxcontrast.step.optim import make_optimizer
 
 log = logging.getLogger("jaxcontrast")
 
@@ -38,7 +40,7 @@ BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label", "key_label",
 
 def step_inputs(batch: dict) -> dict:
   """The entries of a pipeline batch that the train step reads (BATCH_KEYS and "local_i")."""
-  keep = set(BATCH_KEYS) | set(train.local_view_names(batch))
+  keep = set(BATCH_KEYS) | set(train_step.local_view_names(batch))
   return {k: v for k, v in batch.items() if k in keep}
 
 
@@ -147,6 +149,7 @@ def _knn_monitor(config, mesh, models):
 def train_and_evaluate(config, workdir) -> dict:
   """Pretrain per `config` in `workdir` (str, `file://` URI, gs://, or epath.Path); resumes
   from its latest checkpoint. Returns the last logged metrics (host floats, with "step")."""
+  config_lib.validate_config(config)   # command-line overrides come after load_config's check
   workdir = checkpoint_lib.workdir_path(workdir)
   mesh = make_mesh()
   process_count = jax.process_count()
@@ -163,7 +166,7 @@ def train_and_evaluate(config, workdir) -> dict:
   per_epoch = (info["num_train"] / config.global_batch_size) if info["num_train"] else None
   tx, schedule = make_optimizer(config.optim, global_batch_size=config.global_batch_size,
                                 total_steps=steps, steps_per_epoch=per_epoch)
-  models = train.build_models(config, mesh)
+  models = train_step.build_models(config, mesh)
   abstract, shardings = checkpoint_lib.abstract_state(
       config, models=models, tx=tx, mesh=mesh, image_shape=info["image_shape"])
 
@@ -178,8 +181,8 @@ def train_and_evaluate(config, workdir) -> dict:
              ckpt.directory / str(latest), start, examples)
   else:
     sample = jnp.zeros((2,) + tuple(info["image_shape"]), jnp.float32)
-    state, _ = train.create_state(config, models=models, tx=tx, mesh=mesh,
-                                  sample_images=sample, rng=jax.random.key(config.seed))
+    state, _ = train_step.create_state(config, models=models, tx=tx, mesh=mesh,
+                                       sample_images=sample, rng=jax.random.key(config.seed))
   checkpoint_lib.write_config(workdir, config)
   if start >= steps:  # Already finished: report what it logged last.
     ckpt.close()
@@ -189,10 +192,10 @@ def train_and_evaluate(config, workdir) -> dict:
             if (workdir / metrics_lib.METRICS_FILE).exists() else [])
     return rows[-1] if rows else {}
 
-  step_fn = train.jit_train_step(
-      train.make_train_step(config, models=models, tx=tx, mesh=mesh, total_steps=steps,
-                            base_rng=jax.random.fold_in(jax.random.key(config.seed), 1)),
-      mesh=mesh, shardings=shardings)
+  step_fn = train_step.jit_train_step(
+      train_step.make_train_step(config, models=models, tx=tx, mesh=mesh, total_steps=steps,
+                                 base_rng=jax.random.fold_in(jax.random.key(config.seed), 1)),
+           mesh=mesh, shardings=shardings)
   data = pipeline.make_train_iterator(config.data, batch_size=local_batch, seed=config.seed,
                                       start_example=examples)
   knn = _knn_monitor(config, mesh, models)

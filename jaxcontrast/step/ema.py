@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxcontrast.config_check import fail
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -20,12 +22,13 @@ def default_ema_config() -> ml_collections.ConfigDict:
 
 
 def validate(ema: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first invalid key of the `ema` section."""
   if not 0.0 <= ema.momentum <= 1.0:
-    raise ValueError(f"ema.momentum must be in [0, 1], got {ema.momentum}")
+    fail("ema", "momentum", ema.momentum, "a number in [0, 1]")
   for key, allowed in (("schedule", SCHEDULES), ("init", ("copy", "independent")),
                        ("update_at", ("before_keys", "after_step"))):
     if ema[key] not in allowed:
-      raise ValueError(f"ema.{key} must be one of {allowed}, got {ema[key]!r}")
+      fail("ema", key, ema[key], f"one of {allowed}")
 
 
 def momentum(step, *, base: float, schedule: str, total_steps: int):

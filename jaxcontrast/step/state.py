@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxcontrast import queue as queue_lib
 from jaxcontrast.sharding import DATA_AXIS
+from jaxcontrast.step import queue as queue_lib
 
 
 @flax.struct.dataclass

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from jaxcontrast.config_merge import override_known
+from jaxcontrast.config_check import ConfigError, fail, is_number as _number, merge_known
 import optax
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -64,16 +64,18 @@ def default_optim_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"optim config: invalid {key}={value!r}; expected {allowed}")
-
-
-def _number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
+  fail("optim", key, value, allowed)
 
 
 def resolve_optim_config(optim_config: Any) -> ml_collections.ConfigDict:
-  """Defaults overridden by `optim_config` (ConfigDict or dict); ValueError names a bad key."""
-  c = override_known(default_optim_config(), optim_config, "optim")
+  """Defaults overridden by `optim_config` (ConfigDict or dict), validated (`validate`)."""
+  c = merge_known(default_optim_config(), optim_config, "optim")
+  validate(c)
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first invalid key of a complete optim section."""
   for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES),
                        ("lr_scaling", LR_SCALINGS)):
     if c[key] not in allowed:
@@ -96,25 +98,30 @@ def resolve_optim_config(optim_config: Any) -> ml_collections.ConfigDict:
     if c.warmup_steps:
       _fail("warmup_epochs", c.warmup_epochs,
             f"None when warmup_steps is set (warmup_steps={c.warmup_steps}): set one of the two")
-  return c
 
 
 def warmup_steps(optim_config: Any, *, steps_per_epoch: float | None) -> int:
   """W in steps: `warmup_steps`, or `floor(warmup_epochs * steps_per_epoch)` when
   `warmup_epochs` is set (steps_per_epoch = train examples / global batch)."""
-  c = resolve_optim_config(optim_config)
+  return _warmup_steps(resolve_optim_config(optim_config), steps_per_epoch=steps_per_epoch)
+
+
+def _warmup_steps(c: ml_collections.ConfigDict, *, steps_per_epoch: float | None) -> int:
   if c.warmup_epochs is None:
     return int(c.warmup_steps)
   if steps_per_epoch is None:
-    raise ValueError("optim config: warmup_epochs needs the train split's size (steps_per_epoch); "
-                     "the split's size is unknown: set optim.warmup_steps instead")
+    raise ConfigError("config optim.warmup_epochs needs the train split's size (steps_per_epoch); "
+                      "the split's size is unknown: set optim.warmup_steps instead")
   # Floor, as the step count of an epoch: 0.1 epoch of 60,000 images at batch 128 is 46 steps.
   return int(math.floor(c.warmup_epochs * steps_per_epoch + 1e-6))
 
 
 def peak_learning_rate(optim_config: Any, global_batch_size: int) -> float:
   """base_lr * global_batch_size / 256 with linear scaling, else base_lr."""
-  c = resolve_optim_config(optim_config)
+  return _peak_learning_rate(resolve_optim_config(optim_config), global_batch_size)
+
+
+def _peak_learning_rate(c: ml_collections.ConfigDict, global_batch_size: int) -> float:
   if c.lr_scaling == "linear":
     return c.base_lr * global_batch_size / LR_REFERENCE_BATCH
   return float(c.base_lr)
@@ -124,14 +131,19 @@ def make_schedule(optim_config: Any, *, global_batch_size: int, total_steps: int
                   steps_per_epoch: float | None = None) -> Callable[[jax.Array], jax.Array]:
   """Learning rate as a traceable function of the step (formula in the module docstring).
   `steps_per_epoch` resolves `warmup_epochs` (see `warmup_steps`)."""
-  c = resolve_optim_config(optim_config)
+  return _make_schedule(resolve_optim_config(optim_config), global_batch_size=global_batch_size,
+                        total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def _make_schedule(c: ml_collections.ConfigDict, *, global_batch_size: int, total_steps: int,
+                   steps_per_epoch: float | None) -> Callable[[jax.Array], jax.Array]:
   if not isinstance(total_steps, int) or total_steps < 1:
     raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-  warmup = warmup_steps(c, steps_per_epoch=steps_per_epoch)
+  warmup = _warmup_steps(c, steps_per_epoch=steps_per_epoch)
   if warmup > total_steps:
     key = "warmup_steps" if c.warmup_epochs is None else "warmup_epochs"
     _fail(key, c[key], f"at most the run: {warmup} warm-up steps > total_steps ({total_steps})")
-  peak = peak_learning_rate(c, global_batch_size)
+  peak = _peak_learning_rate(c, global_batch_size)
   final = float(c.final_lr)
   decay_steps = total_steps - warmup
 
@@ -167,9 +179,9 @@ def make_optimizer(optim_config: Any, *, global_batch_size: int, total_steps: in
     total_steps: length of the run in optimizer steps (end of the cosine).
     steps_per_epoch: train examples / global batch; needed when `warmup_epochs` is set.
   """
-  c = resolve_optim_config(optim_config)
-  schedule = make_schedule(c, global_batch_size=global_batch_size, total_steps=total_steps,
-                           steps_per_epoch=steps_per_epoch)
+  c = resolve_optim_config(optim_config)   # the only time: the helpers take it resolved
+  schedule = _make_schedule(c, global_batch_size=global_batch_size, total_steps=total_steps,
+                            steps_per_epoch=steps_per_epoch)
   mask = _not_1d_mask if c.exclude_1d_from_wd else None
   if c.name == "sgd":
     tx = optax.chain(
