@@ -11,7 +11,7 @@ import json
 import sys
 
 SETTINGS = ("method", "loss", "arch", "width", "image_size", "batch", "queue_size",
-            "queue_mode", "devices", "dtype", "conv_impl", "symmetric", "support_views")
+            "queue_mode", "devices", "dtype", "symmetric", "support_views")
 
 
 def _mb(x):

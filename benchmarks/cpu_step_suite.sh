@@ -2,12 +2,11 @@
 # The CPU step benchmarks of the README's performance section (2 cores), one JSON line each
 # appended to OUT/results.jsonl, stderr in OUT/suite.log; then the Markdown tables.
 #
-#   bash benchmarks/cpu_step_suite.sh OUT [GROUP ...]   # groups: torch conv regularisers queue methods
+#   bash benchmarks/cpu_step_suite.sh OUT [GROUP ...]   # groups: torch regularisers queue methods
 #
 # torch: the MoCo v2 step, ResNet-18 with the CIFAR stem, 32 px, batch 256, K 4096, float32,
 #   against the PyTorch reference (eager, channels_last and NCHW; torch.compile), same process.
 #   Needs torch importable (pip install -e ".[bench]", or PYTHONPATH pointing at a torch).
-# conv: the same step with model.conv_impl "xla" and "matmul".
 # regularisers: CO2, XMoCo and SCE's loss over the plain MoCo step at K 65,536 (ResNet-50 width
 #   1/4, 32 px, batch 64), SCE's symmetric + predictor recipe and FNC apart.
 # queue: 8 simulated devices, K 4,096 / 65,536 / 1,048,576, replicated and sharded.
@@ -16,7 +15,7 @@ set -uo pipefail
 out="${1:?usage: cpu_step_suite.sh OUT [GROUP ...]}"
 shift
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(torch conv regularisers queue methods)
+[ ${#groups[@]} -gt 0 ] || groups=(torch regularisers queue methods)
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PYTHON:-.venv/bin/python}"
@@ -44,11 +43,8 @@ for group in "${groups[@]}"; do
       cifar=(--arch resnet18 --stem cifar --image_size 32 --batch 256 --queue_size 4096
              --dtype float32 --steps 5 --warmup 2)
       run torch_channels_last "${cifar[@]}" --reference torch --torch_modes eager,compile
-      run torch_nchw "${cifar[@]}" --conv_impl xla --reference torch --torch_modes eager \
+      run torch_nchw "${cifar[@]}" --reference torch --torch_modes eager \
           --notorch_channels_last ;;
-    conv)
-      run conv_matmul --arch resnet18 --stem cifar --image_size 32 --batch 256 --queue_size 4096 \
-          --dtype float32 --steps 5 --warmup 2 --conv_impl matmul ;;
     regularisers)
       reg=("${small[@]}" --batch 64 --queue_size 65536 --steps 10)
       run reg_moco --method moco "${reg[@]}"

@@ -1,4 +1,4 @@
-"""Tests for jaxcontrast.models: ResNets, grouped BatchNorm, matmul convolution, heads, config.
+"""Tests for jaxcontrast.models: ResNets, grouped BatchNorm, convolution, heads, config.
 
 Kept fast on a 2-core CPU: shapes and parameter counts come from `jax.eval_shape` (tracing, no
 compilation), numerical tests use width-1/8 networks on 16x16 / 32x32 inputs, and parameters for
@@ -14,7 +14,6 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxcontrast import models
-from jaxcontrast.models import conv as conv_lib
 from jaxcontrast.models import norm as norm_lib
 from jaxcontrast.models import resnet as resnet_lib
 from jaxcontrast.sharding import make_mesh
@@ -103,9 +102,8 @@ def test_stride_padding_is_torchvision_symmetric():
   x = jnp.zeros((1, 6, 6, 1)).at[0, 4, 4, 0].set(1.0)
   kernel = jnp.ones((7, 7, 1, 1))
   expected = np.array([[0, 0, 0], [0, 1, 1], [0, 1, 1]], np.float32)
-  for impl in conv_lib.CONV_IMPLS:
-    y = models.Conv(1, (7, 7), (2, 2), impl=impl).apply({"params": {"kernel": kernel}}, x)
-    np.testing.assert_array_equal(np.asarray(y[0, :, :, 0]), expected)
+  y = models.Conv(1, (7, 7), (2, 2)).apply({"params": {"kernel": kernel}}, x)
+  np.testing.assert_array_equal(np.asarray(y[0, :, :, 0]), expected)
 
 
 def test_stem_max_pool_is_torchvision_padding():
@@ -158,59 +156,31 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32():
   assert rel < 0.05, rel
 
 
-# ----------------------------------------------------------------------- matmul vs XLA convolution
+# ----------------------------------------------------------------------- Conv vs flax.linen.Conv
 
 
 @pytest.mark.parametrize("kernel,stride,cin", [
     (3, 1, 3), (3, 2, 5), (1, 1, 4), (1, 2, 4), (7, 2, 1), (7, 2, 3)])
-def test_conv_matmul_matches_flax_conv_values_and_grads(kernel, stride, cin):
+def test_conv_matches_flax_conv_values_and_grads(kernel, stride, cin):
   rng = np.random.default_rng(kernel * 10 + stride + cin)
   x = jnp.asarray(rng.normal(size=(2, 11, 10, cin)), jnp.float32)
   pad = ((kernel // 2, kernel // 2),) * 2
   ref = nn.Conv(6, (kernel, kernel), (stride, stride), padding=pad, use_bias=True)
   ref_vars = ref.init(jax.random.key(0), x)
-  ours = {impl: models.Conv(6, (kernel, kernel), (stride, stride), use_bias=True, impl=impl)
-          for impl in conv_lib.CONV_IMPLS}
-  for impl, mod in ours.items():
-    assert _tree_shapes(_shapes(mod, x)) == _tree_shapes(ref_vars), impl
+  ours = models.Conv(6, (kernel, kernel), (stride, stride), use_bias=True)
+  assert _tree_shapes(_shapes(ours, x)) == _tree_shapes(ref_vars)
   out_shape = jax.eval_shape(ref.apply, ref_vars, x).shape
   cot = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
-  @jax.jit  # one compilation for the three modules
+  @jax.jit  # one compilation for both modules
   def value_and_grads(v, x):
     def one(mod):
       f = lambda v, x: jnp.sum(mod.apply(v, x) * cot)  # noqa: E731
       return mod.apply(v, x), jax.grad(f, argnums=(0, 1))(v, x)
-    return one(ref), {impl: one(mod) for impl, mod in ours.items()}
+    return one(ref), one(ours)
 
   expected, got = value_and_grads(ref_vars, x)
-  for impl in ours:
-    _assert_trees_close(got[impl], expected, rtol=1e-4, atol=1e-5)
-
-
-def test_resnet_matmul_and_xla_same_params_outputs_grads():
-  # Train mode (batch statistics), so gradients flow through BN as in training. Float32 rounding
-  # differs between the two paths and compounds over 18 layers, so each leaf is compared to
-  # 1e-4 of its largest magnitude (a wrong patch ordering gives O(1) errors).
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 16, 16, 3)), jnp.float32)
-  nets = {impl: models.build_resnet("resnet18", stem="cifar", width=0.125, conv_impl=impl)
-          for impl in conv_lib.CONV_IMPLS}
-  assert _tree_shapes(_shapes(nets["xla"], x, train=False)) == _tree_shapes(
-      _shapes(nets["matmul"], x, train=False))
-  variables = _np_variables(nets["xla"], x, train=False)
-
-  @jax.jit
-  def run(params):
-    def loss(params, net):
-      y, upd = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                         train=True, mutable=["batch_stats"])
-      return jnp.sum(jnp.sin(y)), (y, upd)
-    return {impl: jax.grad(loss, has_aux=True)(params, net) for impl, net in nets.items()}
-
-  out = run(variables["params"])
-  assert jax.tree.structure(out["matmul"]) == jax.tree.structure(out["xla"])
-  for a, b in zip(jax.tree.leaves(out["matmul"]), jax.tree.leaves(out["xla"])):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.max(np.abs(b))))
+  _assert_trees_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- grouped BatchNorm
@@ -440,7 +410,7 @@ def test_encoder_bfloat16_outputs_float32_params():
 
 def test_default_model_config_keys():
   assert set(models.default_model_config()) == {
-      "arch", "stem", "width", "norm", "bn_groups", "bn_grouping", "dtype", "conv_impl",
+      "arch", "stem", "width", "norm", "bn_groups", "bn_grouping", "dtype",
       "zero_init_residual", "proj_hidden_dims", "proj_dim", "proj_bn", "proj_last_bn",
       "pred_hidden_dims", "pred_dim", "pred_bn"}
 
@@ -448,7 +418,7 @@ def test_default_model_config_keys():
 @pytest.mark.parametrize("key,value", [
     ("arch", "resnet101"), ("stem", "tiny"), ("width", 0), ("width", "big"), ("norm", "layer"),
     ("bn_groups", 0), ("bn_groups", 2.0), ("bn_grouping", "random"), ("dtype", "float16"),
-    ("conv_impl", "fft"), ("proj_hidden_dims", (0,)), ("proj_dim", 0), ("pred_dim", -1),
+    ("proj_hidden_dims", (0,)), ("proj_dim", 0), ("pred_dim", -1),
     ("proj_bn", 1), ("pred_hidden_dims", 128), ("not_a_key", 1)])
 def test_build_encoder_rejects_invalid_config(key, value):
   with pytest.raises(ValueError, match=key):

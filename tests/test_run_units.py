@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+from jaxcontrast import config_lib
 from jaxcontrast.data import pipeline
 from jaxcontrast.run import checkpoint, metrics, pretrain, progress
 from test_data_helpers import fashion_config, fashion_dir  # pylint: disable=unused-import
@@ -116,7 +117,6 @@ def test_workdir_paths(tmp_path):
 
 
 def test_config_json_round_trip():
-  from jaxcontrast import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   back = checkpoint.config_from_dict(json.loads(json.dumps(checkpoint.config_to_dict(config))))
   assert back.to_dict() == config.to_dict()
@@ -131,7 +131,6 @@ def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypa
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from jaxcontrast import config_lib  # pylint: disable=g-import-not-at-top
   from jaxcontrast.step import queue as queue_lib  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
   from jaxcontrast.step.state import TrainState  # pylint: disable=g-import-not-at-top
@@ -199,3 +198,13 @@ def test_eval_dataset_is_kept_in_memory_only_when_asked_and_small(fashion_dir):
   tiny_limit = fashion_config(fashion_dir, cache=True, in_memory_max_bytes=1000)
   assert features.eval_dataset(tiny_limit, batch_size=16, split=split) is not (
       features.eval_dataset(tiny_limit, batch_size=16, split=split))
+
+
+def test_saved_configs_drop_removed_keys():
+  """A config saved before `model.conv_impl` was removed loads (and fits) today's config."""
+  c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  saved = checkpoint.config_to_dict(c)
+  saved["model"]["conv_impl"] = "xla"
+  loaded = checkpoint.config_from_dict(saved)
+  assert "conv_impl" not in loaded.model
+  assert loaded.model.to_dict() == c.model.to_dict()

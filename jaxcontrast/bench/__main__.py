@@ -35,7 +35,6 @@ _BATCH = flags.DEFINE_integer("batch", None, "global_batch_size.")
 _QUEUE_SIZE = flags.DEFINE_integer("queue_size", None, "queue.size (K).")
 _QUEUE_MODE = flags.DEFINE_enum("queue_mode", None, ["replicated", "sharded"], "queue.mode.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "model.dtype (compute).")
-_CONV_IMPL = flags.DEFINE_enum("conv_impl", None, ["xla", "matmul"], "model.conv_impl.")
 _BN_MODE = flags.DEFINE_enum("bn_mode", None, ["sync", "ghost", "shuffle"], "bn.mode.")
 _OVERRIDE = flags.DEFINE_multi_string(
     "override", [], "KEY=VALUE on the config (e.g. objective.loss=sce, "
@@ -71,7 +70,7 @@ def config_from_flags():
                ("model", "width"): _WIDTH.value, ("data", "image_size"): _IMAGE_SIZE.value,
                ("global_batch_size",): _BATCH.value, ("queue", "size"): _QUEUE_SIZE.value,
                ("queue", "mode"): _QUEUE_MODE.value, ("model", "dtype"): _DTYPE.value,
-               ("model", "conv_impl"): _CONV_IMPL.value, ("bn", "mode"): _BN_MODE.value}
+               ("bn", "mode"): _BN_MODE.value}
   for item in _OVERRIDE.value:
     key, sep, value = item.partition("=")
     if not sep:

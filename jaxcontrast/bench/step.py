@@ -119,13 +119,6 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
   """The step benchmark's JSON fields for `config` (see module docstring); with `profile_dir`,
   also a device-time breakdown of 3 profiled steps (`profile.py`)."""
   mesh, step_fn, jitted, state, batch = build(config, devices=devices)
-  # FLOPs belong to the model, not to how it is lowered: count them on the "xla" convolution
-  # (the "matmul" one adds a patches-extraction convolution that is pure data movement).
-  if config.model.conv_impl != "xla":
-    xla_config = config.copy_and_resolve_references()
-    with xla_config.unlocked():
-      xla_config.model.conv_impl = "xla"
-    step_fn = build(xla_config, devices=devices)[1]
   total_flops = flops_lib.count_flops(step_fn, state, batch)
 
   t0 = time.perf_counter()
@@ -147,7 +140,7 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
       "stem": config.model.stem, "width": float(config.model.width),
       "image_size": image_size(config), "batch": b, "queue_size": int(config.queue.size),
       "queue_mode": config.queue.mode, "dtype": config.model.dtype,
-      "conv_impl": config.model.conv_impl, "bn_mode": config.bn.mode,
+      "bn_mode": config.bn.mode,
       "symmetric": bool(config.objective.symmetric),
       "support_views": int(config.objective.fnc.num_support_views or 0),
       "local_crops": list(config.data.local_crop_sizes or ()),

@@ -8,7 +8,7 @@ Typical use:
 """
 from jaxcontrast.models.config import (build_encoder, default_model_config,
                                        encoder_feature_dim, resolve_model_config)
-from jaxcontrast.models.conv import Conv, conv_matmul, conv_xla
+from jaxcontrast.models.conv import Conv, conv_xla
 from jaxcontrast.models.encoder import Encoder
 from jaxcontrast.models.heads import MLPHead
 from jaxcontrast.models.norm import GroupedBatchNorm, make_norm
@@ -16,6 +16,6 @@ from jaxcontrast.models.resnet import BasicBlock, Bottleneck, ResNet, build_resn
 
 __all__ = [
     "BasicBlock", "Bottleneck", "Conv", "Encoder", "GroupedBatchNorm", "MLPHead", "ResNet",
-    "build_encoder", "build_resnet", "conv_matmul", "conv_xla", "default_model_config",
+    "build_encoder", "build_resnet", "conv_xla", "default_model_config",
     "encoder_feature_dim", "feature_dim", "make_norm", "resolve_model_config",
 ]

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxcontrast.config_check import fail as _check_fail, is_int as _is_int, merge_known
-from jaxcontrast.models.conv import CONV_IMPLS
 from jaxcontrast.models.encoder import Encoder
 from jaxcontrast.models.heads import MLPHead
 from jaxcontrast.models.norm import BN_GROUPINGS, NORMS
@@ -32,7 +31,6 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.bn_groups = 1                # G: BN statistics per group of the batch; 1 = whole batch
   c.bn_grouping = "strided"      # "strided" (group s = s, s+G, ...; MoCo SplitBN) | "contiguous"
   c.dtype = "float32"            # compute dtype: "float32" | "bfloat16"; params stay float32
-  c.conv_impl = "xla"            # "xla" | "matmul" (patches + matmul; faster training on CPU)
   c.zero_init_residual = False   # last norm scale of each block starts at 0 (torchvision option)
   c.proj_hidden_dims = (2048,)   # projector hidden widths; input is the backbone features (F)
   c.proj_dim = 128               # projector output width P
@@ -64,7 +62,7 @@ def resolve_model_config(model_config: Any) -> ml_collections.ConfigDict:
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid value (unknown keys: `resolve_model_config`)."""
   choices = {"arch": tuple(ARCHS), "stem": STEMS, "norm": NORMS, "bn_grouping": BN_GROUPINGS,
-             "dtype": tuple(DTYPES), "conv_impl": CONV_IMPLS}
+             "dtype": tuple(DTYPES)}
   for key, allowed in choices.items():
     if cfg.get(key) not in allowed:
       _fail(key, cfg.get(key), f"one of {allowed}")
@@ -93,8 +91,7 @@ def build_encoder(model_config: ml_collections.ConfigDict) -> Encoder:
   dtype = DTYPES[cfg.dtype]
   bn = dict(bn_groups=cfg.bn_groups, bn_grouping=cfg.bn_grouping)
   backbone = build_resnet(cfg.arch, stem=cfg.stem, width=float(cfg.width), norm=cfg.norm,
-                          dtype=dtype, conv_impl=cfg.conv_impl,
-                          zero_init_residual=cfg.zero_init_residual, **bn)
+                          dtype=dtype, zero_init_residual=cfg.zero_init_residual, **bn)
   projector = MLPHead(hidden_dims=tuple(cfg.proj_hidden_dims), out_dim=cfg.proj_dim,
                       use_bn=cfg.proj_bn, last_bn=cfg.proj_last_bn, dtype=dtype, **bn)
   predictor = None

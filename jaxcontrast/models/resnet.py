@@ -100,7 +100,6 @@ class ResNet(nn.Module):
     norm: `"batch"` or `"group"`.
     bn_groups, bn_grouping: grouped BatchNorm options (see `norm.py`).
     dtype: compute dtype; parameters stay float32.
-    conv_impl: `"xla"` or `"matmul"` (see `conv.py`).
     zero_init_residual: init the last norm scale of every block to 0 (torchvision option).
   """
   stage_sizes: Sequence[int]
@@ -111,7 +110,6 @@ class ResNet(nn.Module):
   bn_groups: int = 1
   bn_grouping: str = "strided"
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"
   zero_init_residual: bool = False
 
   @nn.compact
@@ -120,7 +118,7 @@ class ResNet(nn.Module):
       raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
     if x.ndim != 4:
       raise ValueError(f"ResNet expects NHWC images, got shape {x.shape}")
-    conv = _conv_factory(self.conv_impl, self.dtype)
+    conv = _conv_factory(self.dtype)
     norm = make_norm(self.norm, train=train, dtype=self.dtype, bn_groups=self.bn_groups,
                      bn_grouping=self.bn_grouping)
     stem_ch = scaled(64, self.width)
@@ -142,10 +140,10 @@ class ResNet(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
-def _conv_factory(impl: str, dtype: Any) -> Callable[..., nn.Module]:
-  """`conv(features, kernel_size, strides=(1, 1), *, name)` with the network's impl and dtype."""
+def _conv_factory(dtype: Any) -> Callable[..., nn.Module]:
+  """`conv(features, kernel_size, strides=(1, 1), *, name)` with the network's dtype."""
   def conv(features, kernel_size, strides=(1, 1), **kwargs):
-    return Conv(features, kernel_size, strides, impl=impl, dtype=dtype, **kwargs)
+    return Conv(features, kernel_size, strides, dtype=dtype, **kwargs)
   return conv
 
 

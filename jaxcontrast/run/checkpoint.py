@@ -81,9 +81,18 @@ def _tuples(value):
   return value
 
 
+# Keys of saved configs that no longer exist and never changed the saved arrays: dropped on
+# load, so older runs still resume and evaluate.
+REMOVED_KEYS = (("model", "conv_impl"),)   # the matmul convolution (same parameters as XLA's)
+
+
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
   """Inverse of `config_to_dict`; lists become tuples, as the config files write them."""
-  return ml_collections.ConfigDict(_tuples(d))
+  d = _tuples(d)
+  for section, key in REMOVED_KEYS:
+    if isinstance(d.get(section), dict):
+      d[section].pop(key, None)
+  return ml_collections.ConfigDict(d)
 
 
 def write_config(workdir, config) -> None:
@@ -189,7 +198,7 @@ class Checkpointer:
     checkpoint at `step` cannot be restored into `abstract` for `config`."""
     where = self.directory / str(step)
     _, saved = self.saved_json(step)
-    old = _structural(_flatten(saved))
+    old = _structural(_flatten(config_to_dict(config_from_dict(saved))))
     new = _structural(_flatten(config_to_dict(config)))
     for key in sorted(set(old) | set(new)):
       if old.get(key) != new.get(key):
