@@ -45,17 +45,20 @@ def global_batch_from_local(mesh: Mesh, local_batch):
 
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+                                 process_id: int | None = None, *, timeout_s: int = 300) -> None:
   """`jax.distributed.initialize` when running as one of several processes.
 
   With no arguments, JAX auto-detects TPU pod workers and SLURM tasks; on a single plain process
-  (nothing to detect) this is a no-op.
+  (nothing to detect) this is a no-op. With a coordinator, every process must connect within
+  `timeout_s` seconds, else this raises (a missing or crashed process ends the others instead of
+  leaving them waiting).
   """
   if coordinator_address is not None:
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=timeout_s)
     return
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(initialization_timeout=timeout_s)
   except (ValueError, RuntimeError):
     pass  # Single process: nothing to coordinate with.
