@@ -17,6 +17,7 @@ from jaxcontrast.bench import flops as flops_lib
 from jaxcontrast.bench import profile as profile_lib
 from jaxcontrast.bench import torch_reference
 from jaxcontrast.models import build_resnet
+from test_data_helpers import fashion_dir  # noqa: F401  pylint: disable=unused-import
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -126,3 +127,18 @@ def test_cli_rejects_an_unknown_override_key():
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode != 0
   assert "queue.sise" in out.stderr
+
+
+def test_input_loop_runs_the_real_pipeline(fashion_dir):
+  """`--input`: the config's tf.data pipeline (prepared Fashion-MNIST here) feeding the
+  compiled step; both rates reported."""
+  from jaxcontrast.bench import step as step_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  with c.unlocked():
+    c.data.data_dir, c.data.shuffle_buffer, c.data.threadpool_size = fashion_dir, 64, 0
+  r = step_lib.bench_loop(c, steps=2, warmup=1, devices=1)
+  for key in ("input_ms_median", "input_images_per_s", "loop_ms_median", "loop_images_per_s",
+              "loop_compile_s"):
+    assert r[key] > 0, key
+  assert r["dataset"] == "fashion_mnist"
+  assert r["loop_images_per_s"] == pytest.approx(16 / (r["loop_ms_median"] / 1e3), rel=1e-2)

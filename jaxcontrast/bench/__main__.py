@@ -16,7 +16,9 @@ step: jaxcontrast/bench/flops.py), `achieved_tflops`, `mfu` (with `--peak_flops`
 `--reference torch` a `reference` object (PyTorch eager and `torch.compile`, same model, batch,
 queue, loss, optimizer and EMA; jaxcontrast/bench/torch_reference.py) and `ratio_vs_torch_<mode>`
 (our images/s over theirs); `ema_update_ms` (the EMA pass alone); with `--profile DIR`,
-`profile` (device ms per step by kernel kind: jaxcontrast/bench/profile.py). Progress goes to stderr.
+`profile` (device ms per step by kernel kind: jaxcontrast/bench/profile.py); with `--input`, the
+input pipeline alone and the whole input + step loop on the config's real data (`input_*`,
+`loop_*`). Progress goes to stderr.
 """
 import json
 import os
@@ -43,6 +45,9 @@ _DEVICES = flags.DEFINE_integer(
     "devices", None, "Devices of the mesh (default all; on CPU this many are simulated).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_INPUT = flags.DEFINE_bool(
+    "input", False, "Also time the whole input + step loop on the config's real data (tf.data "
+    "on this host; the dataset must be prepared): `input_*` and `loop_*` fields.")
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", None, "Device peak FLOP/s, for `mfu`.")
 _REFERENCE = flags.DEFINE_enum("reference", "none", ["none", "torch"],
                                "Also time the PyTorch MoCo v2 reference step.")
@@ -106,6 +111,11 @@ def main(argv):
                                profile_dir=_PROFILE.value)
   print(f"[bench] jaxcontrast: {result['images_per_s']} img/s "
         f"(compile {result['compile_s']} s)", file=sys.stderr, flush=True)
+  if _INPUT.value:
+    result.update(step_lib.bench_loop(config, steps=_STEPS.value, warmup=_WARMUP.value,
+                                      devices=_DEVICES.value))
+    print(f"[bench] input alone {result['input_images_per_s']} img/s, input + step "
+          f"{result['loop_images_per_s']} img/s", file=sys.stderr, flush=True)
   if _REFERENCE.value == "torch":
     from jaxcontrast.bench import torch_reference  # pylint: disable=g-import-not-at-top
     reference = torch_reference.bench_reference(

@@ -8,6 +8,7 @@ a given peak.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -176,3 +177,39 @@ def state_bytes_per_device(state) -> int:
       if shard.device == device:
         total += shard.data.nbytes
   return total
+
+
+def bench_loop(config, *, steps: int = 20, warmup: int = 3, devices: int | None = None) -> dict:
+  """The whole input + step loop, as `run.pretrain` runs it: the config's tf.data pipeline on
+  this host (this process's share of the global batch), host-to-device transfer, the compiled
+  step. Returns the input alone (batches pulled without stepping) and the loop, each as median
+  seconds per step and images/s, after `warmup` steps; the loop is limited by the slower of
+  the two unless they overlap (tf.data prefetches on its own threads while the step runs)."""
+  from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.run.pretrain import step_inputs  # pylint: disable=g-import-not-at-top
+  mesh, _, jitted, state, _ = build(config, devices=devices)
+  local_batch = config.global_batch_size // jax.process_count()
+  data = pipeline.make_train_iterator(config.data, batch_size=local_batch, seed=config.seed)
+  to_device = lambda b: global_batch_from_local(mesh, step_inputs(b))
+
+  input_times = time_calls(lambda: next(data), steps=steps, warmup=warmup)
+  first = to_device(next(data))
+  t0 = time.perf_counter()
+  compiled = jitted.lower(state, first).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {"state": state}
+
+  def loop_step():
+    holder["state"], metrics = compiled(holder["state"], to_device(next(data)))
+    jax.block_until_ready(metrics["loss"])
+
+  loop_times = time_calls(loop_step, steps=steps, warmup=warmup)
+  b = config.global_batch_size
+  per_s = lambda times: round(b / statistics.median(times), 1)
+  return {"input_ms_median": round(1e3 * statistics.median(input_times), 3),
+          "input_images_per_s": per_s(input_times),
+          "input_images_per_s_per_core": round(per_s(input_times) / (os.cpu_count() or 1), 1),
+          "loop_compile_s": round(compile_s, 2),
+          "loop_ms_median": round(1e3 * statistics.median(loop_times), 3),
+          "loop_images_per_s": per_s(loop_times), "host_cores": os.cpu_count(),
+          "dataset": config.data.dataset}
