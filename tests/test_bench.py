@@ -142,3 +142,36 @@ def test_input_loop_runs_the_real_pipeline(fashion_dir):
     assert r[key] > 0, key
   assert r["dataset"] == "fashion_mnist"
   assert r["loop_images_per_s"] == pytest.approx(16 / (r["loop_ms_median"] / 1e3), rel=1e-2)
+
+
+def test_cpu_profile_names_fusions_by_what_they_compute():
+  """On CPU, kernels are XLA's compute-thread events named after HLO instructions; their kind
+  comes from the optimized HLO (a fusion that calls a convolution is a convolution)."""
+  hlo = "\n".join([
+      "HloModule m, is_scheduled=true",
+      "%fused_conv (p0: f32[1,4,4,1], p1: f32[3,3,1,1]) -> f32[1,4,4,1] {",
+      "  %p0 = f32[1,4,4,1]{3,2,1,0} parameter(0)",
+      "  ROOT %c = f32[1,4,4,1]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}",
+      "}",
+      "%fused_add (p0: f32[8]) -> f32[8] {",
+      "  ROOT %a = f32[8]{0} add(%p0, %p0)",
+      "}",
+      "ENTRY %main (x: f32[1,4,4,1]) -> f32[1,4,4,1] {",
+      "  %ynn_fusion.1 = f32[1,4,4,1]{3,2,1,0} fusion(%x, %k), kind=kCustom, calls=%fused_conv",
+      "  %loop_fusion.2 = f32[8]{0} fusion(%y), kind=kLoop, calls=%fused_add",
+      "  ROOT %t = (f32[8]{0}, s32[]) tuple(%loop_fusion.2, %z)",
+      "}"])
+  kinds = profile_lib.hlo_kinds(hlo)
+  assert kinds["ynn_fusion.1"] == "convolution" and kinds["loop_fusion.2"] == "other"
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/host:CPU"}},
+      {"ph": "M", "name": "thread_name", "pid": 7, "tid": 1, "args": {"name": "tf_XLAEigen/3"}},
+      {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "__main__.py"}},
+      {"ph": "X", "pid": 7, "tid": 1, "name": "ynn_fusion.1", "dur": 3000.0},
+      {"ph": "X", "pid": 7, "tid": 1, "name": "loop_fusion.2", "dur": 1000.0},
+      {"ph": "X", "pid": 7, "tid": 1, "name": "ThunkExecutor::Execute", "dur": 9000.0},
+      {"ph": "X", "pid": 7, "tid": 2, "name": "ynn_fusion.1", "dur": 9000.0},   # not XLA's
+  ]
+  s = profile_lib.summarize_trace({"traceEvents": events}, steps=1, kinds=kinds)
+  assert s["ms_per_step_by_kind"] == {"convolution": 3.0, "other": 1.0}
+  assert s["device"].startswith("cpu")

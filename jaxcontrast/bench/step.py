@@ -161,7 +161,8 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
   result["ema_update_ms"] = ema_update_ms(holder["state"])
   if profile_dir:
     from jaxcontrast.bench import profile  # pylint: disable=g-import-not-at-top
-    result["profile"] = profile.profile_calls(call, steps=3, logdir=profile_dir)
+    result["profile"] = profile.profile_calls(call, steps=3, logdir=profile_dir,
+                                              hlo_text=compiled.as_text())
   if peak_flops:
     result["peak_flops"] = peak_flops
     result["mfu"] = round(total_flops / median / peak_flops, 6)
