@@ -99,7 +99,9 @@ def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
   (tmp_path / "torch").mkdir()
   (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
   env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             # One device, and the suite's fast-compile flag (conftest.py) kept.
+             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+                       "--xla_backend_optimization_level=0")
   out = subprocess.run(
       [sys.executable, "-m", "jaxcontrast.bench", "--config", "configs/moco_imagenet2012.py:tiny",
        "--steps", "2", "--warmup", "1", "--reference", "torch", "--peak_flops", "1e12"],
