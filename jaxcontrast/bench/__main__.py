@@ -108,12 +108,10 @@ def main(argv):
         f"{config.model.dtype}", file=sys.stderr, flush=True)
   result = step_lib.bench_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
                                devices=_DEVICES.value, peak_flops=_PEAK_FLOPS.value,
-                               profile_dir=_PROFILE.value)
+                               profile_dir=_PROFILE.value, input_loop=_INPUT.value)
   print(f"[bench] jaxcontrast: {result['images_per_s']} img/s "
         f"(compile {result['compile_s']} s)", file=sys.stderr, flush=True)
   if _INPUT.value:
-    result.update(step_lib.bench_loop(config, steps=_STEPS.value, warmup=_WARMUP.value,
-                                      devices=_DEVICES.value))
     print(f"[bench] input alone {result['input_images_per_s']} img/s, input + step "
           f"{result['loop_images_per_s']} img/s", file=sys.stderr, flush=True)
   if _REFERENCE.value == "torch":

@@ -116,9 +116,11 @@ def ema_update_ms(state, *, steps: int = 10) -> float:
 
 
 def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None = None,
-               peak_flops: float | None = None, profile_dir: str | None = None) -> dict:
+               peak_flops: float | None = None, profile_dir: str | None = None,
+               input_loop: bool = False) -> dict:
   """The step benchmark's JSON fields for `config` (see module docstring); with `profile_dir`,
-  also a device-time breakdown of 3 profiled steps (`profile.py`)."""
+  also a device-time breakdown of 3 profiled steps (`profile.py`); with `input_loop`, the
+  fields of `bench_loop`, on the same state and mesh."""
   mesh, step_fn, jitted, state, batch = build(config, devices=devices)
   total_flops = flops_lib.count_flops(step_fn, state, batch)
 
@@ -163,6 +165,8 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
     from jaxcontrast.bench import profile  # pylint: disable=g-import-not-at-top
     result["profile"] = profile.profile_calls(call, steps=3, logdir=profile_dir,
                                               hlo_text=compiled.as_text())
+  if input_loop:
+    result.update(_time_loop(config, mesh, jitted, holder["state"], steps=steps, warmup=warmup))
   if peak_flops:
     result["peak_flops"] = peak_flops
     result["mfu"] = round(total_flops / median / peak_flops, 6)
@@ -186,9 +190,13 @@ def bench_loop(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
   step. Returns the input alone (batches pulled without stepping) and the loop, each as median
   seconds per step and images/s, after `warmup` steps; the loop is limited by the slower of
   the two unless they overlap (tf.data prefetches on its own threads while the step runs)."""
+  mesh, _, jitted, state, _ = build(config, devices=devices)
+  return _time_loop(config, mesh, jitted, state, steps=steps, warmup=warmup)
+
+
+def _time_loop(config, mesh, jitted, state, *, steps: int, warmup: int) -> dict:
   from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
   from jaxcontrast.run.pretrain import step_inputs  # pylint: disable=g-import-not-at-top
-  mesh, _, jitted, state, _ = build(config, devices=devices)
   local_batch = config.global_batch_size // jax.process_count()
   data = pipeline.make_train_iterator(config.data, batch_size=local_batch, seed=config.seed)
   to_device = lambda b: global_batch_from_local(mesh, step_inputs(b))

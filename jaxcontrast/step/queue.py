@@ -269,8 +269,8 @@ def push(queue: QueueState, keys, ids, labels, *, mode: str, mesh,
   device i writes its own rows of k1 then of k2 into its own block, without communication.
   """
   n = keys[0].shape[0]
-  unknown = lambda v: jnp.full((n,), -1, jnp.int32) if v is None else jnp.asarray(v, jnp.int32)
-  ids, labels = tuple(map(unknown, ids)), tuple(map(unknown, labels))
+  ids = tuple(_row_values(v, n) for v in ids)
+  labels = tuple(_row_values(v, n) for v in labels)
   if mode == "sharded":
     devices = mesh.shape[axis_name]
     join = lambda parts: parts[0] if len(parts) == 1 else _concat_per_device(parts, devices)
