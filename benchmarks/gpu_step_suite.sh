@@ -15,7 +15,10 @@ tmp="$(mktemp -d)"
 # JAX takes 75% of the GPU's memory at start by default; the PyTorch reference runs in the same
 # process after it and needs its share.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
-common=(--dtype bfloat16 --batch 256 --queue_size 65536 --peak_flops 989e12)
+# The step alone (float32 views, as the PyTorch reference gets them); moco_device_augment below
+# adds the photometric ops in the step (data.augment_on=device, the default on GPU).
+common=(--dtype bfloat16 --batch 256 --queue_size 65536 --peak_flops 989e12
+        --override data.augment_on=host)
 run() {   # name, then bench flags
   local name="$1"; shift
   echo "== $name: $*" | tee -a "$out/suite.log" >&2
@@ -31,6 +34,7 @@ run() {   # name, then bench flags
   grep -v '^[WI][0-9]' "$tmp/$name.log" | tail -n 5 >> "$out/suite.log"
 }
 run moco_vs_torch --method moco --reference torch --profile /tmp/profile_moco
+run moco_device_augment --method moco --override data.augment_on=device --steps 10
 run moco_sce_loss --method moco --override objective.loss=sce --steps 10
 run co2 --method co2 --steps 10
 run xmoco --method xmoco --steps 10

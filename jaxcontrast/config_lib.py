@@ -31,7 +31,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxcontrast.config_check import fail, is_int
-from jaxcontrast.data.config import default_data_config
+from jaxcontrast.data.config import AUGMENT_ON, default_data_config
 from jaxcontrast.models import default_model_config
 from jaxcontrast.models.config import validate_model_config
 from jaxcontrast.step import ema, objectives, optim, train_step
@@ -97,6 +97,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.total_steps is not None and (not is_int(config.total_steps) or
                                          config.total_steps < 1):
     fail("", "total_steps", config.total_steps, "None or an int >= 1")
+  streams = config.data.get("streams")
+  if streams is not None and (not is_int(streams) or streams < 1 or
+                              config.global_batch_size % streams):
+    fail("data", "streams", streams,
+         f"None or an int >= 1 dividing global_batch_size = {config.global_batch_size}")
+  if config.data.get("augment_on") not in AUGMENT_ON:
+    fail("data", "augment_on", config.data.get("augment_on"), f"one of {AUGMENT_ON}")
   validate_model_config(config.model)
   optim.validate(config.optim)
   ema.validate(config.ema)

@@ -13,18 +13,11 @@ from ml_collections import config_flags
 
 from jaxcontrast import config_lib
 from jaxcontrast.run import pretrain
-from jaxcontrast.sharding import maybe_initialize_distributed
+from jaxcontrast.sharding import define_distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (.py:variant).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here; resumes.")
-# Multi-process runs where nothing can be auto-detected (TPU VMs and SLURM need none of these).
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, with --num_processes and --process_id.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0 .. num_processes - 1.")
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout", 300, "Seconds to wait for every process at start-up; then fail "
-    "(with the processes that did not connect named by JAX) instead of hanging.")
+_INITIALIZE_DISTRIBUTED = define_distributed_flags()   # --coordinator_address etc.
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,10 +25,10 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax logs every save step at INFO.
-  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if any(v is not None for v in explicit) and None in explicit:
-    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
-  maybe_initialize_distributed(*explicit, timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  try:
+    _INITIALIZE_DISTRIBUTED()
+  except flags.ValidationError as e:
+    raise app.UsageError(str(e)) from e
   try:
     pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except pretrain.NonFiniteLossError as e:

@@ -95,7 +95,8 @@ def test_torch_reference_mirrors_moco_v2_and_refuses_other_steps():
 
 
 def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
-  """The real entry point on a tiny config, with `torch` made unimportable."""
+  """The real entry point on a tiny config, with `torch` made unimportable; the photometric ops
+  in the step (synthetic uint8 views and parameters, as the pipeline ships them)."""
   (tmp_path / "torch").mkdir()
   (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
   env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
@@ -104,7 +105,8 @@ def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
                        "--xla_backend_optimization_level=0")
   out = subprocess.run(
       [sys.executable, "-m", "jaxcontrast.bench", "--config", "configs/moco_imagenet2012.py:tiny",
-       "--steps", "2", "--warmup", "1", "--reference", "torch", "--peak_flops", "1e12"],
+       "--steps", "2", "--warmup", "1", "--reference", "torch", "--peak_flops", "1e12",
+       "--override", "data.augment_on=device"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
@@ -112,6 +114,7 @@ def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
   r = json.loads(lines[0])
   assert (r["method"], r["arch"], r["image_size"], r["batch"], r["queue_size"]) == \
       ("moco", "resnet10", 16, 16, 64)
+  assert r["augment_on"] == "device"
   for key in ("compile_s", "step_ms_median", "images_per_s", "flops_per_image", "mfu",
               "compiled_temp_bytes", "state_bytes_per_device", "ema_update_ms"):
     assert r[key] > 0, key

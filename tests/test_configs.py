@@ -202,6 +202,8 @@ def test_docstring_holds_its_own_command_lines(path):
     ("objective.loss", "simclr", "config objective.loss = 'simclr': expected one of"),
     ("global_batch_size", 0, "config global_batch_size = 0: expected an int >= 1"),
     ("method", "byol", "config method = 'byol': expected one of"),
+    ("data.augment_on", "gpu", "config data.augment_on = 'gpu': expected one of"),
+    ("data.streams", 3, "config data.streams = 3: expected None or an int >= 1 dividing"),
 ])
 def test_every_section_fails_on_a_bad_value_with_one_error_style(key, value, expected):
   c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")

@@ -104,6 +104,57 @@ def test_reblock_between_device_counts_keeps_keys_and_age():
   np.testing.assert_array_equal(np.sort(overwritten), np.arange(1000, 1016))
 
 
+def _pushed(num_devices, size, steps, views, batch=16, dim=3):
+  """The sharded queue of a `num_devices` run after `steps` pushes of `views` key views (the
+  train step's `push`); keys, ids and labels are functions of (step, view, batch row) only."""
+  mesh = make_mesh(num_devices)
+  q = queue_lib.init_queue(jax.random.key(0), size, dim, num_devices)
+  fn = jax.jit(lambda q, k, i, l: queue_lib.push(q, k, i, l, mode="sharded", mesh=mesh))
+  for t in range(steps):
+    keys = tuple(jnp.asarray(np.random.RandomState(100 * t + v).randn(batch, dim), jnp.float32)
+                 for v in range(views))
+    ids = tuple(jnp.arange(batch, dtype=jnp.int32) + 1000 * t + 100 * v for v in range(views))
+    q = fn(q, keys, ids, ids)
+  return jax.device_get(q)
+
+
+@pytest.mark.parametrize("views,steps", [(1, 1), (1, 7), (2, 2), (2, 5)])
+@pytest.mark.parametrize("num_from,num_to", [(8, 4), (4, 8), (8, 1), (2, 8)])
+def test_reblock_gives_the_queue_the_other_device_count_would_have(views, steps, num_from,
+                                                                   num_to):
+  """Resume on another device count: the re-blocked queue is, row for row and with its
+  pointer, the queue a run on the new count fills with the same pushes (partly filled or
+  wrapped; one or two key views per step). Rows never written keep id -1 (noise)."""
+  size, batch = 64, 16
+  before = _pushed(num_from, size, steps, views)
+  want = _pushed(num_to, size, steps, views)
+  got = queue_lib.reblock(before, num_from, num_to, batch=batch, views=views)
+  np.testing.assert_array_equal(np.asarray(got.ids), np.asarray(want.ids))
+  written = np.asarray(want.ids) >= 0
+  np.testing.assert_array_equal(np.asarray(got.keys)[written], np.asarray(want.keys)[written])
+  np.testing.assert_array_equal(np.asarray(got.labels), np.asarray(want.labels))
+  assert int(got.ptr) == int(want.ptr) and int(got.filled) == int(want.filled)
+  # Without the batch (or when views x batch does not divide K): age order, pointer 0.
+  aged = queue_lib.reblock(before, num_from, num_to)
+  assert int(aged.ptr) == 0
+  assert sorted(np.asarray(aged.ids)) == sorted(np.asarray(want.ids))
+
+
+def test_reblock_to_one_block_is_the_replicated_queue():
+  """8 devices -> 1 block: the replicated queue of the same pushes, pointer included."""
+  size, batch = 64, 16
+  rep = queue_lib.init_queue(jax.random.key(0), size, 3)
+  for t in range(5):
+    keys = tuple(jnp.asarray(np.random.RandomState(100 * t + v).randn(batch, 3), jnp.float32)
+                 for v in range(2))
+    ids = tuple(jnp.arange(batch, dtype=jnp.int32) + 1000 * t + 100 * v for v in range(2))
+    rep = queue_lib.push(rep, keys, ids, ids, mode="replicated", mesh=None)
+  got = queue_lib.reblock(_pushed(8, size, 5, 2), 8, 1, batch=batch, views=2)
+  np.testing.assert_array_equal(np.asarray(got.ids), np.asarray(rep.ids))
+  np.testing.assert_allclose(np.asarray(got.keys), np.asarray(rep.keys), rtol=1e-6)
+  assert int(got.ptr) == int(rep.ptr)
+
+
 @pytest.mark.parametrize("num_devices,size,batch,steps", [
     (1, 10, 4, 1), (1, 10, 4, 2), (1, 10, 4, 3), (1, 7, 7, 1), (8, 32, 16, 1), (8, 64, 16, 3),
     (8, 32, 8, 5), (2, 12, 4, 2)])

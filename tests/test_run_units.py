@@ -32,13 +32,56 @@ def test_stream_resumes_at_any_example(fashion_dir):
     pipeline.make_train_dataset(cfg, batch_size=4, seed=0, start_example=-1)
 
 
-def test_resume_position_checks_the_process_count():
-  saved = pretrain.data_position(step=3, examples=48, local_batch=16, local_size=20)
-  assert saved == {"step": 3, "examples_per_process": 48, "local_batch": 16,
-                   "process_count": 1, "epoch": 2, "index_in_epoch": 8, "local_examples": 20}
-  assert pretrain.resume_examples(saved, step=3, local_batch=8) == 48  # Same example.
-  with pytest.raises(ValueError, match="written by 2 processes, this run has 1"):
-    pretrain.resume_examples(dict(saved, process_count=2), step=3, local_batch=16)
+def test_resume_position_checks_the_streams():
+  saved = pretrain.data_position(step=3, examples=48, local_batch=16, local_size=20, streams=1)
+  assert saved == {"step": 3, "examples_per_process": 48, "examples_per_stream": 48,
+                   "streams": 1, "local_batch": 16, "process_count": 1, "epoch": 2,
+                   "index_in_epoch": 8, "local_examples": 20}
+  assert pretrain.resume_examples(saved, step=3, local_batch=8, streams=1) == 48  # Same example.
+  with pytest.raises(ValueError, match="written with 2 input streams"):
+    pretrain.resume_examples(dict(saved, streams=2), step=3, local_batch=16, streams=1)
+  # Before data.streams: one stream per process.
+  old = {"step": 3, "examples_per_process": 48, "local_batch": 16, "process_count": 2}
+  with pytest.raises(ValueError, match="written with 2 input streams"):
+    pretrain.resume_examples(old, step=3, local_batch=16, streams=1)
+  assert pretrain.resume_examples(dict(old, process_count=1), step=3, local_batch=16,
+                                  streams=1) == 48
+  # Written by 2 processes of one stream each (24 examples per stream); this 1 process reads
+  # both streams: 48 examples.
+  two = {"step": 3, "examples_per_process": 24, "examples_per_stream": 24, "streams": 2,
+         "local_batch": 8, "process_count": 2}
+  assert pretrain.resume_examples(two, step=3, local_batch=16, streams=2) == 48
+
+
+def test_streams_make_the_global_batches_independent_of_the_process_count(fashion_dir):
+  """Two processes reading one stream each give, row for row, the batches of one process
+  reading both streams; their ids do not overlap. A resume continues each stream."""
+  cfg = fashion_config(fashion_dir, train_split="test[:24]", image_size=8, shuffle_buffer=8)
+  take = lambda n, **kw: [b for _, b in zip(range(n), pipeline.make_train_iterator(
+      cfg, seed=3, **kw))]
+  cfg.streams = 2
+  one = take(5, batch_size=8, process_index=0, process_count=1)
+  cfg.streams = None   # The default: one stream per process.
+  two = [take(5, batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
+  for step, batch in enumerate(one):
+    for key in batch:
+      np.testing.assert_array_equal(
+          batch[key], np.concatenate([two[0][step][key], two[1][step][key]]), err_msg=key)
+    assert not set(two[0][step]["id"]) & set(two[1][step]["id"])
+  # 24 examples in 2 parts of 12: epoch 0 of each stream is its own 12 ids, once.
+  firsts = [np.concatenate([b["id"] for b in two[p][:3]]) for p in (0, 1)]
+  assert sorted(firsts[0]) == list(range(12)) and sorted(firsts[1]) == list(range(12, 24))
+  assert pipeline.local_train_size(cfg, process_index=1, process_count=2) == 12
+  cfg.streams = 2
+  resumed = take(2, batch_size=8, process_index=0, process_count=1, start_example=3 * 8)
+  for a, b in zip(one[3:], resumed):
+    np.testing.assert_array_equal(a["view1"], b["view1"])
+  assert pipeline.local_train_size(cfg, process_index=0, process_count=1) == 24
+  with pytest.raises(ValueError, match="not a multiple of the 4 processes"):
+    pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="multiple of this process's 2 streams"):
+    pipeline.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0, process_count=1,
+                                start_example=3)
 
 
 @pytest.mark.parametrize("append", [True, False])  # False: how gs:// files are written.
@@ -124,19 +167,20 @@ def test_config_json_round_trip():
 
 
 def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypatch):
-  """A sharded queue saved on 8 devices and resumed on 4 keeps every row, re-blocked for 4
-  (pointer back to 0, rows split over the 4-device mesh). A state of just a queue keeps it
-  small: the restore path is the loop's. The workdir is given as a RELATIVE path, as
-  launch/local.sh does (Orbax alone refuses to save under one)."""
+  """A sharded queue saved on 8 devices and resumed on 4 is, row for row and with its pointer,
+  the queue 4 devices would have after the same pushes (config global batch 16, one key view),
+  on the 4-device mesh. A state of just a queue keeps it small: the restore path is the loop's.
+  The workdir is given as a RELATIVE path, as launch/local.sh does (Orbax alone refuses to save
+  under one)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from jaxcontrast.step import queue as queue_lib  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
   from jaxcontrast.step.state import TrainState  # pylint: disable=g-import-not-at-top
+  from test_queue_ema_bn import _pushed  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   config.unlock()
   config.queue.mode = "sharded"
+  assert config.global_batch_size == 16 and not config.objective.symmetric
 
   def state_on(mesh, queue):
     rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -145,9 +189,7 @@ def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypa
     return TrainState(step=put(np.int32(1), rep), params={}, ema_params={}, batch_stats={},
                       ema_batch_stats={}, opt_state=(), queue=queue)
 
-  queue = queue_lib.init_queue(jax.random.key(0), 64, 4, num_blocks=8)
-  queue = queue.replace(keys=jax.random.normal(jax.random.key(1), (64, 4)),
-                        ptr=jnp.array(3, jnp.int32))
+  queue, want = _pushed(8, 64, 3, views=1), _pushed(4, 64, 3, views=1)
   state = state_on(make_mesh(8), queue)
   monkeypatch.chdir(tmp_path)
   ckpt = checkpoint.Checkpointer("workdirs/run", keep=1)
@@ -158,9 +200,12 @@ def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypa
                           state_on(make_mesh(4), queue))
   restored = ckpt.restore(1, abstract, mesh=make_mesh(4)).state.queue
   ckpt.close()
-  before, after = np.asarray(queue.keys), np.asarray(restored.keys)
-  assert sorted(map(tuple, before)) == sorted(map(tuple, after))
-  assert not np.array_equal(before, after) and int(restored.ptr) == 0
+  np.testing.assert_array_equal(np.asarray(restored.ids), np.asarray(want.ids))
+  written = np.asarray(want.ids) >= 0
+  np.testing.assert_array_equal(np.asarray(restored.keys)[written],
+                                np.asarray(want.keys)[written])
+  assert int(restored.ptr) == int(want.ptr) == 3 * 16 // 4
+  assert not np.array_equal(np.asarray(queue.ids), np.asarray(restored.ids))
   assert restored.keys.sharding.mesh.shape["data"] == 4
 
 

@@ -59,7 +59,32 @@ def synthetic_batch(config, *, batch_size: int, seed: int = 0) -> dict:
     batch[f"local_{i}"] = images(batch_size, s=int(crop))
   if config.objective.loss == "multi_positive":
     batch["neighbors"] = rng.integers(0, batch_size, (batch_size, 4)).astype(np.int32)
+  if on_device(config):   # uint8 views and their photometric parameters, as the pipeline ships
+    from jaxcontrast.data import augment_jax  # pylint: disable=g-import-not-at-top
+    views = [k for k in batch if k in ("view1", "view2", "support") or k.startswith("local_")]
+    batch["aug"] = {k: augment_jax.random_params(rng, batch[k].shape[:-3]) for k in views}
+    for k in views:
+      batch[k] = rng.integers(0, 256, batch[k].shape, dtype=np.uint8)
   return batch
+
+
+def on_device(config) -> bool:
+  """`data.augment_on` resolved as the pipeline does (auto: device unless the backend is CPU);
+  TensorFlow-free for GPU benchmark machines."""
+  value = config.data.get("augment_on") or "auto"
+  if value not in ("auto", "host", "device"):
+    raise ValueError(f"data.augment_on = {value!r}: expected auto, host or device")
+  return value == "device" or (value == "auto" and jax.default_backend() != "cpu")
+
+
+def device_augment(config):
+  """The step's `DeviceAugment` without TensorFlow: the config's recipes and statistics
+  (`data.mean` / `data.std`, else ImageNet's: the values do not change the cost)."""
+  from jaxcontrast.data import augment_jax, recipes  # pylint: disable=g-import-not-at-top
+  channels = image_channels(config)
+  mean = tuple(config.data.mean or (0.485, 0.456, 0.406)[:channels])
+  std = tuple(config.data.std or (0.229, 0.224, 0.225)[:channels])
+  return augment_jax.DeviceAugment.create(recipes.view_recipes(config.data), mean, std)
 
 
 def build(config, *, devices: int | None = None, total_steps: int = 10_000_000):
@@ -78,8 +103,9 @@ def build(config, *, devices: int | None = None, total_steps: int = 10_000_000):
   state, shardings = train_step.create_state(
       config, models=models, tx=tx, mesh=mesh,
       sample_images=jnp.zeros((2, size, size, channels), jnp.float32), rng=jax.random.key(0))
-  step_fn = train_step.make_train_step(config, models=models, tx=tx, mesh=mesh,
-                                       total_steps=total_steps, base_rng=jax.random.key(1))
+  step_fn = train_step.make_train_step(
+      config, models=models, tx=tx, mesh=mesh, total_steps=total_steps,
+      base_rng=jax.random.key(1), augment=device_augment(config) if on_device(config) else None)
   jitted = train_step.jit_train_step(step_fn, mesh=mesh, shardings=shardings)
   batch = global_batch_from_local(
       mesh, synthetic_batch(config, batch_size=config.global_batch_size))
@@ -144,6 +170,7 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
       "image_size": image_size(config), "batch": b, "queue_size": int(config.queue.size),
       "queue_mode": config.queue.mode, "dtype": config.model.dtype,
       "bn_mode": config.bn.mode,
+      "augment_on": "device" if on_device(config) else "host",
       "symmetric": bool(config.objective.symmetric),
       "support_views": int(config.objective.fnc.num_support_views or 0),
       "local_crops": list(config.data.local_crop_sizes or ()),

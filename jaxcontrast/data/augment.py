@@ -16,11 +16,15 @@ grayscale mean, saturation as a blend with grayscale, hue as a rotation in HSV, 
 in a random order per example; ITU-R 601-2 luma grayscale; RandomResizedCrop's sampling.
 Single-channel images skip saturation, hue and grayscale, which are identities on them.
 """
-import dataclasses
 import functools
+import sys
 from typing import Mapping
 
 import tensorflow as tf
+
+from jaxcontrast.data import recipes as recipes_lib
+# The knobs of a view; defined TF-free in recipes.py, re-exported here.
+from jaxcontrast.data.recipes import ViewRecipe  # pylint: disable=unused-import
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -28,42 +32,6 @@ _LUMA = (0.299, 0.587, 0.114)
 _CROP_ATTEMPTS = 10
 # Colour-jitter ops, in the order of their index in a permutation (torchvision's order).
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewRecipe:
-  """The augmentation knobs of one view (torchvision names and ranges)."""
-  crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction range.
-  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range.
-  flip_prob: float = 0.5  # Horizontal flip probability.
-  jitter_prob: float = 0.8  # Probability of applying colour jitter at all.
-  brightness: float = 0.4  # Factor drawn from [max(0, 1 - b), 1 + b].
-  contrast: float = 0.4  # Factor drawn from [max(0, 1 - c), 1 + c].
-  saturation: float = 0.4  # Factor drawn from [max(0, 1 - s), 1 + s].
-  hue: float = 0.1  # Hue shift drawn from [-h, h] (fraction of the colour circle, <= 0.5).
-  grayscale_prob: float = 0.2  # Probability of converting to grayscale (channels kept).
-  blur_prob: float = 0.5  # Probability of a Gaussian blur.
-  blur_sigma: tuple[float, float] = (0.1, 2.0)  # Blur sigma range, in pixels of the crop.
-  solarize_prob: float = 0.0  # Probability of solarizing.
-  solarize_threshold: float = 0.5  # Values >= threshold (in [0, 1]) are inverted.
-
-  def __post_init__(self):
-    lo, hi = self.crop_scale
-    if not 0 < lo <= hi <= 1:
-      raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-    lo, hi = self.crop_ratio
-    if not 0 < lo <= hi:
-      raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
-    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-      if not 0 <= getattr(self, name) <= 1:
-        raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
-    if not 0 <= self.hue <= 0.5:
-      raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
-    if min(self.brightness, self.contrast, self.saturation) < 0:
-      raise ValueError("brightness, contrast and saturation must be >= 0")
-    lo, hi = self.blur_sigma
-    if not 0 < lo <= hi:
-      raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,12 +381,4 @@ def apply_view_params(images: tf.Tensor, params: Mapping[str, tf.Tensor],
   Ops whose probability is 0 in `recipe` are skipped at trace time (less work per batch).
   Returns float32 in [0, 1]; normalisation is separate.
   """
-  if recipe.jitter_prob > 0:
-    images = color_jitter(images, params)
-  if recipe.grayscale_prob > 0:
-    images = grayscale(images, params["grayscale"])
-  if recipe.blur_prob > 0:
-    images = gaussian_blur(images, params["blur_sigma"])
-  if recipe.solarize_prob > 0:
-    images = solarize(images, params["solarize"], recipe.solarize_threshold)
-  return images
+  return recipes_lib.apply_photometric(images, params, recipe, sys.modules[__name__])

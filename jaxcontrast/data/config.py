@@ -8,6 +8,10 @@ import ml_collections
 from ml_collections import config_dict
 
 
+# Where the photometric ops run (`data.augment_on`).
+AUGMENT_ON = ("auto", "host", "device")
+
+
 def view_overrides() -> ml_collections.ConfigDict:
   """Per-view overrides of the recipe's knobs; None keeps the recipe's value."""
   c = ml_collections.ConfigDict()
@@ -68,7 +72,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Largest split (bytes) held in memory: SePP's decoded train split (random access by id) and,
   # with `cache`, each prepared evaluation split (eval/features.py).
   c.in_memory_max_bytes = 4 * 2**30
-  # Shuffle buffer (examples, per process); shuffling happens before decoding.
+  # Input streams the global batch is assembled from: the split is cut into this many parts,
+  # each read and shuffled on its own, and every global batch takes global_batch / streams rows
+  # from each. None = one per process. The batches depend on (seed, streams) only: give runs on
+  # different process counts (or a resume on another host count) the same value, a multiple of
+  # every process count used, to train on the same batches.
+  c.streams = config_dict.placeholder(int)
+  # Shuffle buffer (examples, per stream); shuffling happens before decoding.
   c.shuffle_buffer = 10_000
   # Batches prefetched by tf.data on the host (-1 = AUTOTUNE).
   c.prefetch = 2
@@ -81,6 +91,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Normalisation mean / std per channel (in [0, 1] units); None = dataset statistics.
   c.mean = config_dict.placeholder(tuple)
   c.std = config_dict.placeholder(tuple)
+  # Where the photometric ops (colour jitter, grayscale, blur, solarize) and the normalisation
+  # run: "host" (tf.data, float32 views shipped), "device" (tf.data only decodes, crops, resizes
+  # and flips, and ships uint8 views with each example's drawn parameters; the ops run in the
+  # jitted train step, sharded with the batch: jaxcontrast/data/augment_jax.py), or "auto":
+  # device on GPU / TPU, host on CPU (where both share the same cores; see the README).
+  c.augment_on = "auto"
   # Antialiased shrink in RandomResizedCrop, as PIL / torchvision (False: plain bilinear, about
   # 1.4x faster input on ImageNet-sized JPEGs; see benchmarks/bench_data.py).
   c.antialias = True

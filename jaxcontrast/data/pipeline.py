@@ -1,19 +1,22 @@
 """Training and evaluation tf.data pipelines: config -> per-process batches of views.
 
-Training (`make_train_dataset`), per process:
+Training (`make_train_dataset`), per input stream (S = `data.streams` parts of the split, one
+per process by default; each process reads S / P of them):
 
-  read this process's part of the split (tfds, ids from tfds_id; file order fixed by seed)
+  read this stream's part of the split (tfds, ids from tfds_id; file order fixed by seed)
   -> [cache] -> for epoch e = e0, e0 + 1, ...: shuffle (encoded bytes, buffer seeded from
      (seed, e), so the order of an epoch is a function of (seed, e) alone) [-> skip the examples
      of epoch e0 already consumed]
   -> per example: decode, draw every random choice from a stateless seed
      fold_in(fold_in(seed, epoch), id), cut and resize every view's crop
   -> batch (drop remainder) -> per batch: photometric ops with the per-example choices,
-     normalise -> prefetch
+     normalise
+then, per process: concatenate its streams' batches (part order) -> prefetch
 
 An example's views depend only on (seed, epoch, id): not on the shuffle order, the batch it
-lands in or the number of processes. The stream is a function of (seed, position), so a resumed
-run passes `start_example` (examples this process already consumed) and continues exactly where
+lands in or the number of processes; the global batches depend on (seed, S) only. The stream is
+a function of (seed, position), so a resumed run passes `start_example` (examples this process
+already consumed) and continues exactly where
 the checkpoint was taken; the skipped examples are never decoded. Options follow big_vision
 (private thread pool, one thread per op, deterministic order). Element dict: see
 `make_train_dataset`.
@@ -25,6 +28,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxcontrast.data import augment
+from jaxcontrast.data import augment_jax
+from jaxcontrast.data import config as data_config_lib
 from jaxcontrast.data import datasets
 from jaxcontrast.data import recipes as recipes_lib
 from jaxcontrast.data import sepp
@@ -104,6 +109,27 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
+def augment_on(data_config) -> str:
+  """Where the photometric ops run, "host" or "device": `data.augment_on`, with "auto" resolved
+  to "device" on GPU / TPU and "host" on CPU (the JAX default backend)."""
+  value = data_config.get("augment_on") or "auto"
+  if value not in data_config_lib.AUGMENT_ON:
+    raise ValueError(f"data.augment_on = {value!r}: expected one of "
+                     f"{data_config_lib.AUGMENT_ON}")
+  if value == "auto":
+    import jax  # pylint: disable=g-import-not-at-top
+    return "host" if jax.default_backend() == "cpu" else "device"
+  return value
+
+
+def device_augment(data_config):
+  """The train step's `augment_jax.DeviceAugment` for this data config (every view kind's
+  recipe, the resolved normalisation statistics)."""
+  from jaxcontrast.data import augment_jax  # pylint: disable=g-import-not-at-top
+  r = _resolve(data_config)
+  return augment_jax.DeviceAugment.create(recipes_lib.view_recipes(data_config), r.mean, r.std)
+
+
 def _options(cfg) -> tf.data.Options:
   """big_vision's host-side options."""
   options = tf.data.Options()
@@ -141,9 +167,28 @@ def _seed_tensor(seed: int) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def num_streams(data_config, process_count: int) -> int:
+  """The input streams the global batch is assembled from (`data.streams`, None = one per
+  process); a multiple of the process count, so every process reads whole streams."""
+  streams = data_config.get("streams") or process_count
+  if streams % process_count:
+    raise ValueError(f"data.streams = {streams} is not a multiple of the {process_count} "
+                     "processes: every process reads whole streams. Set data.streams to a "
+                     "multiple of the process count (or None: one stream per process).")
+  return int(streams)
+
+
 def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index=None,
                        process_count=None, start_example: int = 0) -> tf.data.Dataset:
   """The infinite training stream of this process.
+
+  The split is cut into S = `data.streams` parts (default: one per process), each read as its
+  own stream (own file order, shuffle and resume position; a function of (seed, S, part)), and
+  every global batch is the concatenation of one batch of batch_size x P / S rows from each
+  stream, in part order. Process p reads parts p * S / P ... (p + 1) * S / P - 1, so its local
+  batch is the rows of the global batch that its devices hold, and the global batches depend on
+  (seed, S) only: 1 process x 8 devices and 2 processes x 4 devices with the same S train on the
+  same batches (tests/test_multiprocess.py).
 
   Args:
     data_config: `default_data_config()` or a modified copy.
@@ -165,13 +210,28 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       "neighbors" int32 (B, k)  SePP only: the anchor's mined neighbours (-1 = padding)
       "key_label" int32 (B,)  SePP only: the label of the image view2 was cut from
       "label"    int32 (B,)  -1 when the split has no labels
+    With `augment_on(data_config) == "device"` the views are uint8 crops (cropped, resized,
+    flipped; nothing else) and "aug" maps each view's name to its per-example parameters
+    (`augment_jax.PARAM_KEYS`, leading dims as its view's); the train step finishes them
+    (`device_augment(data_config)`).
   """
   cfg = data_config
   r = _resolve(cfg)
   process_index, process_count = _process(process_index, process_count)
+  streams = num_streams(cfg, process_count)
+  mine = streams // process_count   # streams read by this process
+  if batch_size % mine:
+    raise ValueError(f"batch size {batch_size} of process {process_index} is not divisible by "
+                     f"its {mine} input streams (data.streams = {streams}, {process_count} "
+                     "processes)")
+  if start_example < 0 or start_example % mine:
+    raise ValueError(f"start_example must be >= 0 and a multiple of this process's {mine} "
+                     f"streams, got {start_example}")
+  parts = [process_index * mine + i for i in range(mine)]
   view_recipes = recipes_lib.view_recipes(cfg)
   views = _view_sizes(cfg, r)
   num_support = int(cfg.get("num_support_views") or 0)
+  on_device = augment_on(cfg) == "device"
   options = _options(cfg)
   semantic = cfg.get("semantic_pairs")
   p_semantic = float(cfg.get("p_semantic") or 0.0)
@@ -181,23 +241,23 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
   datasets.check_split(r.builder, r.train_split)
   get_image, get_label, pairs_var, sepp_offset = None, None, None, 0
   if semantic:
-    ds, get_image, get_label, pairs_var, sepp_offset = sepp.in_memory_source(
+    sources, get_image, get_label, pairs_var, sepp_offset = sepp.in_memory_source(
         r.builder, r.spec, r.train_split, pairs_path=semantic, convert_to=r.convert_to,
-        max_bytes=int(cfg.get("in_memory_max_bytes") or 0), process_index=process_index,
-        process_count=process_count)
+        max_bytes=int(cfg.get("in_memory_max_bytes") or 0), parts=parts, num_parts=streams)
     decoded = True
   else:
-    local = datasets.process_split(r.train_split, process_index, process_count)
     decoded = bool(cfg.get("cache"))
-    ds = datasets.read_split(r.builder, r.spec, local, base_split=r.train_split,
-                             shuffle_files=True, seed=seed, decode=decoded, options=options)
-    if decoded:
-      ds = ds.map(lambda ex: {**ex, "image": augment.convert_channels(ex["image"], r.convert_to)},
-                  num_parallel_calls=tf.data.AUTOTUNE).cache()
-  local_n = _cardinality(ds, f"{r.train_split} (process {process_index})")
-  if local_n == 0:
-    raise ValueError(f"Process {process_index} of {process_count} has no examples of "
-                     f"{r.train_split}")
+    sources = []
+    for part in parts:
+      ds = datasets.read_split(r.builder, r.spec, datasets.process_split(r.train_split, part,
+                                                                        streams),
+                               base_split=r.train_split, shuffle_files=True, seed=seed,
+                               decode=decoded, options=options)
+      if decoded:
+        ds = ds.map(lambda ex: {**ex, "image": augment.convert_channels(ex["image"],
+                                                                        r.convert_to)},
+                    num_parallel_calls=tf.data.AUTOTUNE).cache()
+      sources.append(ds)
 
   base_key = _seed_tensor(seed)
   antialias = bool(cfg.antialias)
@@ -239,6 +299,8 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       source = anchor if kind == "view1" or kind.startswith("local_") else target
       crop = augment.crop_and_resize(source, boxes[v], size, flip=params["flip"][v],
                                      antialias=antialias)
+      if on_device:   # uint8 to the accelerator: 4 x less to copy and transfer than float32
+        crop = tf.cast(tf.round(crop * 255.0), tf.uint8)
       out[name] = tf.ensure_shape(crop, [size, size, r.num_channels])
     out["params"] = params
     return out
@@ -247,6 +309,17 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
   def per_batch(batch):
     out = {k: batch[k] for k in ("id", "label", "key_id", "key_label", "neighbors") if k in batch}
     params = batch["params"]  # Entries (B, V, ...), views in the order of `views`.
+    if on_device:   # uint8 views and their params; augment_jax.DeviceAugment finishes them
+      keep = lambda p: {k: p[k] for k in augment_jax.PARAM_KEYS}
+      out["aug"] = {}
+      for v, (name, kind, _) in enumerate(views):
+        if kind != "support":
+          out[name] = batch[name]
+          out["aug"][name] = keep({k: p[:, v] for k, p in params.items()})
+      if num_support:
+        out["support"] = tf.stack([batch[f"support_{s}"] for s in range(num_support)], axis=1)
+        out["aug"]["support"] = keep({k: p[:, 2:2 + num_support] for k, p in params.items()})
+      return out
     for v, (name, kind, _) in enumerate(views):
       if kind == "support":
         continue
@@ -263,31 +336,46 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
       out["support"] = tf.reshape(augment.normalize(flat, r.mean, r.std), images.shape)
     return out
 
-  if start_example < 0:
-    raise ValueError(f"start_example must be >= 0, got {start_example}")
-  start_epoch, skip = divmod(int(start_example), local_n)
   buffer = int(cfg.shuffle_buffer or 0)
   shuffle_key = tf.random.experimental.stateless_fold_in(base_key, _SHUFFLE_STREAM)
-  source = ds
 
-  @tf.autograph.experimental.do_not_convert
-  def epoch_examples(epoch):
-    """Epoch `epoch` of this process's part: its order depends on (seed, epoch) only."""
-    ds = source
-    if buffer > 1:
-      # One int64 drawn from the (seed, epoch) key (the key's own entries are not hashed).
-      epoch_seed = tf.random.stateless_uniform(
-          [], tf.random.experimental.stateless_fold_in(shuffle_key, epoch), minval=None,
-          maxval=None, dtype=tf.int64)
-      ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    # Resume inside epoch `start_epoch`: skip what was consumed, before any decoding.
-    ds = ds.skip(tf.where(epoch == start_epoch, tf.constant(skip, tf.int64), 0))
-    return ds.map(lambda ex: (epoch, ex))
+  def stream(source, part):
+    """Batches of one part of the split: its examples in the order of (seed, epoch)."""
+    local_n = _cardinality(source, f"{r.train_split} (part {part} of {streams})")
+    if local_n == 0:
+      raise ValueError(f"Part {part} of {streams} of {r.train_split} (process {process_index} "
+                       f"of {process_count}) has no examples")
+    start_epoch, skip = divmod(int(start_example) // mine, local_n)
 
-  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_examples)
-  ds = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    @tf.autograph.experimental.do_not_convert
+    def epoch_examples(epoch):
+      """Epoch `epoch` of this part: its order depends on (seed, epoch) only."""
+      ds = source
+      if buffer > 1:
+        # One int64 drawn from the (seed, epoch) key (the key's own entries are not hashed).
+        epoch_seed = tf.random.stateless_uniform(
+            [], tf.random.experimental.stateless_fold_in(shuffle_key, epoch), minval=None,
+            maxval=None, dtype=tf.int64)
+        ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+      # Resume inside epoch `start_epoch`: skip what was consumed, before any decoding.
+      ds = ds.skip(tf.where(epoch == start_epoch, tf.constant(skip, tf.int64), 0))
+      return ds.map(lambda ex: (epoch, ex))
+
+    ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_examples)
+    ds = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size // mine, drop_remainder=True)
+    # Per stream, before the concatenation: TF's batched ops round differently for different
+    # batch sizes (1e-7), and a stream's rows must not depend on how many streams share a
+    # process.
+    return ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
+
+  batches = [stream(source, part) for source, part in zip(sources, parts)]
+  if len(batches) == 1:
+    ds = batches[0]
+  else:   # Rows in part order: this process's block of the global batch.
+    ds = tf.data.Dataset.zip(tuple(batches)).map(
+        lambda *bs: tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *bs),
+        num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.prefetch(cfg.prefetch if cfg.prefetch is not None else tf.data.AUTOTUNE)
   return ds.with_options(options)
 
@@ -301,14 +389,18 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
 
 
 def local_train_size(data_config, *, process_index=None, process_count=None) -> int | None:
-  """Examples of the train split read by this process per epoch (None if tfds does not know)."""
+  """Examples of the train split read by this process per epoch, summed over its streams (None
+  if tfds does not know)."""
   r = _resolve(data_config)
   process_index, process_count = _process(process_index, process_count)
-  sizes = datasets.process_sizes(r.builder, r.train_split, process_count)
-  if data_config.get("semantic_pairs") and sizes:  # sepp.in_memory_source's split of the ids.
-    n = sum(sizes)
-    sizes = [n // process_count + (i < n % process_count) for i in range(process_count)]
-  return sizes[process_index] if sizes else None
+  streams = num_streams(data_config, process_count)
+  mine = streams // process_count
+  if data_config.get("semantic_pairs"):   # sepp.in_memory_source's split of the ids.
+    n = datasets.split_size(r.builder, r.train_split)
+    sizes = sepp.part_sizes(n, streams) if n else None
+  else:
+    sizes = datasets.process_sizes(r.builder, r.train_split, streams)
+  return sum(sizes[process_index * mine:(process_index + 1) * mine]) if sizes else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,74 @@ A recipe is a pair of `ViewRecipe`s: view 1 feeds the ONLINE (query) branch, vie
 * SePP (§6) changes which image view 2 is cut from, not how: any recipe works.
 
 Any knob of any view can be overridden from the config (`config.view1.blur_prob = 0.3`, ...).
+No TensorFlow here: the train step reads the recipes when the photometric ops run on the
+accelerator (`data.augment_on = "device"`), on machines that may have no TensorFlow.
 """
 import dataclasses
 from typing import Any, Mapping
 
-from jaxcontrast.data.augment import ViewRecipe
+
+@dataclasses.dataclass(frozen=True)
+class ViewRecipe:
+  """The augmentation knobs of one view (torchvision names and ranges)."""
+  crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction range.
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range.
+  flip_prob: float = 0.5  # Horizontal flip probability.
+  jitter_prob: float = 0.8  # Probability of applying colour jitter at all.
+  brightness: float = 0.4  # Factor drawn from [max(0, 1 - b), 1 + b].
+  contrast: float = 0.4  # Factor drawn from [max(0, 1 - c), 1 + c].
+  saturation: float = 0.4  # Factor drawn from [max(0, 1 - s), 1 + s].
+  hue: float = 0.1  # Hue shift drawn from [-h, h] (fraction of the colour circle, <= 0.5).
+  grayscale_prob: float = 0.2  # Probability of converting to grayscale (channels kept).
+  blur_prob: float = 0.5  # Probability of a Gaussian blur.
+  blur_sigma: tuple[float, float] = (0.1, 2.0)  # Blur sigma range, in pixels of the crop.
+  solarize_prob: float = 0.0  # Probability of solarizing.
+  solarize_threshold: float = 0.5  # Values >= threshold (in [0, 1]) are inverted.
+
+  def __post_init__(self):
+    lo, hi = self.crop_scale
+    if not 0 < lo <= hi <= 1:
+      raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+    lo, hi = self.crop_ratio
+    if not 0 < lo <= hi:
+      raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+    if not 0 <= self.hue <= 0.5:
+      raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+    if min(self.brightness, self.contrast, self.saturation) < 0:
+      raise ValueError("brightness, contrast and saturation must be >= 0")
+    lo, hi = self.blur_sigma
+    if not 0 < lo <= hi:
+      raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
+
+
+def photometric_ops(recipe: ViewRecipe) -> tuple[str, ...]:
+  """The photometric ops a view applies, in torchvision / MoCo order: "jitter" -> "grayscale"
+  -> "blur" -> "solarize", without those of probability 0 (left out of the traced program).
+  The one order both implementations follow (augment.py on the host, augment_jax.py in the
+  train step)."""
+  probs = (("jitter", recipe.jitter_prob), ("grayscale", recipe.grayscale_prob),
+           ("blur", recipe.blur_prob), ("solarize", recipe.solarize_prob))
+  return tuple(name for name, p in probs if p > 0)
+
+
+def apply_photometric(images, params: Mapping[str, Any], recipe: ViewRecipe, ops):
+  """`photometric_ops(recipe)` applied to a batch with per-example `params`, by `ops`: the
+  module whose color_jitter / grayscale / gaussian_blur / solarize implement them (augment for
+  TensorFlow on the host, augment_jax for JAX in the train step)."""
+  for name in photometric_ops(recipe):
+    if name == "jitter":
+      images = ops.color_jitter(images, params)
+    elif name == "grayscale":
+      images = ops.grayscale(images, params["grayscale"])
+    elif name == "blur":
+      images = ops.gaussian_blur(images, params["blur_sigma"])
+    else:
+      images = ops.solarize(images, params["solarize"], recipe.solarize_threshold)
+  return images
+
 
 # MoCo v2 (facebookresearch/moco main_moco.py, --aug-plus): both views the same.
 _MOCOV2 = ViewRecipe(crop_scale=(0.2, 1.0), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,

@@ -92,14 +92,15 @@ def load_split_in_memory(dataset: tf.data.Dataset, num_examples: int, image_shap
 
 
 def in_memory_source(builder, spec, split: str, *, pairs_path: str, convert_to: int | None,
-                     max_bytes: int, process_index: int, process_count: int):
-  """The SePP training source: the whole split in memory, this process's anchors as ids.
+                     max_bytes: int, parts: list[int], num_parts: int):
+  """The SePP training source: the whole split in memory, the anchors of `parts` as ids.
 
-  Every process holds the whole split (a partner can be any image); anchors are split between
-  processes as `tfds.even_splits` does.
+  Every process holds the whole split once (a partner can be any image); anchors are cut into
+  `num_parts` contiguous parts as `tfds.even_splits` does, and one id dataset is returned per
+  entry of `parts` (the input streams this process reads).
 
   Returns:
-    (dataset of {"id", "label"} for this process's anchors, `get_image(id)` -> uint8 image with
+    (list of datasets of {"id", "label"}, one per part, `get_image(id)` -> uint8 image with
     `convert_to` channels, `get_label(id)` -> int32 label, tf.Variable of pair indices (N, k),
     id of row 0).
 
@@ -126,11 +127,12 @@ def in_memory_source(builder, spec, split: str, *, pairs_path: str, convert_to: 
   images_var = tf.Variable(images, trainable=False, name="sepp_images")
   labels_t = tf.constant(labels)
   pairs_var = tf.Variable(indices, trainable=False, name="sepp_pairs")
-  sizes = [n // process_count + (i < n % process_count) for i in range(process_count)]
-  start = sum(sizes[:process_index])
-  rows = tf.data.Dataset.range(start, start + sizes[process_index]).map(
-      lambda i: tf.cast(i, tf.int32))
-  ids = rows.map(lambda row: {"id": row + offset, "label": tf.gather(labels_t, row)})
+  sizes = part_sizes(n, num_parts)
+
+  def ids(part):
+    start = sum(sizes[:part])
+    rows = tf.data.Dataset.range(start, start + sizes[part]).map(lambda i: tf.cast(i, tf.int32))
+    return rows.map(lambda row: {"id": row + offset, "label": tf.gather(labels_t, row)})
 
   def get_image(i):
     return augment.convert_channels(tf.gather(images_var, i - offset), convert_to)
@@ -138,4 +140,10 @@ def in_memory_source(builder, spec, split: str, *, pairs_path: str, convert_to: 
   def get_label(i):
     return tf.gather(labels_t, i - offset)
 
-  return ids, get_image, get_label, pairs_var, offset
+  return [ids(p) for p in parts], get_image, get_label, pairs_var, offset
+
+
+def part_sizes(n: int, num_parts: int) -> list[int]:
+  """Anchors per part: `n` cut as `tfds.even_splits` cuts a split (the first n % parts get one
+  more)."""
+  return [n // num_parts + (i < n % num_parts) for i in range(num_parts)]

@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from jaxcontrast.eval import features as features_lib
@@ -214,8 +215,12 @@ class KnnMonitor:
     for batch in self.extractor.device_batches(variables, self.data_config,
                                                split=self.eval_split, batch_size=self.batch_size):
       scores = self._score(batch["features"], memory, labels, memory_valid=valid)
-      mask = np.asarray(batch["mask"])
-      query_labels = np.where(mask, np.asarray(batch["label"]), -1)
+      # The whole batch on every process (a global array spans other hosts' devices): each
+      # process counts every row, so all return the same accuracy.
+      scores, mask, query_labels = multihost_utils.process_allgather(
+          (scores, batch["mask"], batch["label"]), tiled=True)
+      mask = np.asarray(mask, bool)
+      query_labels = np.where(mask, np.asarray(query_labels), -1)
       for kk, n in topk_correct(scores, query_labels).items():
         correct[kk] += n
       total += int(mask.sum())

@@ -191,7 +191,7 @@ def main(argv=None) -> int:
   """absl entry point (flags: --workdir, --config.KEY=VALUE)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from jaxcontrast.sharding import maybe_initialize_distributed  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.sharding import define_distributed_flags  # pylint: disable=g-import-not-at-top
 
   import sys  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
@@ -204,6 +204,7 @@ def main(argv=None) -> int:
     workdir_flag = flags.DEFINE_string("workdir", None, "The pretraining run's workdir.",
                                        flag_values=flag_values)
     flags.mark_flag_as_required("workdir", flag_values=flag_values)
+    initialize_distributed = define_distributed_flags(flag_values)
     flag_values(argv)
     config_lib.validate(config_flag.value)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -217,7 +218,11 @@ def main(argv=None) -> int:
     sys.argv = saved_argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  maybe_initialize_distributed()
+  try:
+    initialize_distributed()
+  except flags.ValidationError as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+    return 1
   # Several encoders ("target,random,pixels") share the process: one start-up, one mesh.
   mesh = make_mesh()
   for probe_config in config_lib.split_encoders(config_flag.value):

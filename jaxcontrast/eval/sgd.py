@@ -43,7 +43,7 @@ class ProbeState:
 
 def train_data_config(data_config, sgd_config):
   """The run's data config turned into the probe's train stream: crop + flip only, no SePP, no
-  support or local views."""
+  support or local views, finished on the host (normalised float32 views)."""
   cfg = data_config.copy_and_resolve_references()
   cfg.unlock()
   cfg.recipe = "crop_flip"
@@ -51,6 +51,7 @@ def train_data_config(data_config, sgd_config):
   cfg.semantic_pairs = None
   cfg.num_support_views = 0
   cfg.local_crop_sizes = ()
+  cfg.augment_on = "host"
   return cfg
 
 

@@ -228,7 +228,8 @@ class Checkpointer:
     """The checkpoint at `step` restored into `abstract`'s shapes and shardings.
 
     With `config`, checks compatibility first. A `sharded` queue saved on another number of
-    devices is re-blocked for `mesh` (`queue.reblock`).
+    devices is re-blocked for `mesh` (`queue.reblock`): into the rows that run would have
+    written them to, when the global batch is the same.
     """
     if config is not None:
       self.check_compatible(step, config, abstract)
@@ -242,8 +243,14 @@ class Checkpointer:
         and saved_devices != mesh.shape[DATA_AXIS]):
       log.info("re-blocking the sharded queue from %d to %d devices", saved_devices,
                mesh.shape[DATA_AXIS])
-      queue = queue_lib.reblock(jax.device_get(state.queue), saved_devices,
-                                mesh.shape[DATA_AXIS])
+      # The layout the new device count would have written, when the steps are the same
+      # (same global batch); else every key in age order.
+      batch = saved_config.get("global_batch_size")
+      if config is not None and config.global_batch_size != batch:
+        batch = None
+      queue = queue_lib.reblock(
+          jax.device_get(state.queue), saved_devices, mesh.shape[DATA_AXIS], batch=batch,
+          views=queue_lib.views_pushed(saved_config.get("objective", {})))
       state = state.replace(queue=jax.device_put(
           queue, jax.tree.map(lambda a: a.sharding, abstract.queue)))
     return Restored(step=step, state=state, data=data, config=saved_config)

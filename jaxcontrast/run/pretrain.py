@@ -35,7 +35,8 @@ log = logging.getLogger("jaxcontrast")
 
 # What the train step reads from a batch (interfaces: view1, view2, support, id, key_id, label,
 # key_label, neighbors), besides the multi-crop local views "local_i".
-BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label", "key_label", "neighbors")
+BATCH_KEYS = ("view1", "view2", "support", "id", "key_id", "label", "key_label", "neighbors",
+              "aug")
 
 
 def step_inputs(batch: dict) -> dict:
@@ -62,14 +63,17 @@ def total_steps(config, num_train) -> int:
 
 
 def data_position(*, step: int, examples: int, local_batch: int, local_size: Optional[int],
-                  **extra) -> dict:
+                  streams: int, **extra) -> dict:
   """The checkpoint's "data" item: where this run's input stream stood after `step` steps.
 
   examples: examples consumed per process (every process consumes `local_batch` a step);
-  epoch / index_in_epoch: of process 0's part of the split (informational; each process
-  derives its own from `examples`).
+  examples_per_stream: per input stream (`data.streams`), what a resume on another process
+  count with the same streams continues from; epoch / index_in_epoch: of process 0's streams
+  (informational).
   """
+  per_process = streams // jax.process_count()
   pos = {"step": int(step), "examples_per_process": int(examples),
+         "examples_per_stream": int(examples) // per_process, "streams": int(streams),
          "local_batch": int(local_batch), "process_count": jax.process_count()}
   if local_size:
     pos.update(epoch=examples // local_size, index_in_epoch=examples % local_size,
@@ -78,22 +82,30 @@ def data_position(*, step: int, examples: int, local_batch: int, local_size: Opt
   return pos
 
 
-def resume_examples(saved: dict, *, step: int, local_batch: int) -> int:
+def resume_examples(saved: dict, *, step: int, local_batch: int, streams: int) -> int:
   """Examples per process already consumed at a checkpoint, checked against this run.
 
-  The split is cut per process, so a position is only meaningful for the same process count;
-  a different local batch is fine (the stream continues at the same example).
+  The split is cut into `streams` parts (`data.streams`), so a position carries over to any
+  process count that reads the same streams; a different local batch is fine (each stream
+  continues at the same example). Checkpoints from before `data.streams` had one per process.
   """
   count = saved.get("process_count")
-  if count is not None and count != jax.process_count():
+  saved_streams = saved.get("streams", count)
+  if saved_streams is not None and saved_streams != streams:
     raise ValueError(
-        f"The checkpoint at step {step} was written by {count} processes, this run has "
-        f"{jax.process_count()}: each process reads its own part of the split, so the saved "
-        "input position does not carry over (resuming would skip or repeat examples). Resume "
-        f"with {count} processes, or start a fresh --workdir.")
-  if "examples_per_process" not in saved:
+        f"The checkpoint at step {step} was written with {saved_streams} input streams "
+        f"(data.streams, default one per process: {count} processes), this run has {streams} "
+        f"({jax.process_count()} processes): each stream reads its own part of the split, so "
+        "the saved input position does not carry over (resuming would skip or repeat examples). "
+        f"Resume with --config.data.streams={saved_streams} (a multiple of the process count), "
+        "or start a fresh --workdir.")
+  per_process = streams // jax.process_count()
+  if "examples_per_stream" in saved:
+    examples = int(saved["examples_per_stream"]) * per_process
+  elif "examples_per_process" in saved:
+    examples = int(saved["examples_per_process"])
+  else:
     raise ValueError(f"The checkpoint at step {step} has no input position (data item).")
-  examples = int(saved["examples_per_process"])
   if saved.get("local_batch") != local_batch:
     log.info("local batch %s -> %d: the input stream continues at example %d of each process",
              saved.get("local_batch"), local_batch, examples)
@@ -157,6 +169,7 @@ def train_and_evaluate(config, workdir) -> dict:
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by the "
                      f"{process_count} processes")
   local_batch = config.global_batch_size // process_count
+  streams = pipeline.num_streams(config.data, process_count)
   info = pipeline.dataset_info(config.data)
   local_size = pipeline.local_train_size(config.data)
   steps = total_steps(config, info["num_train"])
@@ -176,7 +189,8 @@ def train_and_evaluate(config, workdir) -> dict:
   if latest is not None:
     restored = ckpt.restore(latest, abstract, config, mesh=mesh)  # Checks the fit first.
     state, start = restored.state, latest
-    examples = resume_examples(restored.data, step=latest, local_batch=local_batch)
+    examples = resume_examples(restored.data, step=latest, local_batch=local_batch,
+                               streams=streams)
     log.info("resumed from %s at step %d (input: example %d of each process)",
              ckpt.directory / str(latest), start, examples)
   else:
@@ -192,10 +206,13 @@ def train_and_evaluate(config, workdir) -> dict:
             if (workdir / metrics_lib.METRICS_FILE).exists() else [])
     return rows[-1] if rows else {}
 
+  augment = (pipeline.device_augment(config.data)
+             if pipeline.augment_on(config.data) == "device" else None)
   step_fn = train_step.jit_train_step(
       train_step.make_train_step(config, models=models, tx=tx, mesh=mesh, total_steps=steps,
-                                 base_rng=jax.random.fold_in(jax.random.key(config.seed), 1)),
-           mesh=mesh, shardings=shardings)
+                                 base_rng=jax.random.fold_in(jax.random.key(config.seed), 1),
+                                 augment=augment),
+      mesh=mesh, shardings=shardings)
   data = pipeline.make_train_iterator(config.data, batch_size=local_batch, seed=config.seed,
                                       start_example=examples)
   knn = _knn_monitor(config, mesh, models)
@@ -204,8 +221,8 @@ def train_and_evaluate(config, workdir) -> dict:
   bar = progress_lib.Progress(total=steps, start=start, global_batch=config.global_batch_size,
                               enabled=is_main)
   watcher = preemption.PreemptionWatcher(ckpt)
-  position_extra = dict(seed=int(config.seed), data_devices=int(mesh.shape[DATA_AXIS]),
-                        steps_per_epoch=per_epoch,
+  position_extra = dict(streams=streams, seed=int(config.seed),
+                        data_devices=int(mesh.shape[DATA_AXIS]), steps_per_epoch=per_epoch,
                         image_shape=list(info["image_shape"]), total_steps=steps)
   # Replicated like the step's outputs (a plain jnp.array would live on one local device).
   first_bad = jax.jit(lambda: jnp.array(-1, jnp.int32), out_shardings=replicated(mesh))()

@@ -191,19 +191,40 @@ def age_order(keys: np.ndarray, ptr: int, num_blocks: int) -> np.ndarray:
   return (np.arange(num_blocks)[None, :] * local + ages[:, None]).reshape(-1)
 
 
-def reblock(queue: QueueState, num_from: int, num_to: int) -> QueueState:
+def reblock(queue: QueueState, num_from: int, num_to: int, *, batch: Optional[int] = None,
+            views: int = 1) -> QueueState:
   """Re-lay a sharded queue written by `num_from` devices out for `num_to` devices.
 
-  Keeps every key and its age: the rows are put in age order (`age_order`) and dealt round-robin
-  to the new blocks, oldest first, with the pointer at 0, so each device next overwrites its
-  oldest rows. Host-side (numpy) utility for resuming on a different device count; the result
-  has plain arrays to be placed with the new sharding.
+  With `batch` (the global batch of the run that wrote it) and `views` (key views pushed per
+  step, `views_pushed`): when batch x views divides K, the result is exactly the queue a run on
+  `num_to` devices would hold after the same steps: every key in the row, and the pointer at
+  the position, where `num_to` devices would have written it. Each step pushes N = views x batch
+  keys and device d writes its b = batch / n rows of each view, view after view, into its block
+  of L = K / n rows, so the key of global batch row r, view v, pushed at step t sits at local row
+  (t x views x b + v x b + r mod b) mod L of block r // b; with N | K the row (t mod K / N, v, r)
+  of any layout is a bijection, and the queue is moved through it. Rows never written (noise,
+  id -1) move with the rest: they stay rows not yet written, but hold the noise drawn for the
+  old layout.
+
+  Otherwise (no `batch`, or N not dividing K): every key keeps its age; rows are put in age
+  order (`age_order`) and dealt round-robin to the new blocks, oldest first, with the pointer at
+  0, so each device next overwrites its oldest rows. Host-side (numpy) utility for resuming on
+  a different device count; the result has plain arrays to be placed with the new sharding.
   """
   size = queue.keys.shape[0]
   if size % num_to:
     raise ValueError(f"queue size {size} is not divisible by the new device count {num_to}")
-  order = age_order(queue.keys, int(queue.ptr), num_from)     # global age index -> old row
-  new_rows = _deal_rows(size, num_to)
+  rows_from = _step_rows(size, num_from, batch, views, int(queue.ptr))
+  rows_to = _step_rows(size, num_to, batch, views, 0)
+  if rows_from is not None and rows_to is not None:
+    (step, view, row), ptr = rows_from, int(queue.ptr) // (views * batch // num_from)
+    b_to = batch // num_to
+    local_to = size // num_to
+    new_rows = row // b_to * local_to + (step * views * b_to + view * b_to + row % b_to)
+    order, new_ptr = np.arange(size), ptr * views * b_to % local_to
+  else:
+    order = age_order(queue.keys, int(queue.ptr), num_from)     # global age index -> old row
+    new_rows, new_ptr = _deal_rows(size, num_to), 0
 
   def move(rows):
     rows = np.asarray(rows)
@@ -212,7 +233,29 @@ def reblock(queue: QueueState, num_from: int, num_to: int) -> QueueState:
     return jnp.asarray(out)
 
   return QueueState(keys=move(queue.keys), ids=move(queue.ids), labels=move(queue.labels),
-                    ptr=jnp.zeros((), jnp.int32), filled=jnp.asarray(queue.filled, jnp.int32))
+                    ptr=jnp.asarray(new_ptr, jnp.int32),
+                    filled=jnp.asarray(queue.filled, jnp.int32))
+
+
+def _step_rows(size: int, devices: int, batch: Optional[int], views: int, ptr: int):
+  """For each row of a `devices`-block layout: (step mod K / N, view, global batch row) of the
+  key written there, as three (K,) arrays; None when the layout is not a whole number of steps
+  (no batch, N = views x batch not dividing K or the devices, or a pointer off a step)."""
+  if batch is None:
+    return None
+  per_step = views * batch
+  if size % per_step or batch % devices or (ptr * devices) % per_step:
+    return None
+  b, local = batch // devices, size // devices
+  rows = np.arange(size)
+  block, j = rows // local, rows % local
+  within = j % (views * b)
+  return j // (views * b), within // b, block * b + within % b
+
+
+def views_pushed(objective_config) -> int:
+  """Key views the train step enqueues per step: both views' keys when the loss is symmetric."""
+  return 2 if objective_config.get("symmetric") else 1
 
 
 def enqueue_sharded(queue: QueueState, keys: jax.Array, ids: Optional[jax.Array],

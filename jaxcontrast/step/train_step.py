@@ -96,7 +96,7 @@ def query_embedding(out: dict) -> jax.Array:
 
 
 def make_train_step(config, *, models: Models, tx: optax.GradientTransformation, mesh,
-                    total_steps: int, base_rng: jax.Array):
+                    total_steps: int, base_rng: jax.Array, augment=None):
   """The un-jitted step `(state, batch) -> (state, metrics)`; `jit_train_step` compiles it.
 
   batch: dict of global arrays split on `data`: "view1" (online view), "view2" (key view),
@@ -106,6 +106,10 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
   anchor image, -1 = unknown) and "key_label" (class of the image view2 was cut from; default
   "label"). The "diag/..." metrics are present iff "label" is in the batch, the queue exists and
   `queue.store_labels` is on.
+
+  augment: an `augment_jax.DeviceAugment` when the batch holds uint8 views and their
+  photometric parameters ("aug", `data.augment_on = "device"`): they are finished first, inside
+  the compiled step, each device on its own rows.
   """
   cfg_ema, cfg_obj, cfg_queue = config.ema, config.objective, config.queue
   symmetric = bool(cfg_obj.symmetric)
@@ -126,6 +130,11 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
     return jax.lax.stop_gradient(keys), updates["batch_stats"]
 
   def step_fn(state: TrainState, batch):
+    if "aug" in batch:
+      if augment is None:
+        raise ValueError("the batch holds uint8 views for device augmentation (batch['aug']) "
+                         "but make_train_step got no `augment` (pipeline.device_augment)")
+      batch = augment(batch)
     rng = jax.random.fold_in(base_rng, state.step)
     m = ema.momentum(state.step, base=cfg_ema.momentum, schedule=cfg_ema.schedule,
                      total_steps=total_steps)
