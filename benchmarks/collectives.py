@@ -19,9 +19,7 @@ XLA may fuse or split these (e.g. an all-gather as an all-reduce of a zero-padde
 comparison is by total bytes per kind, printed side by side.
 """
 import argparse
-import collections
 import os
-import re
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", default="moco")
@@ -32,6 +30,8 @@ parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--queue_size", type=int, default=65536)
 parser.add_argument("--queue_mode", default="sharded", choices=["replicated", "sharded"])
 parser.add_argument("--devices", type=int, default=8)
+parser.add_argument("--augment_on", default="host", choices=["host", "device"],
+                    help="device: uint8 views + params, finished in the step")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_force_host_platform_device_count={args.devices}")
@@ -41,29 +41,7 @@ import jax  # noqa: E402
 from jaxcontrast import config_lib  # noqa: E402
 from jaxcontrast.bench import step as step_lib  # noqa: E402
 
-KINDS = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
-_BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1, "s8": 1, "u8": 1,
-          "s64": 8, "u64": 8, "f64": 8}
-_SHAPE = re.compile(r"\b(f32|bf16|s32|u32|f16|pred|s8|u8|s64|u64|f64)\[([0-9,]*)\]")
-_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(KINDS) + r")(-start)?\(")
-
-
-def hlo_collectives(hlo: str):
-  """{kind: (count, bytes)} of the collectives in an optimized HLO module's text."""
-  out = collections.defaultdict(lambda: [0, 0])
-  for line in hlo.splitlines():
-    m = _OP.search(line)
-    if not m:
-      continue
-    nbytes = 0
-    for dtype, dims in _SHAPE.findall(m.group(1)):
-      size = 1
-      for d in filter(None, dims.split(",")):
-        size *= int(d)
-      nbytes += size * _BYTES[dtype]
-    out[m.group(2)][0] += 1
-    out[m.group(2)][1] += nbytes
-  return {k: tuple(v) for k, v in out.items()}
+from jaxcontrast.bench.profile import hlo_collectives  # noqa: E402
 
 
 def main():
@@ -77,6 +55,7 @@ def main():
     c.data.image_size = args.image_size
     c.global_batch_size = args.batch
     c.queue.size, c.queue.mode = args.queue_size, args.queue_mode
+    c.data.augment_on = args.augment_on
   _, _, jitted, state, batch = step_lib.build(c, devices=args.devices)
   hlo = jitted.lower(state, batch).compile().as_text()
   params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -147,3 +147,28 @@ def profile_calls(call, *, steps: int, logdir: str, hlo_text: str | None = None)
                               kinds=hlo_kinds(hlo_text) if hlo_text else None)
   summary["trace"] = str(files[-1])
   return summary
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
+_BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1, "s8": 1, "u8": 1,
+          "s64": 8, "u64": 8, "f64": 8}
+_SHAPE = re.compile(r"\b(f32|bf16|s32|u32|f16|pred|s8|u8|s64|u64|f64)\[([0-9,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+def hlo_collectives(hlo: str):
+  """{kind: (count, bytes)} of the collectives in an optimized HLO module's text."""
+  out = collections.defaultdict(lambda: [0, 0])
+  for line in hlo.splitlines():
+    m = _OP.search(line)
+    if not m:
+      continue
+    nbytes = 0
+    for dtype, dims in _SHAPE.findall(m.group(1)):
+      size = 1
+      for d in filter(None, dims.split(",")):
+        size *= int(d)
+      nbytes += size * _BYTES[dtype]
+    out[m.group(2)][0] += 1
+    out[m.group(2)][1] += nbytes
+  return {k: tuple(v) for k, v in out.items()}

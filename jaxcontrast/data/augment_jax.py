@@ -313,26 +313,38 @@ class DeviceAugment:
   def create(cls, recipes: Mapping[str, Any], mean, std) -> "DeviceAugment":
     return cls(tuple(sorted(recipes.items())), tuple(map(float, mean)), tuple(map(float, std)))
 
-  def __call__(self, batch: Mapping[str, Any]) -> dict:
+  def __call__(self, batch: Mapping[str, Any], *, defer: Sequence[str] = ()) -> dict:
     """The batch with every view in `batch["aug"]` (uint8 (B, H, W, C); "support" (B, S, H, W,
-    C)) replaced by its float32 normalised augmentation; "aug" dropped, the rest unchanged."""
-    recipes = dict(self.recipes)
+    C)) replaced by its float32 normalised augmentation, "aug" dropped, the rest unchanged.
+    Views named in `defer` stay uint8, their parameters kept under "aug" (finish them later with
+    `view`, e.g. after a permutation: 4 x fewer bytes to move than float32)."""
     out = {k: v for k, v in batch.items() if k != "aug"}
+    deferred = {}
     for name, params in batch["aug"].items():
-      if name not in recipes:
-        raise ValueError(f"batch['aug'] has view {name!r}, which has no recipe; known: "
-                         f"{sorted(recipes)}")
-      images = batch[name]
-      if images.dtype != jnp.uint8:
-        raise ValueError(f"device augmentation expects uint8 {name!r}, got {images.dtype}")
-      # Support views (B, S, ...) are S more views of each example with one recipe: flatten.
-      lead = images.shape[:-3]
-      flat = images.reshape(-1, *images.shape[-3:])
-      flat_params = {k: jnp.reshape(params[k], (flat.shape[0], *params[k].shape[len(lead):]))
-                     for k in PARAM_KEYS}
-      views = augment_views(flat, flat_params, recipes[name], self.mean, self.std)
-      out[name] = views.reshape(*lead, *views.shape[1:])
+      if name in defer:
+        deferred[name] = params
+      else:
+        out[name] = self.view(name, batch[name], params)
+    if deferred:
+      out["aug"] = deferred
     return out
+
+  def view(self, name: str, images: jax.Array, params: Params) -> jax.Array:
+    """One view's uint8 crops (B, H, W, C) or (B, S, H, W, C) and per-example params (leading
+    dims the same) -> float32 normalised views (`augment_views` with the view's recipe)."""
+    recipes = dict(self.recipes)
+    if name not in recipes:
+      raise ValueError(f"batch['aug'] has view {name!r}, which has no recipe; known: "
+                       f"{sorted(recipes)}")
+    if images.dtype != jnp.uint8:
+      raise ValueError(f"device augmentation expects uint8 {name!r}, got {images.dtype}")
+    # Support views (B, S, ...) are S more views of each example with one recipe: flatten.
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:])
+    flat_params = {k: jnp.reshape(params[k], (flat.shape[0], *params[k].shape[len(lead):]))
+                   for k in PARAM_KEYS}
+    views = augment_views(flat, flat_params, recipes[name], self.mean, self.std)
+    return views.reshape(*lead, *views.shape[1:])
 
 
 def random_params(rng: np.random.Generator, lead: tuple[int, ...]) -> dict[str, np.ndarray]:

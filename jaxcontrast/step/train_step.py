@@ -116,12 +116,21 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
   objective_fn = objectives.make_objective_fn(cfg_obj, mesh=mesh, queue_mode=cfg_queue.mode)
   devices = mesh.shape[DATA_AXIS]
 
-  def encode_keys(params, stats, images, rng):
-    """Target forward in train mode; returns (keys without gradient, new BN stats)."""
+  def encode_keys(params, stats, images, rng, aug_params=None):
+    """Target forward in train mode; returns (keys without gradient, new BN stats).
+
+    With `aug_params`, `images` are the key view's uint8 crops, finished after the Shuffle BN
+    permutation: the permutation moves the whole key batch between devices (the largest
+    transfer of the step), and uint8 is 4 x fewer bytes than float32. Exact: the augmentation
+    is per example, so it commutes with a permutation of the examples."""
     perm = None
     if models.permutation is not None:
       perm = models.permutation(rng, images.shape[0])
       images = images[perm]
+      if aug_params is not None:
+        aug_params = jax.tree.map(lambda p: p[perm], aug_params)
+    if aug_params is not None:
+      images = augment.view("view2", images, aug_params)
     out, updates = models.target.apply({"params": params, "batch_stats": stats}, images,
                                        train=True, predict=False, mutable=["batch_stats"])
     keys = out["projection"]
@@ -134,7 +143,9 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
       if augment is None:
         raise ValueError("the batch holds uint8 views for device augmentation (batch['aug']) "
                          "but make_train_step got no `augment` (pipeline.device_augment)")
-      batch = augment(batch)
+      # The key view alone feeds the permuted target forward (not symmetric): finish it there.
+      defer = ("view2",) if models.permutation is not None and not symmetric else ()
+      batch = augment(batch, defer=defer)
     rng = jax.random.fold_in(base_rng, state.step)
     m = ema.momentum(state.step, base=cfg_ema.momentum, schedule=cfg_ema.schedule,
                      total_steps=total_steps)
@@ -144,7 +155,8 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
 
     # Target branch: keys of the key view (and of view 1 when symmetric).
     k2, ema_stats = encode_keys(ema_params, state.ema_batch_stats, batch["view2"],
-                                jax.random.fold_in(rng, 0))
+                                jax.random.fold_in(rng, 0),
+                                aug_params=batch.get("aug", {}).get("view2"))
     k1 = None
     if symmetric:
       k1, ema_stats = encode_keys(ema_params, ema_stats, batch["view1"], jax.random.fold_in(rng, 1))
