@@ -131,7 +131,9 @@ def test_two_processes_train_like_one(runs):
     # of in-process, so the sums may round differently: float32-level agreement.
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, err_msg=f"step {a['step']}")
     if "knn/top1" in a:
-      assert a["knn/top1"] == b["knn/top1"]
+      # Features a rounding apart can flip a near-tie: at most one of the 48 test images (equal
+      # in every run so far).
+      assert abs(a["knn/top1"] - b["knn/top1"]) <= 1 / 48 + 1e-9
   assert sum("knn/top1" in r for r in m2) == 1
   s1, d1 = _final_state(one)
   s2, d2 = _final_state(two)
@@ -170,5 +172,6 @@ def test_two_processes_probe_like_one(runs):
     results[processes] = json.loads(outputs[0].read_text())
     if printed:
       assert "top1" in printed[0] and "top1" not in printed[1]   # process 0 prints
-  assert results[1]["top1"] == results[2]["top1"]
+  # As for kNN: at most one of the 48 test images may flip (equal in every run so far).
+  assert abs(results[1]["top1"] - results[2]["top1"]) <= 1 / 48 + 1e-9
   assert results[1]["num_train"] == 64 and results[1]["num_test"] == 48
