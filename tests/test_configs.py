@@ -207,12 +207,7 @@ def test_docstring_holds_its_own_command_lines(path):
 ])
 def test_every_section_fails_on_a_bad_value_with_one_error_style(key, value, expected):
   c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
-  *path, last = key.split(".")
-  with c.unlocked():
-    section = c
-    for name in path:
-      section = section[name]
-    section[last] = value
+  c.update_from_flattened_dict({key: value})
   with pytest.raises(config_check.ConfigError) as error:
     config_lib.validate_config(c)
   assert str(error.value).startswith(expected), str(error.value)

@@ -79,13 +79,7 @@ def _reference(workdir, data_dir):
   from jaxcontrast.eval import linear_probe  # pylint: disable=g-import-not-at-top
   from jaxcontrast.run import pretrain  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
-  with config.unlocked():
-    for key, value in dict(OVERRIDES, **{"data.data_dir": data_dir}).items():
-      *parents, leaf = key.split(".")
-      section = config
-      for p in parents:
-        section = section[p]
-      section[leaf] = value
+  config.update_from_flattened_dict(dict(OVERRIDES, **{"data.data_dir": data_dir}))
   pretrain.train_and_evaluate(config, workdir)
   assert linear_probe.main(["probe", "--workdir", str(workdir), f"--config.data_dir={data_dir}",
                             *(f"--config.{o}" for o in PROBE)]) == 0

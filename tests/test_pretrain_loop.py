@@ -46,12 +46,7 @@ def _overrides(data_dir, **extra):
 def _config(data_dir, **extra):
   config = config_lib.load_config(SPEC)
   config.unlock()
-  for key, value in _overrides(data_dir, **extra).items():
-    section = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      section = section[p]
-    section[leaf] = value
+  config.update_from_flattened_dict(_overrides(data_dir, **extra))
   return config
 
 

@@ -69,12 +69,9 @@ def synthetic_batch(config, *, batch_size: int, seed: int = 0) -> dict:
 
 
 def on_device(config) -> bool:
-  """`data.augment_on` resolved as the pipeline does (auto: device unless the backend is CPU);
-  TensorFlow-free for GPU benchmark machines."""
-  value = config.data.get("augment_on") or "auto"
-  if value not in ("auto", "host", "device"):
-    raise ValueError(f"data.augment_on = {value!r}: expected auto, host or device")
-  return value == "device" or (value == "auto" and jax.default_backend() != "cpu")
+  """Whether the step finishes the views (`data.augment_on` resolved as the pipeline does)."""
+  from jaxcontrast.data import config as data_config_lib  # pylint: disable=g-import-not-at-top
+  return data_config_lib.augment_on(config.data) == "device"
 
 
 def device_augment(config):

@@ -12,6 +12,19 @@ from ml_collections import config_dict
 AUGMENT_ON = ("auto", "host", "device")
 
 
+def augment_on(data_config) -> str:
+  """Where the photometric ops run, "host" or "device": `data.augment_on`, with "auto" resolved
+  to "device" on GPU / TPU and "host" on CPU (the JAX default backend). No TensorFlow: the
+  pipeline and the benchmark harness (on machines without it) share this one resolution."""
+  value = data_config.get("augment_on") or "auto"
+  if value not in AUGMENT_ON:
+    raise ValueError(f"data.augment_on = {value!r}: expected one of {AUGMENT_ON}")
+  if value == "auto":
+    import jax  # pylint: disable=g-import-not-at-top
+    return "host" if jax.default_backend() == "cpu" else "device"
+  return value
+
+
 def view_overrides() -> ml_collections.ConfigDict:
   """Per-view overrides of the recipe's knobs; None keeps the recipe's value."""
   c = ml_collections.ConfigDict()

@@ -122,14 +122,15 @@ def split_size(builder, split: str) -> int | None:
 
 
 def process_split(split: str, process_index: int, process_count: int):
-  """This process's part of `split` (`tfds.split_for_jax_process` semantics)."""
+  """Part `process_index` of `process_count` of `split` (`tfds.split_for_jax_process`
+  semantics): a process's part, or an input stream's (`data.streams`)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   return tfds.even_splits(split, n=process_count)[process_index]
 
 
 def process_sizes(builder, split: str, process_count: int) -> list[int] | None:
-  """Examples per process under `process_split` (None when sizes are unknown)."""
+  """Examples per part under `process_split` (None when sizes are unknown)."""
   if _absolute(builder, split) is None:
     return None
   return [split_size(builder, tfds.even_splits(split, n=process_count)[i])

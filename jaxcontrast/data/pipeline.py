@@ -16,10 +16,9 @@ then, per process: concatenate its streams' batches (part order) -> prefetch
 An example's views depend only on (seed, epoch, id): not on the shuffle order, the batch it
 lands in or the number of processes; the global batches depend on (seed, S) only. The stream is
 a function of (seed, position), so a resumed run passes `start_example` (examples this process
-already consumed) and continues exactly where
-the checkpoint was taken; the skipped examples are never decoded. Options follow big_vision
-(private thread pool, one thread per op, deterministic order). Element dict: see
-`make_train_dataset`.
+already consumed) and continues exactly where the checkpoint was taken; the skipped examples are
+never decoded. Options follow big_vision (private thread pool, one thread per op, deterministic
+order). Element dict: see `make_train_dataset`.
 """
 import dataclasses
 
@@ -109,23 +108,12 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
-def augment_on(data_config) -> str:
-  """Where the photometric ops run, "host" or "device": `data.augment_on`, with "auto" resolved
-  to "device" on GPU / TPU and "host" on CPU (the JAX default backend)."""
-  value = data_config.get("augment_on") or "auto"
-  if value not in data_config_lib.AUGMENT_ON:
-    raise ValueError(f"data.augment_on = {value!r}: expected one of "
-                     f"{data_config_lib.AUGMENT_ON}")
-  if value == "auto":
-    import jax  # pylint: disable=g-import-not-at-top
-    return "host" if jax.default_backend() == "cpu" else "device"
-  return value
+augment_on = data_config_lib.augment_on
 
 
 def device_augment(data_config):
   """The train step's `augment_jax.DeviceAugment` for this data config (every view kind's
   recipe, the resolved normalisation statistics)."""
-  from jaxcontrast.data import augment_jax  # pylint: disable=g-import-not-at-top
   r = _resolve(data_config)
   return augment_jax.DeviceAugment.create(recipes_lib.view_recipes(data_config), r.mean, r.std)
 

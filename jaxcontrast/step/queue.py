@@ -215,8 +215,7 @@ def reblock(queue: QueueState, num_from: int, num_to: int, *, batch: Optional[in
   if size % num_to:
     raise ValueError(f"queue size {size} is not divisible by the new device count {num_to}")
   rows_from = _step_rows(size, num_from, batch, views, int(queue.ptr))
-  rows_to = _step_rows(size, num_to, batch, views, 0)
-  if rows_from is not None and rows_to is not None:
+  if rows_from is not None and batch % num_to == 0:
     (step, view, row), ptr = rows_from, int(queue.ptr) // (views * batch // num_from)
     b_to = batch // num_to
     local_to = size // num_to
