@@ -6,13 +6,16 @@ import os
 import shutil
 import tempfile
 
+from jaxcontrast import xla_cpu
+
 # Tests run tiny programs a few steps each, so XLA's compile time is most of their cost: LLVM
 # optimisation level 0 compiles a tiny ResNet train step in 5.7 s instead of 14 s (measured on
 # 2 cores), and runs it in 0.09 s instead of 0.02 s.
-os.environ["XLA_FLAGS"] = (
+# The entry points' XLA:CPU defaults (jaxcontrast/xla_cpu.py) too, so tests run the kernels a
+# user's run does.
+os.environ["XLA_FLAGS"] = xla_cpu.with_defaults(
     os.environ.get("XLA_FLAGS", "") +
-    " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+    " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

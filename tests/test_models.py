@@ -223,6 +223,51 @@ def test_grouped_bn_train_matches_numpy_reference(grouping, shape):
                              atol=1e-6)
 
 
+def _np_grouped_bn_grads(x, r, groups, grouping, scale):
+  """Reference gradients of sum(r * BN(x)) in float64, per group (n values per channel):
+  d bias = sum r, d scale = sum r * xhat, dx = scale / sigma * (r - mean(r) - xhat mean(r xhat))."""
+  b, c = x.shape[0], x.shape[-1]
+  dx, dscale, dbias = np.empty_like(x), np.zeros(c), np.zeros(c)
+  for g in range(groups):
+    idx = (np.arange(g, b, groups) if grouping == "strided"
+           else np.arange(g * b // groups, (g + 1) * b // groups))
+    xs, rs = x[idx].reshape(-1, c), r[idx].reshape(-1, c)
+    sigma = np.sqrt(xs.var(0) + 1e-5)
+    xhat = (xs - xs.mean(0)) / sigma
+    dbias += rs.sum(0)
+    dscale += (rs * xhat).sum(0)
+    dxs = scale / sigma * (rs - rs.mean(0) - xhat * (rs * xhat).mean(0))
+    dx[idx] = dxs.reshape(x[idx].shape)
+  return dx, dscale, dbias
+
+
+@pytest.mark.parametrize("groups,grouping", [(4, "strided"), (4, "contiguous"), (1, "strided")])
+@pytest.mark.parametrize("shape", [(8, 3, 2, 5), (12, 6)])
+def test_grouped_bn_gradients_match_numpy_reference(groups, grouping, shape):
+  """The statistics and the affine parameters are broadcast with a two-stage gradient
+  (`norm._broadcast`, a custom VJP): the gradients must still be BatchNorm's."""
+  rng = np.random.default_rng(7)
+  x = (rng.normal(size=shape) * rng.uniform(0.5, 3, size=(shape[0],) + (1,) * (len(shape) - 1))
+       ).astype(np.float32)
+  r = rng.normal(size=shape).astype(np.float32)
+  bn = models.GroupedBatchNorm(groups=groups, grouping=grouping)
+  v = _np_variables(bn, x, use_running_average=False)
+  p = dict(scale=jnp.asarray(rng.uniform(0.5, 2, shape[-1]), jnp.float32),
+           bias=jnp.asarray(rng.normal(size=shape[-1]), jnp.float32))
+
+  def loss(params, x):
+    y, _ = bn.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                    use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(y * r)
+
+  dp, dx = jax.grad(loss, argnums=(0, 1))(p, x)
+  dx_ref, dscale_ref, dbias_ref = _np_grouped_bn_grads(
+      x.astype(np.float64), r.astype(np.float64), groups, grouping, np.asarray(p["scale"]))
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dp["scale"], dscale_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dp["bias"], dbias_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_bn_variance_of_a_nearly_constant_channel():
   """A channel far from 0 that barely varies (100 +- 0.01): E[x^2] - E[x]^2 in float32 cancels to
   noise there (E[x^2] = 1e4 has an ulp of 1e-3, the variance is 1e-4: measured off by 4 in y);

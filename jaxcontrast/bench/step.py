@@ -173,6 +173,7 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
       "local_crops": list(config.data.local_crop_sizes or ()),
       "devices": int(mesh.shape[DATA_AXIS]), "platform": jax.devices()[0].platform,
       "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "compile_s": round(compile_s, 2), "steps": steps, "warmup": warmup,
       "step_ms_median": round(1e3 * median, 3),
       "step_ms_min": round(1e3 * min(times), 3), "step_ms_max": round(1e3 * max(times), 3),

@@ -33,6 +33,7 @@ from jaxcontrast.eval import encoders
 from jaxcontrast.eval import features as features_lib
 from jaxcontrast.eval import logistic
 from jaxcontrast.eval import sgd as sgd_lib
+from jaxcontrast import xla_cpu
 from jaxcontrast.sharding import make_mesh
 
 log = logging.getLogger("jaxcontrast")
@@ -189,7 +190,8 @@ def summary_line(result: dict) -> str:
 
 def main(argv=None) -> int:
   """absl entry point (flags: --workdir, --config.KEY=VALUE)."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  xla_cpu.apply()
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import define_distributed_flags  # pylint: disable=g-import-not-at-top
 
