@@ -11,8 +11,8 @@ one 3x3 convolution 64 -> 64 channels on (256, 32, 32, 64), ms:
 Training steps, same machine: ResNet-18 CIFAR batch 256 went from 16.8 to 23.5 images/s; the
 Fashion-MNIST main job's step went from ~325 to ~345-375 images/s. Matrix products do not
 change measurably. So `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions) is the
-default of every command-line entry point (`main`, `bench`, the probe, `semantic_pairs`, the
-demo) and of the tests. A value the user puts in XLA_FLAGS wins. Only the CPU backend reads it;
+default of the command-line entry points that run networks (`main`, `bench`, the probe,
+`semantic_pairs`) and of the tests. A value the user puts in XLA_FLAGS wins. Only the CPU backend reads it;
 GPU and TPU programs are unchanged. XLA reads XLA_FLAGS once, when the first backend starts, so
 `apply()` must run before the first JAX computation; afterwards it only warns.
 """

@@ -28,12 +28,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxcontrast import xla_cpu
 from jaxcontrast.eval import config as config_lib
 from jaxcontrast.eval import encoders
 from jaxcontrast.eval import features as features_lib
 from jaxcontrast.eval import logistic
 from jaxcontrast.eval import sgd as sgd_lib
-from jaxcontrast import xla_cpu
 from jaxcontrast.sharding import make_mesh
 
 log = logging.getLogger("jaxcontrast")
