@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 from jaxcontrast import xla_cpu
 
 # Tests run tiny programs a few steps each, so XLA's compile time is most of their cost: LLVM
@@ -38,3 +40,26 @@ def pytest_sessionfinish(session, exitstatus):
   del exitstatus
   if not hasattr(session.config, "workerinput"):   # the controller (or a run without xdist)
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# Modules whose tests share an expensive module-scoped fixture (a pretraining run, a 2-process
+# launch): under `pytest -n 2` each runs whole on one worker, so the fixture is made once.
+# (pytest-xdist's own `xdist_group` mark does not take effect with pytest 9: its worker renames
+# `item._nodeid`, which pytest 9 no longer reads; measured, each of these fixtures ran on both
+# workers.) Other tests are scheduled one by one.
+SHARED_FIXTURE_MODULES = ("test_eval_probe.py", "test_multiprocess.py", "test_pretrain_loop.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class SharedFixtureModules(LoadScopeScheduling):
+    """LoadScope with one scope per listed module and one per test elsewhere. LoadScope hands
+    out the scopes with the most tests first: these modules start at once, not last."""
+
+    def _split_scope(self, nodeid):
+      module = nodeid.split("::", 1)[0]
+      return module if os.path.basename(module) in SHARED_FIXTURE_MODULES else nodeid
+
+  return SharedFixtureModules(config, log)
