@@ -175,13 +175,15 @@ def test_train_step_with_local_crops():
       train_step.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=10,
                                  base_rng=jax.random.key(1)), mesh=mesh, shardings=shardings)
   final, metrics = jax.device_get(step(state, global_batch_from_local(mesh, batch)))
-  online = lambda x: models.online.apply(
+  # Jitted: op by op, these six forward passes cost more than compiling the step (this test:
+  # 25.7 -> 16.7 s).
+  online = jax.jit(lambda x: models.online.apply(
       {"params": initial.params, "batch_stats": initial.batch_stats}, x, train=True,
-      mutable=["batch_stats"])[0]["prediction"]
+      mutable=["batch_stats"])[0]["prediction"])
   # SCE updates the target after the optimizer step: the keys come from the initial target.
-  target = lambda x: models.target.apply(
+  target = jax.jit(lambda x: models.target.apply(
       {"params": initial.ema_params, "batch_stats": initial.ema_batch_stats}, x, train=True,
-      predict=False, mutable=["batch_stats"])[0]["projection"]
+      predict=False, mutable=["batch_stats"])[0]["projection"])
   as_np = lambda x: np.asarray(x, np.float64)
   crops = [as_np(online(batch[name])) for name in ("view1", "view2", "local_0", "local_1")]
   keys = [as_np(target(batch[name])) for name in ("view1", "view2")]
