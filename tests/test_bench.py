@@ -96,9 +96,13 @@ def test_torch_reference_mirrors_moco_v2_and_refuses_other_steps():
 
 def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
   """The real entry point on a tiny config, with `torch` made unimportable; the photometric ops
-  in the step (synthetic uint8 views and parameters, as the pipeline ships them)."""
-  (tmp_path / "torch").mkdir()
-  (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
+  in the step (synthetic uint8 views and parameters, as the pipeline ships them). TensorFlow
+  and tfds are unimportable too, as on the GPU machine the README's GPU suite runs on: the
+  step benchmark must not need them."""
+  for package in ("torch", "tensorflow", "tensorflow_datasets"):
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(
+        f"raise ImportError('no {package} in this test')\n")
   env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
              # One device, and the suite's fast-compile flag (conftest.py) kept.
              XLA_FLAGS="--xla_force_host_platform_device_count=1 "
