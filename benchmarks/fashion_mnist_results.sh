@@ -10,7 +10,7 @@
 # Unattended and resumable: a method whose linear_probe.json exists is skipped, an interrupted
 # pretraining resumes from its last checkpoint (the run layer does this), so re-running the same
 # command finishes what is left. Each method takes about as long as `bash launch/local.sh`
-# (~11 min on 2 idle cores). Output: ROOT/<method>/ (checkpoints, metrics.jsonl,
+# (6-9 min on 2 idle cores, 2026-11-28). Output: ROOT/<method>/ (checkpoints, metrics.jsonl,
 # linear_probe*.json), ROOT/results.md, docs/fashion_mnist_moco_knn.png (matplotlib, the
 # optional `plot` extra, is installed into .venv if missing; without it the table is still
 # written).

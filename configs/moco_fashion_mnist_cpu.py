@@ -11,12 +11,14 @@ for the budget as follows. The budget every method shares is `common.cpu`
 (`configs/<method>_fashion_mnist.py:cpu`); this file adds MoCo's temperature. Linear probe below
 = logistic regression on standardised pooled backbone features of the target encoder.
 
-Measured on an idle 2-core machine from a fresh clone (2026-11-28), the whole
-`bash launch/local.sh`: 884 s (14 min 44 s): set-up 78 s, 2.5 epochs (1,171 steps of 128) of
-pretraining in 10.7 min at ~240-270 images/s with the baseline probes beside it, the trained
-encoder's probe 2.4 min; probe 81.83% against 76.44% for the same encoder at initialisation
-(+5.4) and 84.62% on raw pixels. No kNN monitor here (67 s of the budget); with `:knn`, kNN
-70.3, 73.2, 73.7% at epochs 1, 2, 2.5.
+Measured from a fresh clone on an idle 2-core AMD EPYC (2026-11-28, commit b6825b7), the
+whole `bash launch/local.sh`: 450 s (7 min 30 s): set-up 48 s, 2.5 epochs (1,171 steps of 128)
+of pretraining in 5.7 min at ~460-600 images/s with the baseline probes beside it, the trained
+encoder's probe 1.0 min; probe 82.52% against 76.38% for the same encoder at initialisation
+(+6.1) and 84.57% on raw pixels. No kNN monitor here; with `:knn`, kNN 70.4, 73.6, 74.3% at
+epochs 1, 2, 2.5. The run is deterministic on one machine, not across CPUs: the same code gave
+81.89 / 76.28 / 84.57% on another 2-core machine (884 s before commit 45efac2, 722 s after).
+The search below was made before 45efac2 (the main job's probe then 81.83%).
 
 * Stem: ResNet-18 width 1/4 with the CIFAR stem runs ~250 images/s; 2.4 epochs gave a probe
   of 81.7% against 78.5% for the same encoder at initialisation. The stride-2 stem (`cifar_s2`,
