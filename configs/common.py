@@ -16,7 +16,7 @@ They combine with commas (`configs/sepp_fashion_mnist.py:tiny,queue_ids`) and ar
 fixed order: the file's own first, then VARIANTS in the order listed here, so shrinking
 variants ("tiny") come last and see the final recipe. To add one (say a CPU-budget "cpu"):
 write `def cpu(c): ...` below, add `"cpu": cpu` to VARIANTS before "tiny", and document it in
-the README's table of variants. A recipe that deserves its own command line gets its own file
+docs/training.md (Variants). A recipe that deserves its own command line gets its own file
 (`configs/moco_fashion_mnist_cpu.py` calling `common.cpu(c)`).
 """
 from jaxcontrast import config_lib
@@ -120,12 +120,12 @@ def tiny(c) -> None:
 
 
 def cpu(c) -> None:
-  """The main job's budget on 28x28 images: ~10 min of pretraining on 2 CPU cores
+  """The main job's budget on 28x28 images: a few minutes of pretraining on 2 CPU cores
   (`bash launch/local.sh`). Backbone, batch, optimizer, crops and run length are those of
-  configs/moco_fashion_mnist_cpu.py, whose docstring gives the measurements behind them; the
-  method's own settings (loss, temperatures, EMA, queue, BN mode, photometric recipe) stay, so
-  every `configs/<method>_fashion_mnist.py:cpu` trains at the same budget
-  (benchmarks/fashion_mnist_results.sh)."""
+  configs/moco_fashion_mnist_cpu.py, whose docstring gives the reasons (the measurements behind
+  them: docs/results.md); the method's own settings (loss, temperatures, EMA, queue, BN mode,
+  photometric recipe) stay, so every `configs/<method>_fashion_mnist.py:cpu` trains at the same
+  budget (benchmarks/fashion_mnist_results.sh)."""
   # ResNet-18 at width 1/4 (128-d features) with a stride-2 stem: 14x14 maps in stage 1.
   c.model.update(arch="resnet18", stem="cifar_s2", width=0.25, proj_bn=True)
   # Batch 128: twice the updates of 256 per epoch at the same images/s (kNN after one epoch

@@ -5,9 +5,8 @@
 
 Loss: docs/METHODS.md §5, MoCo-queue form. Threshold, top-k (exactly k, ties to the lower
 index) and tau are the official code's. DIFFERENCE from the official code: 2 support views, not
-its default 8 — each support view is one more target forward pass per image (the two cost 23% of
-the step's throughput here: python -m jaxcontrast.bench); `--config.objective.fnc.num_support_views=8`
-restores the official setting. The rest is MoCo's CIFAR-10 demo recipe (common.moco_cifar_demo),
+its default 8 — each support view is one more target forward pass per image (its cost:
+docs/performance.md); `--config.objective.fnc.num_support_views=8` restores the official setting. The rest is MoCo's CIFAR-10 demo recipe (common.moco_cifar_demo),
 not FNC's own training recipe.
 """
 from jaxcontrast import config_lib

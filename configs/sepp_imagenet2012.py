@@ -4,7 +4,7 @@
   python -m jaxcontrast.main --config configs/sepp_imagenet2012.py:tiny --workdir /tmp/sepp_imagenet2012_tiny  # smoke
 
 imagenet2012 must be prepared in the tfds data_dir (add --config.data.data_dir=...). Mine the
-pairs first with a pretrained checkpoint (python -m jaxcontrast.semantic_pairs, see README).
+pairs first with a pretrained checkpoint (python -m jaxcontrast.semantic_pairs, see docs/evaluation.md).
 Variant "queue_ids": multi-positive InfoNCE over the queue's stored source ids. Procedure:
 docs/METHODS.md §6. Only the abstract is public: the mining, p_semantic 0.5 and the queue_ids
 loss are our INTERPRETATION. The rest is MoCo v2's recipe (common.mocov2_imagenet). Reported:
