@@ -179,9 +179,11 @@ def test_fashion_mnist_is_tfds_dataset_when_prepared(name, tmp_path, monkeypatch
     cfg = _mock_config(name, data_dir=data_dir)
     image = first_batch(pipeline.make_eval_dataset(cfg, batch_size=64, process_index=0,
                                                    process_count=1))["image"]
-    train = first_batch(pipeline.make_train_dataset(cfg, batch_size=4, seed=0, process_index=0,
-                                                    process_count=1))
-  assert image.shape == (64, 28, 28, 1) and train["view1"].shape == (4, 28, 28, 1)
+    if name == "fashion_mnist":  # Pretraining reads it too (one name is enough).
+      train = first_batch(pipeline.make_train_dataset(cfg, batch_size=4, seed=0,
+                                                      process_index=0, process_count=1))
+      assert train["view1"].shape == (4, 28, 28, 1)
+  assert image.shape == (64, 28, 28, 1)
   # Normalised with Fashion-MNIST's statistics, (p / 255 - 0.2860) / 0.3530: undoing them gives
   # back integer pixels spanning (mock data's) 0..254.
   pixels = (image * 0.3530 + 0.2860) * 255
