@@ -22,9 +22,9 @@ docs/training.md (Variants). A recipe that deserves its own command line gets it
 from jaxcontrast import config_lib
 
 # Train-split sizes (tfds), for settings given in epochs.
-TRAIN_EXAMPLES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000,
-                  "imagenet2012": 1_281_167}
-SMALL_DATASETS = ("fashion_mnist", "cifar10", "cifar100")
+TRAIN_EXAMPLES = {"fashion_mnist": 60_000, "fashion_mnist_debian": 60_000, "cifar10": 50_000,
+                  "cifar100": 50_000, "imagenet2012": 1_281_167}
+SMALL_DATASETS = ("fashion_mnist", "fashion_mnist_debian", "cifar10", "cifar100")
 
 
 def epochs(c, n: float):

@@ -147,11 +147,59 @@ def test_unprepared_dataset_is_a_clear_error_without_download(tmp_path):
 def test_missing_fashion_mnist_files_give_the_install_command(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="sudo apt-get install dataset-fashion-mnist"):
     fashion_mnist.load_fashion_mnist_numpy("train", str(tmp_path))
-  monkeypatch.setenv(fashion_mnist_tfds.SOURCE_DIR_ENV, str(tmp_path))
+  monkeypatch.setenv(fashion_mnist_tfds.SOURCE_DIR_ENV, str(tmp_path / "no_debian_files"))
   cfg = default_data_config()
   cfg.data_dir = str(tmp_path / "tfds")
+  cfg.dataset = "fashion_mnist_debian"
   with pytest.raises(FileNotFoundError, match="sudo apt-get install dataset-fashion-mnist"):
     pipeline.dataset_info(cfg)
+  cfg.dataset = "fashion_mnist"  # Neither tfds' dataset nor the Debian files: both ways named.
+  with pytest.raises(FileNotFoundError, match=r"neither prepared.*`tfds build fashion_mnist "
+                     r"--data_dir <data_dir>`.*`sudo apt-get install dataset-fashion-mnist`"):
+    pipeline.dataset_info(cfg)
+  assert not (tmp_path / "tfds" / "fashion_mnist").exists()  # Nothing downloaded or written.
+
+
+def _prepare_tfds_fashion_mnist_metadata(data_dir: str) -> None:
+  """What `tfds build fashion_mnist` leaves besides the record files (dataset_info.json,
+  features.json): tfds then sees the dataset as prepared, and `tfds.testing.mock_data` serves
+  its records."""
+  builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+  builder.data_path.mkdir(parents=True)
+  builder.info.write_to_directory(builder.data_path)
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "tfds:fashion_mnist"])
+def test_fashion_mnist_is_tfds_dataset_when_prepared(name, tmp_path, monkeypatch):
+  data_dir = str(tmp_path / "tfds")
+  _prepare_tfds_fashion_mnist_metadata(data_dir)
+  # No Debian files: falling back to them would fail.
+  monkeypatch.setenv(fashion_mnist_tfds.SOURCE_DIR_ENV, str(tmp_path / "no_debian_files"))
+  with tfds.testing.mock_data(num_examples=64, data_dir=data_dir):
+    cfg = _mock_config(name, data_dir=data_dir)
+    image = first_batch(pipeline.make_eval_dataset(cfg, batch_size=64, process_index=0,
+                                                   process_count=1))["image"]
+    if name == "fashion_mnist":  # Pretraining reads it too (one name is enough).
+      train = first_batch(pipeline.make_train_dataset(cfg, batch_size=4, seed=0,
+                                                      process_index=0, process_count=1))
+      assert train["view1"].shape == (4, 28, 28, 1)
+  assert image.shape == (64, 28, 28, 1)
+  # Normalised with Fashion-MNIST's statistics, (p / 255 - 0.2860) / 0.3530: undoing them gives
+  # back integer pixels spanning (mock data's) 0..254.
+  pixels = (image * 0.3530 + 0.2860) * 255
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-3)
+  assert round(pixels.min()) == 0 and round(pixels.max()) >= 250
+
+
+def test_named_sources_ignore_what_else_is_prepared(tmp_path):
+  """`fashion_mnist_debian` reads the Debian files even where tfds' dataset is prepared."""
+  data_dir = str(tmp_path / "tfds")
+  _prepare_tfds_fashion_mnist_metadata(data_dir)
+  with tfds.testing.mock_data(num_examples=4, data_dir=data_dir):
+    def builder_name(name):
+      return datasets.get_builder(datasets.get_spec(name), data_dir).name
+    assert builder_name("fashion_mnist_debian") == "fashion_mnist_debian"
+    assert builder_name("fashion_mnist") == "fashion_mnist"
 
 
 def test_numpy_loader_reads_the_full_files():

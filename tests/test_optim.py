@@ -87,6 +87,32 @@ def test_warmup_in_epochs_is_resolved_against_the_epoch_length():
     optim.make_optimizer(cfg, global_batch_size=256, total_steps=50, steps_per_epoch=39)
 
 
+def _numpy_schedule(t, *, peak, final, warmup, total, cosine=True):
+  """The module docstring's formula, in float64 NumPy."""
+  t = np.asarray(t, np.float64)
+  if cosine and total > warmup:
+    after = final + (peak - final) * (1 + np.cos(np.pi * np.clip(t - warmup, 0, total - warmup)
+                                                 / (total - warmup))) / 2
+  else:
+    after = np.full_like(t, final if cosine else peak)
+  return np.where(t < warmup, peak * t / max(warmup, 1), after)
+
+
+@pytest.mark.parametrize("warmup,total,final,schedule", [
+    (0, 50, 0.0, "cosine"), (7, 50, 0.02, "cosine"), (50, 50, 0.01, "cosine"),
+    (7, 50, 0.0, "constant"), (3, 20, 0.5, "cosine")])  # final above the peak: a rising cosine
+def test_schedule_matches_numpy_at_every_step(warmup, total, final, schedule):
+  cfg = dict(base_lr=0.2, lr_scaling="none", warmup_steps=warmup, final_lr=final,
+             schedule=schedule)
+  sched = optim.make_schedule(cfg, global_batch_size=64, total_steps=total)
+  steps = np.arange(total + 10)
+  got = jax.jit(jax.vmap(sched))(jnp.asarray(steps, jnp.int32))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, _numpy_schedule(steps, peak=0.2, final=final, warmup=warmup,
+                                                  total=total, cosine=schedule == "cosine"),
+                             rtol=1e-6, atol=1e-7)
+
+
 def test_cosine_without_warmup_starts_at_peak():
   _, sched = optim.make_optimizer({}, global_batch_size=256, total_steps=200)
   np.testing.assert_allclose([float(sched(s)) for s in (0, 100, 200)], [0.03, 0.015, 0.0],

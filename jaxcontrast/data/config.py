@@ -47,11 +47,12 @@ def view_overrides() -> ml_collections.ConfigDict:
 def default_data_config() -> ml_collections.ConfigDict:
   """Defaults: Fashion-MNIST (offline), MoCo v2 recipe, two views."""
   c = ml_collections.ConfigDict()
-  # Dataset name: fashion_mnist (offline default), cifar10, cifar100, stl10, imagenet2012, or
+  # Dataset name: fashion_mnist (tfds' if prepared in data_dir, else the Debian files offline),
+  # fashion_mnist_debian (the Debian files only), cifar10, cifar100, stl10, imagenet2012, or
   # "tfds:<builder>" for any other prepared tfds dataset (see datasets.KNOWN_DATASETS).
   c.dataset = "fashion_mnist"
   # tfds data_dir (local folder or gs://bucket/path); None = tfds default ($TFDS_DATA_DIR or
-  # ~/tensorflow_datasets). Datasets other than fashion_mnist must already be prepared there.
+  # ~/tensorflow_datasets). Datasets other than Fashion-MNIST must already be prepared there.
   c.data_dir = config_dict.placeholder(str)
   # Pretraining split (tfds split syntax, e.g. "train[:10%]"); None = dataset default
   # ("train"; stl10: "unlabelled").

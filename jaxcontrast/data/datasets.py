@@ -1,10 +1,24 @@
 """Dataset names -> tfds builders, splits per process, and examples with stable ids.
 
-Every dataset goes through tfds: the built-in `fashion_mnist` maps to our local builder
-`fashion_mnist_debian` (prepared on first use from the Debian package, no network); the others
-(cifar10, cifar100, stl10, imagenet2012, or "tfds:<name>") must already be prepared in
-`data_dir` (`tfds build <name> --data_dir <dir>`): this module never starts a download, because
-without network a download only fails after minutes of retries.
+Every dataset goes through tfds, and a name means what it means in tfds:
+
+  fashion_mnist         tfds' `fashion_mnist` when it is prepared in `data_dir`; otherwise the
+                        same 70,000 images from the Debian package `dataset-fashion-mnist`
+                        (our local builder `fashion_mnist_debian`, prepared on first use, no
+                        network). Neither there: an error naming both ways.
+  fashion_mnist_debian  always the Debian files (offline, original file order).
+  cifar10, cifar100, stl10, imagenet2012, "tfds:<name>"
+                        tfds' dataset, which must already be prepared in `data_dir`
+                        (`tfds build <name> --data_dir <dir>`); "tfds:<name>" of a dataset named
+                        above takes its statistics, any other gets ImageNet's.
+
+This module never starts a download: without network a download only fails after minutes of
+retries.
+
+The two Fashion-MNIST sources hold the same images but in different orders (tfds shuffles its
+files when preparing them; ours keep the original order), so the ids below differ between them:
+a run, its resume and its SePP pairs file must read the same source. Name the source
+(`tfds:fashion_mnist` or `fashion_mnist_debian`) to pin it regardless of what `data_dir` holds.
 
 Ids: `id` is the example's index within its base split (e.g. "train"), computed from tfds'
 `tfds_id` (shard file and position in it) and the split's shard lengths, so it does not depend on
@@ -13,10 +27,12 @@ original file order, so its ids are the rows of `load_fashion_mnist_numpy`.
 """
 import dataclasses
 
+from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxcontrast.data import fashion_mnist
+from jaxcontrast.data import fashion_mnist_tfds  # Registers the `fashion_mnist_debian` builder.
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,13 +50,19 @@ class DatasetSpec:
   eval_crop_ratio: float = 1.0
   unlabeled_splits: tuple[str, ...] = ()  # Splits whose labels are meaningless (-> -1).
   local: bool = False  # Prepared automatically from local files (never downloads).
+  # Spec used when `tfds_name` is not prepared in data_dir (a `local` one), or None.
+  fallback: "DatasetSpec | None" = None
   image_key: str = "image"
   label_key: str = "label"
 
 
+# Fashion-MNIST train-split statistics (the same images in both sources).
+_FASHION_MNIST_DEBIAN = DatasetSpec("fashion_mnist_debian", image_size=28, mean=(0.2860,),
+                                    std=(0.3530,), local=True)
 KNOWN_DATASETS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec("fashion_mnist_debian", image_size=28, mean=(0.2860,),
-                                 std=(0.3530,), local=True),
+    "fashion_mnist": dataclasses.replace(_FASHION_MNIST_DEBIAN, tfds_name="fashion_mnist",
+                                         local=False, fallback=_FASHION_MNIST_DEBIAN),
+    "fashion_mnist_debian": _FASHION_MNIST_DEBIAN,
     # MoCo's CIFAR demo statistics.
     "cifar10": DatasetSpec("cifar10", image_size=32, mean=(0.4914, 0.4822, 0.4465),
                            std=(0.2023, 0.1994, 0.2010)),
@@ -56,27 +78,51 @@ TFDS_PREFIX = "tfds:"
 
 
 def get_spec(name: str) -> DatasetSpec:
-  """The spec of a config dataset name; "tfds:<name>" gives ImageNet-style defaults."""
+  """The spec of a config dataset name. "tfds:<name>" is tfds' dataset only (no fallback), with
+  the statistics of the known dataset of that tfds name, else ImageNet-style defaults."""
   if name in KNOWN_DATASETS:
     return KNOWN_DATASETS[name]
   if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
-    return DatasetSpec(name[len(TFDS_PREFIX):], eval_crop_ratio=0.875)
+    tfds_name = name[len(TFDS_PREFIX):]
+    for spec in KNOWN_DATASETS.values():
+      if spec.tfds_name == tfds_name:
+        return dataclasses.replace(spec, fallback=None)
+    return DatasetSpec(tfds_name, eval_crop_ratio=0.875)
   raise ValueError(f"Unknown dataset {name!r}. Known datasets: {sorted(KNOWN_DATASETS)}; any "
                    f"other prepared tfds dataset as '{TFDS_PREFIX}<tfds name>'.")
 
 
 def get_builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The tfds builder; local datasets are prepared here (from local files only)."""
-  if spec.local:
-    from jaxcontrast.data import fashion_mnist_tfds  # pylint: disable=g-import-not-at-top
-    del fashion_mnist_tfds  # Imported to register the builder.
-  try:
-    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"tfds has no dataset {spec.tfds_name!r}: {e}") from e
+  """The tfds builder; local datasets are prepared here (from local files only). A spec with a
+  fallback uses it when its own dataset is not prepared in `data_dir`."""
+  if spec.fallback is not None:
+    builder = _tfds_builder(spec.tfds_name, data_dir)
+    if builder.is_prepared():
+      logging.info("%s: tfds' dataset prepared in %s", spec.tfds_name, builder.data_dir)
+      return builder
+    try:
+      if not _tfds_builder(spec.fallback.tfds_name, data_dir).is_prepared():
+        fashion_mnist.split_files("train", fashion_mnist_tfds.source_directory())
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f"Dataset {spec.tfds_name!r} is neither prepared in data_dir {builder.data_dir!r} nor "
+          f"available offline. Either prepare tfds' dataset (`tfds build {spec.tfds_name} "
+          f"--data_dir <data_dir>`, needs network), or install the Debian files "
+          f"(`{fashion_mnist.INSTALL_COMMAND}`). ({e})") from e
+    logging.info("%s is not prepared in %s: using the Debian files (%s)", spec.tfds_name,
+                 builder.data_dir, spec.fallback.tfds_name)
+    return get_builder(spec.fallback, data_dir)
+  builder = _tfds_builder(spec.tfds_name, data_dir)
   if spec.local:
     builder.download_and_prepare()  # No-op once prepared; reads local files only.
   return builder
+
+
+def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"tfds has no dataset {name!r}: {e}") from e
 
 
 def split_names(builder) -> list[str]:

@@ -2,8 +2,9 @@
 
 tfds registers its own `fashion_mnist` builder, which downloads from the internet; ours is
 registered as `fashion_mnist_debian` (importing this module registers it) and reads the idx .gz
-files of the Debian package `dataset-fashion-mnist`. The config name `fashion_mnist` maps to it
-(see `datasets.py`), so Fashion-MNIST goes through the same tfds -> tf.data code as every other
+files of the Debian package `dataset-fashion-mnist`. The config name `fashion_mnist_debian` is
+this builder, and `fashion_mnist` falls back to it when tfds' own dataset is not prepared (see
+`datasets.py`), so Fashion-MNIST goes through the same tfds -> tf.data code as every other
 dataset. Preparing it (`download_and_prepare`) is local and takes seconds; nothing is downloaded.
 
 Examples keep the order of the original files (`disable_shuffling=True`), so example `i` of a tfds

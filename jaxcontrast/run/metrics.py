@@ -10,6 +10,11 @@ Resume: lines logged after the checkpoint the run resumes from are dropped (they
 again by the resumed run), so each step appears once. Object stores (gs://) cannot append to a
 file, so there the whole file is rewritten at each write (small: one line per `log_every`
 steps); local files are appended to.
+
+Why not clu's metric writers: clu's TensorBoard writer imports the `tensorboard` package (for its
+hparams plugin; tensorboard then brings grpcio, werkzeug, markdown and tensorboard-data-server),
+which the core summary op above avoids, and clu has no JSON-lines writer, so metrics.jsonl
+(resume truncation, rewrite on object stores) would stay here anyway.
 """
 from __future__ import annotations
 

@@ -5,6 +5,12 @@ TTY: `step 120/1000 [=====>      ] 12% loss 5.1234 812 img/s ETA 0:01:48`, redra
 bar) every `log_every` steps. Images per second are counted from the end of the first step, so
 compilation is left out; between log points the loss shown is the last one pulled from the
 device (the loop pulls metrics only every `log_every` steps).
+
+Why not a library: without a terminal, tqdm writes its carriage-return frames into the log file
+(a 200-step loop: 202 frames on one line) where this prints one line per log point, and on a
+terminal it would only draw the bar: the images/s counted from the end of the compiling step,
+the ETA from them and the loss would still be computed here. clu's `ReportProgress` reports
+steps/s and ETA through absl logging and work-unit notes, without the loss or images/s.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ total T steps, final lr F:
   t < W:  lr(t) = P * t / W                                  (linear warm-up from 0)
   t >= W: lr(t) = F + (P - F) * (1 + cos(pi * min(t - W, T - W) / (T - W))) / 2   (cosine)
           lr(t) = P                                          (constant)
-The schedule is a jnp function of the step, evaluated inside the compiled step.
+The schedule is a jnp function of the step, evaluated inside the compiled step, built from
+optax's schedules (`linear_schedule`, `cosine_decay_schedule`, `join_schedules`).
 """
 from __future__ import annotations
 
@@ -146,21 +147,18 @@ def _make_schedule(c: ml_collections.ConfigDict, *, global_batch_size: int, tota
   peak = _peak_learning_rate(c, global_batch_size)
   final = float(c.final_lr)
   decay_steps = total_steps - warmup
-
-  def schedule(step):
-    t = jnp.asarray(step, jnp.float32)
-    if c.schedule == "cosine" and decay_steps > 0:
-      progress = jnp.clip(t - warmup, 0.0, decay_steps) / decay_steps
-      after = final + (peak - final) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-    elif c.schedule == "cosine":  # all steps are warm-up: decay is empty
-      after = jnp.asarray(final, jnp.float32)
-    else:
-      after = jnp.asarray(peak, jnp.float32)
-    if warmup == 0:
-      return after
-    return jnp.where(t < warmup, peak * t / warmup, after)
-
-  return schedule
+  if c.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  elif decay_steps > 0:
+    # F + (P - F) * cosine: written with the offset rather than optax's `alpha = F / P`, which
+    # has no value for P = 0.
+    cosine = optax.cosine_decay_schedule(peak - final, decay_steps)
+    after = lambda t: final + cosine(t)
+  else:  # All steps are warm-up: the decay is empty.
+    after = optax.constant_schedule(final)
+  schedule = after if warmup == 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+  return lambda step: jnp.asarray(schedule(step), jnp.float32)
 
 
 def _not_1d_mask(params):
