@@ -248,7 +248,7 @@ def run(main: Callable[[list[str]], Optional[int]], *, config_file=False,
   except errors.UserError as e:
     fail(str(e))
   # Listed by --help with the entry point's own flags (they are defined in other modules).
-  for name in ("config", "coordinator_address", "num_processes", "process_id",
+  for name in (("config",) if config_file else ()) + ("coordinator_address", "num_processes", "process_id",
                "distributed_timeout", "heartbeat_timeout", "verbosity"):
     if name in FLAGS:
       FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
