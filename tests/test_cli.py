@@ -155,3 +155,22 @@ def test_tiny_run_and_probe_print_no_library_noise(runs):
   assert (runs["run_dir"] / "linear_probe_pixels.json").exists()
   # The results are printed: one summary line per probed encoder.
   assert len(re.findall(r"^linear probe .* top1 ", runs["probe"][1], re.M)) == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config.queue.sise=5"], "config queue.sise = '5': no such key (did you mean 'size'?)"),
+    (["--config.typo", "1"], "config typo = '1': no such key; the config has keys bn, "),
+    (["--config.queue.size.x=1"], "config queue.size.x = '1': queue.size is a value"),
+    (["--config.queue.size=8", "--noconfig.queue.store_ids"], None)])
+def test_override_keys_are_checked_against_the_loaded_config(argv, message):
+  """In process, on the config the command line loaded once (no second execution)."""
+  from jaxcontrast import cli, config_lib  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  argv = ["main", TINY, *argv, "--workdir=/tmp/x"]
+  if message is None:
+    cli.check_override_keys(config, argv)
+  else:
+    with pytest.raises(ConfigError) as error:
+      cli.check_override_keys(config, argv)
+    assert str(error.value).startswith(message), str(error.value)
