@@ -245,18 +245,21 @@ def run(main: Callable[[list[str]], Optional[int]], *, config_file=False,
       check_override_keys(default, argv)
       # Defining the flag parses the default and the overrides' types from sys.argv.
       config_flags.DEFINE_config_dict("config", default, "Settings; keys: --help.")
-  except errors.UserError as e:
+  except (errors.UserError, flags.Error) as e:
     fail(str(e))
   # Listed by --help with the entry point's own flags (they are defined in other modules).
-  for name in (("config",) if config_file else ()) + ("coordinator_address", "num_processes", "process_id",
-               "distributed_timeout", "heartbeat_timeout", "verbosity"):
+  shown = ("coordinator_address", "num_processes", "process_id", "distributed_timeout",
+           "heartbeat_timeout", "verbosity")
+  for name in (("config",) if config_file else ()) + shown:
     if name in FLAGS:
       FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
   def parse(args: list[str]) -> list[str]:
     if any(a in _HELP for a in args[1:]):
-      app.define_help_flags()
-      _print_help(config_file, config, args)
+      try:
+        _print_help(config_file, config, args)
+      except errors.UserError as e:
+        fail(str(e))
       raise SystemExit(0)
     try:
       rest = FLAGS(args)
