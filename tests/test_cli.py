@@ -61,7 +61,16 @@ def runs(tmp_path_factory):
                               "--config.encoder=target,nope"),
       "pairs_help": _cmd("jaxcontrast.semantic_pairs", "--help"),
   }
-  pretrain = _cmd("jaxcontrast.main", TINY, f"--workdir={run_dir}",
+  # The tiny config through a file that counts its executions.
+  counting = tmp / "counting.py"
+  counting.write_text(
+      "from jaxcontrast import config_lib\n"
+      "def get_config():\n"
+      f"  with open({str(tmp / 'executions')!r}, 'a') as f:\n"
+      "    f.write('x')\n"
+      f"  return config_lib.load_config({os.path.join(REPO, 'configs', 'moco_fashion_mnist.py')!r}"
+      " + ':tiny')\n")
+  pretrain = _cmd("jaxcontrast.main", f"--config={counting}", f"--workdir={run_dir}",
                   f"--config.data.data_dir={data_dir}", "--config.data.train_split=train[:32]",
                   "--config.total_steps=2", "--config.log_every=1",
                   "--config.data.threadpool_size=0")
@@ -143,6 +152,11 @@ def test_verbose_brings_the_libraries_logs_back(runs):
   code, _, err = runs["probe_no_checkpoint_verbose"]
   assert code == 2 and "Traceback" not in err
   assert NOISE.search(err), err[-3000:]     # Orbax's read-only notice, hidden by default
+
+
+def test_the_config_file_is_executed_once(runs):
+  assert runs["pretrain"][0] == 0, runs["pretrain"][2][-3000:]
+  assert (runs["tmp"] / "executions").read_text() == "x"
 
 
 def test_tiny_run_and_probe_print_no_library_noise(runs):
