@@ -22,7 +22,8 @@ TINY = "--config=configs/moco_fashion_mnist.py:tiny"
 NOISE = re.compile(
     r"Unable to initialize backend|is deprecated and will be removed|Instructions for updating|"
     r"oneDNN custom operations|TF_ENABLE_ONEDNN_OPTS|read only|read_only=True|"
-    r"cpu_feature_guard|This TensorFlow binary is optimized|absl::InitializeLog|"
+    r"cpu_feature_guard|This TensorFlow binary is optimized|rebuild TensorFlow with|"
+    r"absl::InitializeLog|Unable to register cu(DNN|FFT|BLAS) factory|"
     r"Successfully installed|Obtaining file://|\[notice\]")
 
 
