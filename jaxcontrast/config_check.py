@@ -10,9 +10,9 @@ from typing import Any, NoReturn
 
 import ml_collections
 
+from jaxcontrast.errors import ConfigError  # re-exported: the one config error type
 
-class ConfigError(ValueError):
-  """A config that cannot run. The message names `section.key`, the value and what is expected."""
+__all__ = ["ConfigError", "fail", "is_int", "is_number", "merge_known"]
 
 
 def fail(section: str, key: str, value: Any, expected: str) -> NoReturn:

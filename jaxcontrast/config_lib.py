@@ -9,21 +9,17 @@ holds what those files and the entry points share:
                          `python -m jaxcontrast.main --config <spec>` gets
   load_sibling(f, name)  import configs/<name>.py next to config file `f`, whatever the cwd
   apply_variants(c, arg, variants)  apply the comma-separated variants named in `arg`
-  parse_flags(argv)      absl flags parser for main.py: a mistyped `--config.<key>` override is
-                         a one-line error naming the key and its section's keys
 
 Configs are locked after loading (as ml_collections' `config_flags` does): existing keys can be
 changed, but assigning a key that does not exist (a typo such as `c.queue.sise = 5`, or
 `--config.queue.sise=5`) raises instead of silently adding a key nobody reads. Use
-`with config.unlocked():` where new keys are really wanted.
+`with config.unlocked():` where new keys are really wanted. The command line itself
+(`--config.KEY=VALUE`, `--help`, errors) is `jaxcontrast/cli.py`.
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import pathlib
-import re
-import sys
 import types
 from typing import Callable, Mapping, Optional
 
@@ -31,6 +27,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxcontrast.config_check import fail, is_int
+from jaxcontrast.errors import ConfigError
 from jaxcontrast.data.config import AUGMENT_ON, default_data_config
 from jaxcontrast.models import default_model_config
 from jaxcontrast.models.config import validate_model_config
@@ -148,12 +145,12 @@ def apply_variants(c: ml_collections.ConfigDict, arg: Optional[str],
   """Applies the variants named in `arg` ("tiny,queue_ids") to `c` in place; returns `c`.
 
   Variants run in the order of `variants` (not of `arg`), so "tiny,queue_ids" and
-  "queue_ids,tiny" give the same config. An unknown name is a ValueError listing the known ones.
+  "queue_ids,tiny" give the same config. An unknown name is a ConfigError listing the known ones.
   """
   names = split_variants(arg)
   unknown = [n for n in names if n not in variants]
   if unknown:
-    raise ValueError(f"unknown config variant(s) {unknown} in {arg!r}; known variants: "
+    raise ConfigError(f"unknown config variant(s) {unknown} in {arg!r}; known variants: "
                      f"{sorted(variants)} (combine them with commas, e.g. 'tiny,queue_ids')")
   for name, fn in variants.items():
     if name in names:
@@ -167,7 +164,7 @@ def _resolve_config_path(path: str) -> pathlib.Path:
     return p
   if not p.is_absolute() and (_REPO_ROOT / p).is_file():
     return _REPO_ROOT / p
-  raise ValueError(f"config file {path!r} not found (relative to {pathlib.Path.cwd()} or "
+  raise ConfigError(f"config file {path!r} not found (relative to {pathlib.Path.cwd()} or "
                    f"{_REPO_ROOT})")
 
 
@@ -182,61 +179,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   path, *arg = str(spec).split(":", 1)
   module = _load_module(_resolve_config_path(path), "jaxcontrast_config")
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} has no get_config()")
+    raise ConfigError(f"config file {path!r} has no get_config()")
   config = module.get_config(*arg)
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ValueError(f"{path}:get_config() returned {type(config).__name__}, not a ConfigDict")
+    raise ConfigError(f"{path}:get_config() returned {type(config).__name__}, not a ConfigDict")
   config.lock()
   validate_config(config)
   return config
-
-
-_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=|$)")
-
-
-def override_error(argv: list[str]) -> Optional[str]:
-  """A message naming the first `--config.<path>` override in `argv` whose key the config
-  (`--config=<spec>` or `--config <spec>`) lacks; None when all exist or no config is given.
-
-  config_flags itself fails on such a typo too, but with a bare `AttributeError: 'typo'`
-  traceback; this names the flag, the section and its keys.
-  """
-  spec = None
-  for i, arg in enumerate(argv):
-    m = re.match(r"^--?config(=(.*))?$", arg)
-    if m:
-      spec = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
-  if not spec:
-    return None
-  try:
-    config = load_config(spec)
-  except Exception:  # pylint: disable=broad-except
-    return None      # config_flags reports a broken config file itself
-  for arg in argv:
-    m = _OVERRIDE.match(arg)
-    if not m:
-      continue
-    node, where = config, "config"
-    for part in m.group(1).split("."):
-      key = part.split("[", 1)[0]          # config_flags also accepts list indices: a.b[0]
-      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-        flag = arg.split("=", 1)[0]
-        if not isinstance(node, ml_collections.ConfigDict):
-          return f"{flag}: {where} has no key {key!r} ({where} is not a section)"
-        known = sorted(node.keys())
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{flag}: {where} has no key {key!r}{hint}; its keys: {', '.join(known)}"
-      node, where = node[key], f"{where}.{key}"
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """`app.run(main, flags_parser=config_lib.parse_flags)`: absl's usual flag parsing, after
-  rejecting mistyped `--config.<key>` overrides with a clear message (exit status 1)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  error = override_error(argv)
-  if error:
-    sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
-    sys.exit(1)
-  return app.parse_flags_with_usage(argv)

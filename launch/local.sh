@@ -15,6 +15,8 @@
 # workdir's latest checkpoint, and probes whose result is already there are not redone.
 # Output: WORKDIR/{checkpoints,metrics.jsonl,tensorboard,config.json,linear_probe*.json,
 # linear_probe_baselines.log}.
+# The console shows this script's lines, the progress, the results and real warnings; the
+# libraries' logs (TensorFlow, JAX, Orbax, pip) are hidden: JAXCONTRAST_VERBOSE=1 shows them.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -64,8 +66,8 @@ if [ "$method" = sepp ] || [[ "$config" == *sepp* ]]; then
   if [[ " ${pass[*]-} " != *"data.semantic_pairs"* ]]; then
     pairs="$workdir.pairs_pixels.npz"   # SePP's partners mined from raw pixels (its config)
     mkdir -p "$(dirname "$workdir")"
-    [ -f "$pairs" ] || "$py" -m jaxcontrast.semantic_pairs --dataset fashion_mnist \
-        --embedding pixels --threshold 0.9 --top_k 10 --out "$pairs"
+    [ -f "$pairs" ] || "$py" -m jaxcontrast.semantic_pairs --config.dataset=fashion_mnist \
+        --config.embedding=pixels --config.threshold=0.9 --config.top_k=10 --config.out="$pairs"
     pass+=("--config.data.semantic_pairs=$pairs")
   fi
 fi

@@ -12,8 +12,12 @@ want="$(cat setup.cfg pyproject.toml launch/constraints.txt | sha256sum | cut -c
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing jaxcontrast into .venv (first run takes about 2 minutes)" >&2
   [ -x .venv/bin/python ] || "$py" -m venv .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c launch/constraints.txt -e ".[train,test]"
+  # -qq: pip's errors only (no progress, no notices), unless JAXCONTRAST_VERBOSE is set.
+  quiet=-qq
+  case "${JAXCONTRAST_VERBOSE:-}" in ""|0|false) ;; *) quiet="" ;; esac
+  .venv/bin/python -m pip install $quiet --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install $quiet --disable-pip-version-check -c launch/constraints.txt \
+      -e ".[train,test]"
   echo "$want" > "$stamp"
 fi
 # The offline default dataset: original Fashion-MNIST idx files from Debian.

@@ -162,21 +162,6 @@ def test_command_line_typo_fails(typo):
     _parse_flags("--config=configs/moco_fashion_mnist.py:tiny", typo)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--config.queue.sise=5"], "config.queue has no key 'sise' (did you mean 'size'?)"),
-    (["--config.typo", "1"], "config has no key 'typo'; its keys: bn, "),
-    (["--config.queue.size.x=1"], "config.queue.size is not a section"),
-    (["--config.queue.size=8", "--noconfig.queue.store_ids"], None)])
-def test_main_names_a_mistyped_override(argv, message, capsys):
-  argv = ["main", "--config", "configs/moco_fashion_mnist.py:tiny"] + argv + ["--workdir=/tmp/x"]
-  error = config_lib.override_error(argv)
-  assert error == message or message in error
-  if message:   # what `python -m jaxcontrast.main` prints before exiting with status 1
-    with pytest.raises(SystemExit, match="1"):
-      config_lib.parse_flags(argv)
-    assert message in capsys.readouterr().err
-
-
 def test_loads_from_another_directory(tmp_path, monkeypatch):
   expected = config_lib.load_config("configs/sce_fashion_mnist.py:tiny").to_dict()
   monkeypatch.chdir(tmp_path)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcontrast.eval import logistic
+from jaxcontrast.errors import ConfigError
 from jaxcontrast.eval.config import default_probe_config
 from jaxcontrast.eval.linear_probe import fit_and_evaluate
 
@@ -93,10 +94,11 @@ def test_probe_config_splits_an_encoder_list():
   c.encoder = "target, random,pixels"
   assert [p.encoder for p in probe_config_lib.split_encoders(c)] == ["target", "random", "pixels"]
   assert c.encoder == "target, random,pixels"   # the caller's config is left alone
-  for bad, match in (("target,nope", "encoder must be one of"), ("random,random", "twice")):
+  for bad, match in (("target,nope", "config encoder = 'target,nope'"),
+                     ("random,random", "config encoder = 'random,random'")):
     c.encoder = bad
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
       probe_config_lib.split_encoders(c)
   c.encoder, c.output = "target,random", "x.json"
-  with pytest.raises(ValueError, match="output names one file"):
+  with pytest.raises(ConfigError, match="config output = 'x.json'"):
     probe_config_lib.validate(c)

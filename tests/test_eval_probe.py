@@ -1,4 +1,4 @@
-"""End to end on a real (tiny) pretraining run: linear probe CLI with every encoder, the SGD
+"""End to end on a real (tiny) pretraining run: linear probe with every encoder, the SGD
 protocol with a resume, the kNN monitor against NumPy, and `semantic_pairs --workdir`.
 
 One module-scoped workdir is made by the real loop (`pretrain.train_and_evaluate` on the tiny
@@ -21,8 +21,8 @@ from jaxcontrast.run import checkpoint
 from jaxcontrast.sharding import make_mesh
 from test_eval_knn import numpy_knn_scores
 
-SPLITS = ["--config.train_split=train[:256]", "--config.test_split=test[:128]",
-          "--config.batch_size=128", "--config.full_batch.max_iter=50"]
+SPLITS = {"train_split": "train[:256]", "test_split": "test[:128]", "batch_size": 128,
+          "full_batch.max_iter": 50}
 
 
 def _pretrain(path):
@@ -54,14 +54,17 @@ def workdir(tmp_path_factory):
   return path
 
 
-def _probe(workdir, *args):
-  assert linear_probe.main(["linear_probe", f"--workdir={workdir}", *SPLITS, *args]) == 0
+def _probe(workdir, **overrides):
+  """What `python -m jaxcontrast.eval.linear_probe --workdir DIR --config.KEY=VALUE ...` runs
+  after parsing (its command line itself: test_cli.py)."""
+  cfg = probe_config_lib.default_probe_config()
+  cfg.update_from_flattened_dict({**SPLITS, **overrides})
+  return linear_probe.run_probes(workdir, cfg)
 
 
-def test_cli_every_encoder(workdir, capsys):
-  _probe(workdir)
-  line = capsys.readouterr().out
-  assert "top1" in line and "linear_probe.json" in line
+def test_every_encoder(workdir):
+  [result] = _probe(workdir)
+  assert result["output"].endswith("linear_probe.json")
   target = json.loads((workdir / "linear_probe.json").read_text())
   assert target["encoder"] == "target" and target["step"] == 2
   assert target["protocol"] == "full_batch"   # auto: a small train split
@@ -70,9 +73,8 @@ def test_cli_every_encoder(workdir, capsys):
   assert 0 <= target["held_out_top1"] <= 1 and target["held_out_size"] == 26
   assert target["num_train"] == 256 and target["num_test"] == 128
   assert target["feature_dim"] == 64   # ResNet-10 at width 1/8: 512 / 8
-  _probe(workdir, "--config.encoder=random,pixels")   # two probes, one process
-  lines = capsys.readouterr().out.splitlines()
-  assert len(lines) == 2 and "random/" in lines[0] and "pixels/" in lines[1]
+  results = _probe(workdir, encoder="random,pixels")   # two probes, one process
+  assert [r["encoder"] for r in results] == ["random", "pixels"]
   for encoder in ("random", "pixels"):
     result = json.loads((workdir / f"linear_probe_{encoder}.json").read_text())
     assert result["encoder"] == encoder and 0.1 < result["top1"] <= 1
@@ -86,16 +88,12 @@ def test_cli_every_encoder(workdir, capsys):
                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert same(online.variables["params"], run.state.params)
   assert not same(online.variables["params"], run.state.ema_params)
-  # A mistyped key fails, naming it.
-  assert linear_probe.main(["linear_probe", f"--workdir={workdir}", "--config.encodr=x"]) == 1
-  assert "encodr" in capsys.readouterr().err
 
 
 def test_sgd_protocol_resumes_exactly(workdir, tmp_path):
-  """CLI: 2 SGD steps (checkpointed); API: resume to 4 == 4 uninterrupted steps."""
-  sgd_args = ["--config.protocol=sgd", "--config.sgd.batch_size=16", "--config.sgd.lr=0.5",
-              "--config.sgd.checkpoint_every=2", "--config.sgd.total_steps=2"]
-  _probe(workdir, *sgd_args)
+  """run_probes: 2 SGD steps (checkpointed); API: resume to 4 == 4 uninterrupted steps."""
+  _probe(workdir, **{"protocol": "sgd", "sgd.batch_size": 16, "sgd.lr": 0.5,
+                     "sgd.checkpoint_every": 2, "sgd.total_steps": 2})
   result = json.loads((workdir / "linear_probe_sgd.json").read_text())
   assert result["protocol"] == "sgd" and result["total_steps"] == 2 and 0 <= result["top1"] <= 1
   assert (workdir / "linear_probe_sgd" / "2").exists()
@@ -136,12 +134,13 @@ def test_knn_monitor_matches_numpy(workdir):
   assert 0 <= got["knn/top5"] <= 1 and got["knn/top5"] >= got["knn/top1"]
 
 
-def test_semantic_pairs_from_workdir(workdir, capsys):
+def test_semantic_pairs_from_workdir(workdir):
   from jaxcontrast.data import pairs as pairs_lib
   from jaxcontrast import semantic_pairs as sp
   from jaxcontrast.data import sepp
-  assert sp.main(["--workdir", str(workdir), "--threshold", "0.5", "--top_k", "5"]) == 0
-  assert "same-label rate" in capsys.readouterr().out
+  c = sp.default_mining_config()
+  c.update(threshold=0.5, top_k=5)
+  sp.mine_to_file(c, str(workdir))
   pairs = pairs_lib.load_pairs(workdir)   # a workdir resolves to WORKDIR/semantic_pairs.npz
   assert pairs.n == 64 and pairs.k == 5
   assert pairs.metadata["embedding"].startswith("checkpoint:")

@@ -81,8 +81,15 @@ def _reference(workdir, data_dir):
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   config.update_from_flattened_dict(dict(OVERRIDES, **{"data.data_dir": data_dir}))
   pretrain.train_and_evaluate(config, workdir)
-  assert linear_probe.main(["probe", "--workdir", str(workdir), f"--config.data_dir={data_dir}",
-                            *(f"--config.{o}" for o in PROBE)]) == 0
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  # The probe's command line, parsed as its entry point does, then what its main runs.
+  argv = ["probe", f"--config.data_dir={data_dir}", *(f"--config.{o}" for o in PROBE)]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_dict("config", linear_probe.config_lib.default_probe_config(),
+                                  flag_values=fv, sys_argv=argv)
+  fv(argv)
+  linear_probe.run_probes(workdir, fv.config)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxcontrast import semantic_pairs as sp
+from jaxcontrast.errors import ConfigError
 from jaxcontrast.data import pairs as pairs_lib
 from jaxcontrast.eval import mining
 
@@ -344,20 +345,34 @@ def test_block_function_never_builds_n_by_n():
   assert [o.shape for o in out] == [(b, k), (b, k)]
 
 
-def test_cli_writes_loadable_file(tmp_path, capsys):
+def _mining_config(**settings):
+  c = sp.default_mining_config()
+  c.update(settings)
+  return c
+
+
+def test_mine_to_file_writes_loadable_file(tmp_path):
+  """What `python -m jaxcontrast.semantic_pairs --config.KEY=VALUE ...` runs after parsing (its
+  command line itself: test_cli.py)."""
   out = tmp_path / "fm_pairs.npz"
-  assert sp.main(["--dataset", "fashion_mnist", "--embedding", "pixels", "--threshold", "0.9",
-                  "--top_k", "5", "--limit", "600", "--block_size", "256", "--out",
-                  str(out)]) == 0
-  pairs = pairs_lib.load_pairs(out)
-  assert pairs.n == 600 and pairs.k == 5
-  assert pairs.metadata["embedding"] == "pixels" and pairs.metadata["threshold"] == 0.9
-  assert 0.5 < pairs.metadata["same_label_rate"] <= 1.0
-  assert "same-label rate" in capsys.readouterr().out
-  with pytest.raises(SystemExit):
-    sp.main(["--embedding", "checkpoint", "--threshold", "0.9", "--top_k", "5", "--out",
-             str(tmp_path / "x.npz")])
-  assert "needs --workdir" in capsys.readouterr().err
-  with pytest.raises(SystemExit):   # absl flags: a required flag missing is a usage error.
-    sp.main(["--top_k", "5", "--out", str(tmp_path / "x.npz")])
-  assert "threshold" in capsys.readouterr().err
+  pairs, path = sp.mine_to_file(_mining_config(embedding="pixels", threshold=0.9, top_k=5,
+                                               limit=600, block_size=256, out=str(out)))
+  assert path == str(out)
+  loaded = pairs_lib.load_pairs(out)
+  assert loaded.n == 600 and loaded.k == 5
+  np.testing.assert_array_equal(loaded.indices, pairs.indices)
+  assert loaded.metadata["embedding"] == "pixels" and loaded.metadata["threshold"] == 0.9
+  assert 0.5 < loaded.metadata["same_label_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("settings,workdir,key", [
+    ({"embedding": "checkpoint"}, None, "embedding"),     # needs --workdir
+    ({"threshold": None}, None, "threshold"),              # required
+    ({"top_k": 0}, None, "top_k"),
+    ({"out": None}, None, "out"),                          # nowhere to write without --workdir
+    ({"limit": 10}, "/tmp/run", "limit"),                  # a split's prefix with --workdir
+])
+def test_bad_settings_name_their_key(settings, workdir, key):
+  c = _mining_config(**{"threshold": 0.9, "top_k": 5, "out": "x.npz", **settings})
+  with pytest.raises(ConfigError, match=rf"^config {key} = "):
+    sp.validate(c, workdir)

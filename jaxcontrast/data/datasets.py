@@ -31,6 +31,7 @@ from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jaxcontrast import errors
 from jaxcontrast.data import fashion_mnist
 from jaxcontrast.data import fashion_mnist_tfds  # Registers the `fashion_mnist_debian` builder.
 
@@ -256,7 +257,7 @@ def read_split(builder, spec: DatasetSpec, split, *, base_split: str, shuffle_fi
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders,
                             read_config=read_config)
   except AssertionError as e:  # tfds' "could not find data" when the dataset is not prepared.
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f"Dataset {builder.name} is not prepared in data_dir {builder.data_dir!r}. Prepare it "
         f"first (for example `tfds build {builder.name} --data_dir <data_dir>`; imagenet2012 "
         f"needs the manual download). Nothing is downloaded automatically. ({e})") from e

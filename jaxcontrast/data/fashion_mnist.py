@@ -10,6 +10,8 @@ import struct
 
 import numpy as np
 
+from jaxcontrast import errors
+
 DEFAULT_DIRECTORY = "/usr/share/datasets/fashion-mnist"
 INSTALL_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 NUM_CLASSES = 10
@@ -32,7 +34,7 @@ def split_files(split: str, directory: str = DEFAULT_DIRECTORY) -> tuple[str, st
            os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"))
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f"Fashion-MNIST files not found: {missing}. The embedded default dataset comes from the "
         f"Debian package; install it with: {INSTALL_COMMAND}")
   return paths

@@ -2,13 +2,18 @@
 
 The pretrained run's config (model, data set, normalisation) comes from its checkpoint; this
 config only says how to probe it. It is locked by the command line (absl `config_flags`), so a
-mistyped key fails instead of silently probing with the default.
+mistyped key fails instead of silently probing with the default; `validate` raises the
+`ConfigError` of the first bad value.
 """
 import ml_collections
 from ml_collections import config_dict
 
+from jaxcontrast.config_check import fail, is_int
+
 ENCODERS = ("target", "online", "random", "pixels")
 PROTOCOLS = ("auto", "full_batch", "sgd")
+FEATURES = ("backbone", "projection")
+SCHEDULES = ("step", "cosine")
 
 
 def default_probe_config() -> ml_collections.ConfigDict:
@@ -71,32 +76,31 @@ def encoder_list(c) -> list[str]:
 
 
 def validate(c) -> None:
-  """ValueErrors naming the key."""
+  """ConfigError ("config key = value: expected ...") naming the first invalid key."""
   names = encoder_list(c)
   for name in names:
     if name not in ENCODERS:
-      raise ValueError(f"probe config: encoder must be one of {ENCODERS} (or several, "
-                       f"comma-separated), got {c.encoder!r}")
+      fail("", "encoder", c.encoder, f"one of {ENCODERS} (or several, comma-separated)")
   if len(set(names)) != len(names):
-    raise ValueError(f"probe config: encoder names an encoder twice: {c.encoder!r}")
+    fail("", "encoder", c.encoder, "each encoder named once (it names one twice)")
   if len(names) > 1:
     if c.output:
-      raise ValueError("probe config: output names one file; give one encoder with it")
+      fail("", "output", c.output, "None with several encoders (output names one file)")
     for name in names:  # Each one as it will run.
       validate(_with_encoder(c, name))
     return
-  if c.features not in ("backbone", "projection"):
-    raise ValueError(f"probe config: features must be 'backbone' or 'projection', got "
-                     f"{c.features!r}")
+  if c.features not in FEATURES:
+    fail("", "features", c.features, f"one of {FEATURES}")
   if c.encoder == "pixels" and c.features != "backbone":
-    raise ValueError("probe config: features does not apply to encoder='pixels'")
+    fail("", "features", c.features, "'backbone' with encoder='pixels' (no projection head)")
   if c.protocol not in PROTOCOLS:
-    raise ValueError(f"probe config: protocol must be one of {PROTOCOLS}, got {c.protocol!r}")
-  if c.sgd.schedule not in ("step", "cosine"):
-    raise ValueError(f"probe config: sgd.schedule must be 'step' or 'cosine', got "
-                     f"{c.sgd.schedule!r}")
-  if c.batch_size < 1 or c.sgd.batch_size < 1:
-    raise ValueError("probe config: batch_size and sgd.batch_size must be >= 1")
+    fail("", "protocol", c.protocol, f"one of {PROTOCOLS}")
+  if c.sgd.schedule not in SCHEDULES:
+    fail("sgd", "schedule", c.sgd.schedule, f"one of {SCHEDULES}")
+  for section, key in (("", "batch_size"), ("sgd", "batch_size")):
+    value = c.sgd[key] if section else c[key]
+    if not is_int(value) or value < 1:
+      fail(section, key, value, "an int >= 1")
 
 
 def _with_encoder(c, name: str):

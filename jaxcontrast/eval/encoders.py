@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxcontrast import errors
 from jaxcontrast.eval import features as features_lib
 from jaxcontrast.sharding import replicated
 
@@ -38,12 +39,12 @@ def _saved_config(workdir, step):
   try:
     steps = ckpt.all_steps()
     if not steps:
-      raise ValueError(f"No checkpoint in {ckpt.directory}: nothing to probe (train first, or "
-                       "check --workdir).")
+      raise errors.CheckpointNotFoundError(
+          f"No checkpoint in {ckpt.directory}: nothing to probe (train first, or check --workdir).")
     step = max(steps) if step is None else int(step)
     if step not in steps:
-      raise ValueError(f"No checkpoint at step {step} in {ckpt.directory}; saved steps: "
-                       f"{sorted(steps)}")
+      raise errors.CheckpointNotFoundError(
+          f"No checkpoint at step {step} in {ckpt.directory}; saved steps: {sorted(steps)}")
     _, saved = ckpt.saved_json(step)
   finally:
     ckpt.close()

@@ -2,7 +2,7 @@
 
   python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist
   python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist --config.encoder=random
-  python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist \
+  python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist \\
       --config.encoder=target,random,pixels       # three probes, one process (launch/local.sh)
   python -m jaxcontrast.eval.linear_probe --workdir gs://bucket/moco_in1k --config.protocol=sgd
 
@@ -17,6 +17,9 @@ labelled train split and reports top-1 / top-5 on the test split:
 
 Writes DIR/<output>.json (process 0) with the accuracies, the encoder, the checkpoint step, the
 chosen L2 and its held-out accuracy, timings and every probe setting, and prints one summary line.
+`--help` lists the keys. A bad key or value, a workdir without a checkpoint or a dataset not
+prepared is one line and exit status 2; `--verbosity=0` or JAXCONTRAST_VERBOSE=1 shows the
+libraries' logs.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcontrast import xla_cpu
+from jaxcontrast.config_check import fail
+from jaxcontrast.errors import ConfigError
 from jaxcontrast.eval import config as config_lib
 from jaxcontrast.eval import encoders
 from jaxcontrast.eval import features as features_lib
@@ -96,8 +100,8 @@ def full_batch_probe(enc, data_cfg, probe_config, *, mesh, num_classes) -> dict:
                                            batch_size=probe_config.batch_size)
   t1 = time.perf_counter()
   if (y_train < 0).any() or (y_test < 0).any():
-    raise ValueError("linear probe: the train/test splits must be labelled (found label -1); "
-                     "set --config.train_split / --config.test_split")
+    split = "train_split" if (y_train < 0).any() else "test_split"
+    fail("", split, probe_config[split], "a labelled split (found label -1)")
   result = fit_and_evaluate(x_train, y_train, x_test, y_test, num_classes=num_classes,
                             full_batch_config=probe_config.full_batch, seed=probe_config.seed)
   result["seconds"] = {"features": round(t1 - t0, 3),
@@ -143,7 +147,7 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   info = pipeline.dataset_info(data_cfg)
   num_classes, num_train = info["num_classes"], info["num_train"]
   if not num_classes:
-    raise ValueError(f"linear probe: dataset {data_cfg.dataset!r} has no labels")
+    raise ConfigError(f"linear probe: the run's dataset {data_cfg.dataset!r} has no labels")
   enc = encoders.load_probe_encoder(workdir, encoder=probe_config.encoder,
                                     features=probe_config.features, step=probe_config.step,
                                     mesh=mesh, seed=probe_config.seed,
@@ -156,8 +160,8 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   else:
     if num_train is None:   # tfds does not know the size (e.g. mock data).
       if not probe_config.sgd.total_steps:
-        raise ValueError("linear probe (sgd): the train split size is unknown; set "
-                         "--config.sgd.total_steps")
+        fail("sgd", "total_steps", probe_config.sgd.total_steps,
+             "an int >= 1: the train split's size is unknown")
       num_train = (probe_config.sgd.total_steps * probe_config.sgd.batch_size
                    // max(1, probe_config.sgd.epochs))
     result = sgd_probe(enc, data_cfg, probe_config, mesh=mesh, workdir=workdir,
@@ -188,51 +192,39 @@ def summary_line(result: dict) -> str:
   return line + f" -> {result['output']}"
 
 
-def main(argv=None) -> int:
-  """absl entry point (flags: --workdir, --config.KEY=VALUE)."""
-  xla_cpu.apply()
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from jaxcontrast.sharding import define_distributed_flags  # pylint: disable=g-import-not-at-top
+def run_probes(workdir, probe_config, *, mesh=None) -> list[dict]:
+  """`run_probe` for each encoder of `probe_config.encoder` ("target,random,pixels"), in one
+  process: one start-up, one mesh."""
+  mesh = make_mesh() if mesh is None else mesh
+  return [run_probe(workdir, one, mesh=mesh) for one in config_lib.split_encoders(probe_config)]
 
-  import sys  # pylint: disable=g-import-not-at-top
-  argv = list(sys.argv if argv is None else argv)
-  flag_values = flags.FlagValues()
-  saved_argv, sys.argv = sys.argv, argv   # config_flags reads the overrides from sys.argv
-  try:
-    config_flag = config_flags.DEFINE_config_dict(
-        "config", config_lib.default_probe_config(), "Probe settings (--config.KEY=VALUE).",
-        flag_values=flag_values)
-    workdir_flag = flags.DEFINE_string("workdir", None, "The pretraining run's workdir.",
-                                       flag_values=flag_values)
-    flags.mark_flag_as_required("workdir", flag_values=flag_values)
-    initialize_distributed = define_distributed_flags(flag_values)
-    flag_values(argv)
-    config_lib.validate(config_flag.value)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # A mistyped --config.KEY raises AttributeError inside config_flags; say it in one line.
-    message = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split())
-    if isinstance(e, (AttributeError, KeyError)):
-      message = f"unknown probe config key: {message}"
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
-    return 1
-  finally:
-    sys.argv = saved_argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    initialize_distributed()
-  except flags.ValidationError as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
-    return 1
-  # Several encoders ("target,random,pixels") share the process: one start-up, one mesh.
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.sharding import define_distributed_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "The pretraining run's workdir.")
+  flags.mark_flag_as_required("workdir")
+  return define_distributed_flags()
+
+
+def main(argv, initialize_distributed) -> None:
+  """After `cli.run` parsed the flags: --workdir, --config.KEY=VALUE (eval/config.py)."""
+  del argv
+  import os  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from jaxcontrast import cli  # pylint: disable=g-import-not-at-top
+  probe_configs = config_lib.split_encoders(flags.FLAGS.config)   # checks every key first
+  os.environ.update(cli.quiet_environment())   # before TensorFlow is imported
+  initialize_distributed()
   mesh = make_mesh()
-  for probe_config in config_lib.split_encoders(config_flag.value):
-    result = run_probe(workdir_flag.value, probe_config, mesh=mesh)
+  for probe_config in probe_configs:
+    result = run_probe(flags.FLAGS.workdir, probe_config, mesh=mesh)
     if jax.process_index() == 0:
       print(summary_line(result), flush=True)
-  return 0
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  import functools  # pylint: disable=g-import-not-at-top
+  from jaxcontrast import cli  # pylint: disable=g-import-not-at-top
+  cli.run(functools.partial(main, initialize_distributed=_define_flags()),
+          config=config_lib.default_probe_config)
