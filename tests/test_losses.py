@@ -323,8 +323,10 @@ def _call(fn, case, arrays, **extra):
 
 
 def reference(case):
-  """(loss, metrics) of the NumPy reference; metrics {} for the regularisers."""
-  out = _call(getattr(ref, case.fn), case, case.arrays)
+  """(loss, metrics) of the NumPy reference; metrics {} for the regularisers. The reference is
+  the loss's value: a stop-gradient switch does not change it."""
+  kwargs = {n: v for n, v in case.kwargs.items() if n != "stop_gradient"}
+  out = _call(getattr(ref, case.fn), dataclasses.replace(case, kwargs=kwargs), case.arrays)
   return out if isinstance(out, tuple) else (out, {})
 
 
