@@ -42,9 +42,13 @@ def sim(a: Array, b: Array, precision: lax.PrecisionLike) -> Array:
 
 
 def l2_normalize(x: Array, *, axis: int = -1, eps: float = 1e-12) -> Array:
-  """Row-wise L2 normalisation, `x / max(||x||_2, eps)` (as torch.nn.functional.normalize)."""
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * lax.rsqrt(jnp.maximum(sq, eps * eps))
+  """Row-wise L2 normalisation, `x / max(||x||_2, eps)` (as torch.nn.functional.normalize).
+
+  A correctly rounded square root and division (not an approximate reciprocal square root), so
+  equal rows give equal results wherever they sit in the array: exact duplicates stay exact
+  ties for the similarity searches (mining, kNN, FNC's top-k)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
 
 
 def as_float(x: Array) -> Array:
