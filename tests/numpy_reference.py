@@ -78,11 +78,11 @@ def _infonce_metrics(logits, pos_col, neg_mask):
 def _queue_logits(q, k, queue, temperature):
   """concat([q.k, q @ Q.T], 1) / temperature, shape (B, 1+K)."""
   l_pos = np.sum(q * k, axis=-1, keepdims=True)
-  l_neg = q @ _f64(queue).T
+  l_neg = q @ l2_normalize(queue).T
   return np.concatenate([l_pos, l_neg], axis=1) / temperature
 
 
-def moco_infonce(query, key, queue, *, temperature=0.2):
+def moco_infonce(query, key, queue=None, *, temperature=0.2):
   """MoCo v2 InfoNCE (METHODS section 1); queue=None: in-batch negatives, positive on diagonal."""
   q = l2_normalize(query)
   k = l2_normalize(key)
@@ -105,7 +105,7 @@ def sce(query, key, queue, *, temperature=0.1, target_temperature=0.07, coeff=0.
   """SCE, official-code semantics (METHODS section 2); mask_self=True: self column -inf."""
   q = l2_normalize(query)
   k = l2_normalize(key)
-  queue = _f64(queue)
+  queue = l2_normalize(queue)
   b = q.shape[0]
   lq = _queue_logits(q, k, queue, temperature)
   self_col = np.full((b, 1), -np.inf if mask_self else 0.0)
@@ -130,7 +130,7 @@ def co2_consistency(query, key, queue, *, temperature=0.04, include_positive=Fal
   """CO2 unweighted symmetric-KL regulariser (METHODS section 3)."""
   q = l2_normalize(query)
   k = l2_normalize(key)
-  queue = _f64(queue)
+  queue = l2_normalize(queue)
   sq = q @ queue.T
   sk = k @ queue.T
   if include_positive:
@@ -165,7 +165,7 @@ def xmoco_cross_consistency(query, key, *, temperature=0.1, divergence="kl", pai
 def xmoco_negative_uniformity(query, queue, *, temperature=0.2, per_sample=False):
   """XMoCo uniformity of the similarity over the negatives (METHODS section 4b)."""
   q = l2_normalize(query)
-  queue = _f64(queue)
+  queue = l2_normalize(queue)
   n_neg = queue.shape[0]
   log_p = log_softmax(q @ queue.T / temperature)  # (B, K)
   if per_sample:
@@ -175,14 +175,18 @@ def xmoco_negative_uniformity(query, queue, *, temperature=0.2, per_sample=False
 
 
 def fnc_detect(key, support_keys, queue, *, threshold, top_k):
-  """False-negative mask (B, K): max cosine over the key view and the S support views."""
-  views = np.concatenate([_f64(key)[:, None, :], _f64(support_keys)], axis=1)  # (B, 1+S, D)
+  """False-negative mask (B, K): max cosine over the key view and the S support views (None:
+  none). The queue rows are normalised (the library's contract)."""
+  views = _f64(key)[:, None, :]
+  if support_keys is not None:
+    views = np.concatenate([views, _f64(support_keys)], axis=1)  # (B, 1+S, D)
+  queue = l2_normalize(queue)
   views = l2_normalize(views)
   s = np.max(np.einsum("bvd,kd->bvk", views, _f64(queue)), axis=1)  # (B, K)
   return (s > threshold) & top_k_mask(s, top_k)
 
 
-def fnc(query, key, queue, *, support_keys, temperature=0.1, threshold=0.7, top_k=10,
+def fnc(query, key, queue, support_keys=None, *, temperature=0.1, threshold=0.7, top_k=10,
         mode="attraction"):
   """FNC, MoCo-queue form (METHODS section 5): attraction or elimination.
 
@@ -215,7 +219,8 @@ def fnc_multiview_detect(target_views, queue, *, threshold, top_k):
   """(B, M) false-negative mask over the memory [E.reshape(V*B, D), queue] (own rows never)."""
   e = l2_normalize(target_views)
   v_count, b, d = e.shape
-  mem = np.concatenate([e.reshape(v_count * b, d), _f64(queue)], axis=0)
+  rows = [e.reshape(v_count * b, d)] + ([] if queue is None else [l2_normalize(queue)])
+  mem = np.concatenate(rows, axis=0)
   s = np.max(np.einsum("vbd,md->vbm", e, mem), axis=0)  # (B, M)
   for bi in range(b):
     for v in range(v_count):
@@ -253,7 +258,7 @@ def fnc_multiview(views, target_views, queue, *, temperature=0.1, threshold=0.7,
   return float(2.0 / v_count * total), metrics
 
 
-def multi_positive_infonce(query, key, queue, *, positive_mask, temperature):
+def multi_positive_infonce(query, key, queue, positive_mask, *, temperature=0.2):
   """Multi-positive InfoNCE: loss_i = logsumexp(logits_i) - mean over positives of logits_i.
 
   The key column is always a positive; positive_mask (B, K) marks extra positives in the queue.
@@ -271,6 +276,48 @@ def multi_positive_infonce(query, key, queue, *, positive_mask, temperature):
   neg_mask = np.zeros(logits.shape, dtype=bool)
   neg_mask[:, 1:] = True
   return float(np.mean(per_row)), _infonce_metrics(logits, np.zeros(b, dtype=int), neg_mask)
+
+
+def nt_xent(view1, view2, *, temperature=0.1):
+  """SimCLR NT-Xent over 2N anchors: z = [n(view1); n(view2)], row i's positive is the other
+  view of its image, its negatives the 2N - 2 other rows; loss and metrics, loop per anchor."""
+  z = np.concatenate([l2_normalize(view1), l2_normalize(view2)])
+  n2 = z.shape[0]
+  n = n2 // 2
+  logits = z @ z.T / temperature
+  per_row, pos, neg, acc = [], [], [], []
+  for i in range(n2):
+    p = (i + n) % n2
+    others = [j for j in range(n2) if j != i]
+    negs = [j for j in others if j != p]
+    per_row.append(logsumexp(logits[i, others]) - logits[i, p])
+    pos.append(logits[i, p])
+    neg.extend(logits[i, negs])
+    acc.append(float(not negs or logits[i, p] >= np.max(logits[i, negs])))
+  metrics = {"pos_logit": float(np.mean(pos)), "acc": float(np.mean(acc)),
+             "neg_logit": float(np.mean(neg)) if neg else 0.0}
+  return float(np.mean(per_row)), metrics
+
+
+def nt_xent_grad(view1, view2, *, temperature=0.1, stop_gradient=False):
+  """Analytic d NT-Xent / d (view1, view2). With s_ij = z_i . c_j / tau, c = z (the columns)
+  and G_ij = dL/ds_ij = (softmax_{j != i}(s_i)_j - [j = pos(i)]) / 2N:
+      dL/dz = (G @ c + [not stop_gradient] G.T @ z) / tau
+  then through z = x / |x|: dL/dx = (dL/dz - z (z . dL/dz)) / |x|."""
+  x = np.concatenate([_f64(view1), _f64(view2)])
+  norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+  z = x / norm
+  n2 = z.shape[0]
+  s = z @ z.T / temperature
+  np.fill_diagonal(s, -np.inf)
+  g = softmax(s)
+  g[np.arange(n2), (np.arange(n2) + n2 // 2) % n2] -= 1.0
+  g /= n2
+  dz = g @ z / temperature
+  if not stop_gradient:
+    dz = dz + g.T @ z / temperature
+  dx = (dz - z * np.sum(z * dz, axis=-1, keepdims=True)) / norm
+  return dx[:n2 // 2], dx[n2 // 2:]
 
 
 def numerical_grad(f, x, h=1e-6):

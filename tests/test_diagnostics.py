@@ -173,8 +173,8 @@ def test_fnc_detect_matches_numpy_and_the_loss(num_support, masked):
   queue /= np.linalg.norm(queue, axis=1, keepdims=True)
   valid = (rng.rand(20) > 0.25) if masked else None
   detect = jax.jit(lambda *a: losses.fnc_detect(*a[:3], threshold=0.5, top_k=4,
-                                                 queue_valid=a[3]))
-  got = np.asarray(detect(key, support, queue, valid))
+                                                 queue_valid=a[3])[0])
+  got = np.asarray(detect(key, queue, support, valid))
   want = numpy_detect(key, support, queue, 0.5, 4, valid)
   np.testing.assert_array_equal(got, want)
   assert 0 < want.sum() < want.size

@@ -144,10 +144,19 @@ class Case:
   kwargs: dict
   metrics: tuple = ()
   tol: float = 1.0
+  # Inputs with a gradient (the others must get exactly zero); None: the first positional.
+  grads: tuple = None
+  # Whether those gradients are the derivative of the loss (False when a stop-gradient makes
+  # them differ from finite differences of the reference; checked analytically instead).
+  fd: bool = True
 
   @property
   def grad_arg(self):
     return self.positional[0]
+
+  @property
+  def grad_args(self):
+    return (self.positional[0],) if self.grads is None else self.grads
 
   def float_args(self):
     return [n for n in self.positional + self.keyword
@@ -180,7 +189,7 @@ def _xunif(id_, arrays, **kw):
 
 
 def _fnc(id_, arrays, metrics=("pos_logit", "num_false_negatives"), **kw):
-  return Case(id_, "fnc", QK_Q, ("support_keys",), arrays, kw, metrics)
+  return Case(id_, "fnc", QK_Q + ("support_keys",), (), arrays, kw, metrics)
 
 
 def _fnc_mv(id_, arrays, **kw):
@@ -188,8 +197,14 @@ def _fnc_mv(id_, arrays, **kw):
               ("num_false_negatives",))
 
 
+def _ntxent(id_, arrays, **kw):
+  both = ("view1", "view2")
+  return Case(id_, "nt_xent", both, (), {"view1": arrays["query"], "view2": arrays["key"]}, kw,
+              INFONCE_METRICS, grads=both, fd=not kw.get("stop_gradient", False))
+
+
 def _multipos(id_, arrays, metrics=("pos_logit",), **kw):
-  return Case(id_, "multi_positive_infonce", QK_Q, ("positive_mask",), arrays, kw, metrics)
+  return Case(id_, "multi_positive_infonce", QK_Q + ("positive_mask",), (), arrays, kw, metrics)
 
 
 NO_ACC = ("pos_logit", "neg_logit")  # D=1: exact cosine ties make `acc` a coin flip in float32.
@@ -203,6 +218,17 @@ CASES = [
     _moco("moco-B2-K9-D8-t0.07", qk_queue(3, 2, 9, 8), temperature=0.07),
     _moco("moco-inbatch-B5-D4", qk_queue(4, 5, None, 4)),
     _moco("moco-inbatch-B1-D3", qk_queue(5, 1, None, 3), metrics=("pos_logit", "acc")),
+    dataclasses.replace(_moco("moco-inbatch-nosg-B5-D4", qk_queue(4, 5, None, 4),
+                              stop_gradient=False), grads=("query", "key")),
+    dataclasses.replace(_moco("moco-nosg-B4-K7-D5", qk_queue(0, 4, 7, 5), stop_gradient=False),
+                        grads=("query", "key")),
+    _moco("moco-rawqueue-B4-K7-D5", {**qk_queue(0, 4, 7, 5),
+                                      "queue": qk_queue(0, 4, 7, 5)["queue"] * 3.0}),
+    # SimCLR NT-Xent.
+    _ntxent("ntxent-B4-D5", qk_queue(80, 4, None, 5)),
+    _ntxent("ntxent-B1-D3", qk_queue(81, 1, None, 3)),
+    _ntxent("ntxent-t0.5-B3-D4", qk_queue(82, 3, None, 4), temperature=0.5),
+    _ntxent("ntxent-sg-B4-D5", qk_queue(80, 4, None, 5), stop_gradient=True),
     _moco("moco-dupqueue-B3-K5-D4", qk_queue(6, 3, 5, 4, duplicate=True)),
     dataclasses.replace(_moco("moco-t0.01", qk_queue(7, 4, 6, 5), temperature=0.01), tol=LOW_T),
     # SCE.
@@ -273,6 +299,9 @@ CASES = [
             top_k=2, threshold=0.3),
     dataclasses.replace(_fnc_mv("fncmv-t0.01", multiview_inputs(64, 2, 3, 6, 5),
                                 temperature=0.01), tol=LOW_T),
+    dataclasses.replace(_fnc_mv("fncmv-inbatch-nosg-V2-B4-D6",
+                                {**multiview_inputs(65, 2, 4, 2, 6), "queue": None}, top_k=2,
+                                stop_gradient=False), grads=("views", "target_views")),
     # Multi-positive InfoNCE.
     _multipos("multipos-B4-K7-D5", multipos_inputs(70, 4, 7, 5), temperature=0.1),
     _multipos("multipos-B1-K5-D3", multipos_inputs(71, 1, 5, 3), temperature=0.2),
@@ -294,8 +323,10 @@ def _call(fn, case, arrays, **extra):
 
 
 def reference(case):
-  """(loss, metrics) of the NumPy reference; metrics {} for the regularisers."""
-  out = _call(getattr(ref, case.fn), case, case.arrays)
+  """(loss, metrics) of the NumPy reference; metrics {} for the regularisers. The reference is
+  the loss's value: a stop-gradient switch does not change it."""
+  kwargs = {n: v for n, v in case.kwargs.items() if n != "stop_gradient"}
+  out = _call(getattr(ref, case.fn), dataclasses.replace(case, kwargs=kwargs), case.arrays)
   return out if isinstance(out, tuple) else (out, {})
 
 
@@ -384,29 +415,33 @@ def test_fnc_cases_exercise_detection():
 # Gradients.
 
 
-@pytest.mark.parametrize("case_id", _ids(CASES))
-def test_grad_query_matches_finite_differences(case_id):
-  """d loss / d query (views for fnc_multiview) equals central differences of the reference."""
+@pytest.mark.parametrize("case_id", _ids(c for c in CASES if c.fd))
+def test_grad_matches_finite_differences(case_id):
+  """d loss / d query (views for fnc_multiview; also the key / targets where no stop-gradient
+  applies) equals central differences of the reference."""
   case = CASES_BY_ID[case_id]
   _, _, grads = library_results(case_id)
-  got = np.asarray(grads[case.grad_arg], np.float64)
+  for name in case.grad_args:
+    got = np.asarray(grads[name], np.float64)
 
-  def f(x):
-    return reference(dataclasses.replace(case, arrays={**case.arrays, case.grad_arg: x}))[0]
+    def f(x, name=name):
+      return reference(dataclasses.replace(case, arrays={**case.arrays, name: x}))[0]
 
-  want = ref.numerical_grad(f, case.arrays[case.grad_arg])
-  assert np.all(np.isfinite(got))
-  scale = max(1.0, np.max(np.abs(want)))
-  np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * scale * case.tol)
+    want = ref.numerical_grad(f, case.arrays[name])
+    assert np.all(np.isfinite(got))
+    scale = max(1.0, np.max(np.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * scale * case.tol, err_msg=name)
 
 
 @pytest.mark.parametrize("case_id", _ids(CASES))
 def test_grad_stopped_inputs_is_zero(case_id):
-  """Key, queue, support_keys and target_views are stop-gradient: exactly zero gradient."""
+  """Key, queue, support_keys and target_views are stop-gradient (unless the case turns it
+  off): exactly zero gradient."""
   case = CASES_BY_ID[case_id]
   _, _, grads = library_results(case_id)
-  stopped = [n for n in grads if n != case.grad_arg]
-  assert stopped or case.fn == "xmoco_negative_uniformity" or case.arrays.get("queue") is None
+  stopped = [n for n in grads if n not in case.grad_args]
+  assert (stopped or case.fn in ("xmoco_negative_uniformity", "nt_xent")
+          or case.arrays.get("queue") is None or case.grads)
   for name in stopped:
     assert np.all(np.asarray(grads[name]) == 0), name
 
@@ -497,7 +532,7 @@ def test_xmoco_cross_query_equals_key_is_zero(divergence, pairs):
 # ---------------------------------------------------------------------------------------------
 # bfloat16 inputs.
 
-BF16_CASES = ["moco-B4-K7-D5", "moco-inbatch-B5-D4", "sce-B4-K7-D5", "co2-incpos-B4-K7-D5",
+BF16_CASES = ["moco-B4-K7-D5", "moco-inbatch-B5-D4", "ntxent-B4-D5", "sce-B4-K7-D5", "co2-incpos-B4-K7-D5",
               "xcross-kl-query-B5-D4", "xunif-B4-K7-D5", "fnc-attr-B4-K12-D6-S2-k2",
               "fnc-elim-B4-K12-D6-S2-k2", "fncmv-V2-B3-K8-D6-k2", "multipos-B4-K7-D5"]
 
@@ -523,3 +558,53 @@ def test_bfloat16_inputs_promoted_to_float32(case_id):
   for name, value in want_metrics.items():
     np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
   assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# SimCLR's NT-Xent: the analytic NumPy gradient, and its identities with the other forms.
+
+
+@pytest.mark.parametrize("stop_gradient", [False, True])
+def test_nt_xent_gradient_matches_numpy_analytic(stop_gradient):
+  """Both views' gradients equal the NumPy analytic gradient (the stop-gradient version drops
+  the columns' term, which finite differences cannot see)."""
+  case = CASES_BY_ID["ntxent-sg-B4-D5" if stop_gradient else "ntxent-B4-D5"]
+  _, _, grads = library_results(case.id)
+  want = ref.nt_xent_grad(case.arrays["view1"], case.arrays["view2"], temperature=0.1,
+                          stop_gradient=stop_gradient)
+  for name, w in zip(("view1", "view2"), want):
+    np.testing.assert_allclose(grads[name], w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_nt_xent_is_half_fnc_multiview_in_batch():
+  """The official FNC objective (SimCLR-based: fnc_multiview on the same views, no queue, no
+  stop-gradient) with nothing detected is 2 x NT-Xent, loss and gradient."""
+  a = qk_queue(90, 6, None, 5)
+  views = np.stack([a["query"], a["key"]])
+
+  def both(v):
+    fnc = losses.fnc_multiview(v, v, threshold=2.0, top_k=1, stop_gradient=False)[0]
+    return fnc, losses.nt_xent(v[0], v[1])[0]
+
+  jac = jax.jit(jax.jacrev(both))(views)          # one compile: d fnc / dv, d nt_xent / dv
+  fnc, nt = jax.jit(both)(views)
+  np.testing.assert_allclose(fnc, 2 * nt, rtol=1e-6)
+  g_fnc, g_nt = jac
+  np.testing.assert_allclose(g_fnc, 2 * g_nt, rtol=1e-5, atol=1e-7)
+  # With the default stop-gradient the targets' half of the gradient is missing.
+  g_sg = jax.jit(jax.grad(lambda v: losses.fnc_multiview(v, v, threshold=2.0, top_k=1)[0]))(
+      views)
+  assert np.max(np.abs(np.asarray(g_sg) - np.asarray(g_fnc))) > 1e-3
+
+
+def test_clip_is_moco_in_batch_both_ways():
+  """CLIP's symmetric loss = the mean of the two in-batch directions without stop-gradient:
+  checked against NumPy cross-entropies of the (B, B) logits over rows and over columns."""
+  a = qk_queue(91, 5, None, 4)
+  one_way = lambda x, y: losses.moco_infonce(x, y, temperature=0.07, stop_gradient=False)[0]
+  got = jax.jit(lambda x, y: 0.5 * (one_way(x, y) + one_way(y, x)))(a["query"], a["key"])
+  logits = ref.l2_normalize(a["query"]) @ ref.l2_normalize(a["key"]).T / 0.07
+  diag = np.diagonal(logits)
+  want = 0.5 * (np.mean(ref.logsumexp(logits, 1) - diag) +
+                np.mean(ref.logsumexp(logits, 0) - diag))
+  np.testing.assert_allclose(got, want, rtol=1e-5)

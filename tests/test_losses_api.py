@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,6 +71,23 @@ def _bad_calls():
       ("xunif-query-1d", lambda: xu(Q[0], QUEUE), "query"),
       ("xunif-temperature", lambda: xu(Q, QUEUE, temperature=0.0), "temperature"),
       ("fnc-mode", lambda: fnc(Q, KEY, QUEUE, support_keys=SUPPORT, mode="repulsion"), "mode"),
+      ("fnc-top_k-0", lambda: fnc(Q, KEY, QUEUE, SUPPORT, top_k=0), "top_k"),
+      ("fnc-top_k-float", lambda: fnc(Q, KEY, QUEUE, SUPPORT, top_k=2.0), "top_k"),
+      ("fnc-threshold-nan", lambda: fnc(Q, KEY, QUEUE, SUPPORT, threshold=np.float32("nan")),
+       "threshold"),
+      ("fnc-threshold-nan-jnp", lambda: fnc(Q, KEY, QUEUE, SUPPORT, threshold=jnp.array(np.nan)),
+       "threshold"),
+      ("fnc-no-queue", lambda: fnc(Q, KEY, None, SUPPORT), "queue"),
+      ("fncdetect-top_k", lambda: losses.fnc_detect(KEY, QUEUE, SUPPORT, top_k=-1), "top_k"),
+      ("sce-coeff-np", lambda: sce(Q, KEY, QUEUE, coeff=np.float32(1.5)), "coeff"),
+      ("sce-no-queue", lambda: sce(Q, KEY, None), "queue"),
+      ("sce-mask_self-str", lambda: sce(Q, KEY, QUEUE, mask_self="yes"), "mask_self"),
+      ("moco-stop_gradient-int", lambda: moco(Q, KEY, QUEUE, stop_gradient=0), "stop_gradient"),
+      ("moco-unnormalised-queue-promised", lambda: moco(Q, KEY, 2 * QUEUE, normalize_queue=False),
+       "normalize_queue"),
+      ("ntxent-shape", lambda: losses.nt_xent(Q, KEY[:3]), "view2"),
+      ("ntxent-temperature", lambda: losses.nt_xent(Q, KEY, temperature=jnp.array(0.0)),
+       "temperature"),
       ("fnc-support-2d", lambda: fnc(Q, KEY, QUEUE, support_keys=SUPPORT[:, 0]),
        "support_keys"),
       ("fnc-support-batch", lambda: fnc(Q, KEY, QUEUE, support_keys=SUPPORT[:3]),
@@ -116,6 +134,8 @@ def test_good_inputs_do_not_raise():
   losses.fnc(Q, KEY, QUEUE, support_keys=SUPPORT, mode="elimination")
   losses.fnc_multiview(VIEWS, VIEWS, QUEUE)
   losses.multi_positive_infonce(Q, KEY, QUEUE, positive_mask=MASK, temperature=0.1)
+  losses.multi_positive_infonce(Q, KEY, QUEUE, MASK)
+  losses.nt_xent(Q, KEY)
 
 
 def test_import_pulls_in_neither_flax_nor_tensorflow():
@@ -129,3 +149,142 @@ def test_import_pulls_in_neither_flax_nor_tensorflow():
   res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
   assert res.returncode == 0, res.stdout + res.stderr
+
+
+TEMPERATURE_CALLS = {
+    "moco_infonce": lambda t: losses.moco_infonce(Q, KEY, QUEUE, temperature=t),
+    "moco_infonce-inbatch": lambda t: losses.moco_infonce(Q, KEY, temperature=t),
+    "nt_xent": lambda t: losses.nt_xent(Q, KEY, temperature=t),
+    "sce": lambda t: losses.sce(Q, KEY, QUEUE, temperature=t),
+    "sce-target": lambda t: losses.sce(Q, KEY, QUEUE, target_temperature=t),
+    "co2_consistency": lambda t: losses.co2_consistency(Q, KEY, QUEUE, temperature=t),
+    "xmoco_cross_consistency": lambda t: losses.xmoco_cross_consistency(Q, KEY, temperature=t),
+    "xmoco_negative_uniformity": lambda t: losses.xmoco_negative_uniformity(Q, QUEUE,
+                                                                            temperature=t),
+    "fnc": lambda t: losses.fnc(Q, KEY, QUEUE, SUPPORT, temperature=t),
+    "fnc_multiview": lambda t: losses.fnc_multiview(VIEWS, VIEWS, QUEUE, temperature=t),
+    "multi_positive_infonce": lambda t: losses.multi_positive_infonce(Q, KEY, QUEUE, MASK,
+                                                                      temperature=t),
+}
+BAD_TEMPERATURES = {"np-zero": np.float32(0), "jnp-zero": jnp.array(0.0),
+                    "jnp-negative": jnp.array(-0.2), "np-inf": np.float64(np.inf),
+                    "py-zero": 0}
+
+
+@pytest.mark.parametrize("value", list(BAD_TEMPERATURES.values()), ids=list(BAD_TEMPERATURES))
+@pytest.mark.parametrize("name", list(TEMPERATURE_CALLS))
+def test_concrete_temperature_checked_whatever_its_type(name, value):
+  """Python, NumPy and concrete JAX scalars are validated alike (a NaN loss or a negative
+  temperature's 8.05 are no results)."""
+  with pytest.raises(ValueError, match="temperature"):
+    TEMPERATURE_CALLS[name](value)
+
+
+def test_good_scalar_types_are_accepted_and_equal():
+  """np.float32 / jnp scalars give the loss of the same Python float; under jit a traced
+  temperature (a schedule) is not checked and gives the same value too."""
+  want = losses.moco_infonce(Q, KEY, QUEUE, temperature=0.2)[0]
+  for t in (np.float32(0.2), jnp.array(0.2)):
+    np.testing.assert_allclose(losses.moco_infonce(Q, KEY, QUEUE, temperature=t)[0], want,
+                               rtol=1e-6)
+  traced = jax.jit(lambda t: losses.moco_infonce(Q, KEY, QUEUE, temperature=t)[0])(0.2)
+  np.testing.assert_allclose(traced, want, rtol=1e-6)
+
+
+def test_static_options_say_so_under_jit():
+  """top_k / mode / booleans traced by jax.jit: a ValueError saying "static Python value"."""
+  with pytest.raises(ValueError, match="top_k must be a static Python value"):
+    jax.jit(losses.fnc_multiview)(VIEWS, VIEWS, QUEUE, top_k=5)
+  with pytest.raises(ValueError, match="top_k must be a static Python value"):
+    jax.jit(losses.fnc)(Q, KEY, QUEUE, SUPPORT, top_k=5)
+  with pytest.raises(ValueError, match="mask_self must be a static Python value"):
+    jax.jit(losses.sce)(Q, KEY, QUEUE, mask_self=True)
+  with pytest.raises(ValueError, match="stop_gradient must be a static Python value"):
+    jax.jit(losses.moco_infonce)(Q, KEY, QUEUE, stop_gradient=False)
+  # A string cannot be traced at all: jax.jit refuses it before the loss runs, naming it.
+  with pytest.raises(TypeError, match="static"):
+    jax.jit(losses.fnc)(Q, KEY, QUEUE, SUPPORT, mode="elimination")
+  # Marked static, all of them work.
+  got = jax.jit(losses.fnc, static_argnames=("mode", "top_k"))(Q, KEY, QUEUE, SUPPORT, top_k=5,
+                                                                mode="elimination")[0]
+  np.testing.assert_allclose(got, losses.fnc(Q, KEY, QUEUE, SUPPORT, top_k=5,
+                                             mode="elimination")[0], rtol=1e-6)
+
+
+def test_numpy_integer_top_k_is_accepted():
+  a = losses.fnc_multiview(VIEWS, VIEWS, QUEUE, top_k=np.int64(2), threshold=0.1)
+  b = losses.fnc_multiview(VIEWS, VIEWS, QUEUE, top_k=2, threshold=0.1)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-7)
+  fn, _ = losses.fnc_detect(KEY, QUEUE, SUPPORT, top_k=np.int32(1), threshold=-1.0)
+  assert np.asarray(fn).sum(1).tolist() == [1] * B
+
+
+QUEUE_CALLS = {
+    "moco_infonce": lambda queue, **kw: losses.moco_infonce(Q, KEY, queue, **kw),
+    "sce": lambda queue, **kw: losses.sce(Q, KEY, queue, **kw),
+    "co2_consistency": lambda queue, **kw: losses.co2_consistency(Q, KEY, queue, **kw),
+    "xmoco_negative_uniformity": lambda queue, **kw: losses.xmoco_negative_uniformity(
+        Q, queue, **kw),
+    "fnc": lambda queue, **kw: losses.fnc(Q, KEY, queue, SUPPORT, threshold=0.2, **kw),
+    "fnc_detect": lambda queue, **kw: losses.fnc_detect(KEY, queue, SUPPORT, threshold=0.2,
+                                                        **kw),
+    "fnc_multiview": lambda queue, **kw: losses.fnc_multiview(VIEWS, VIEWS, queue, threshold=0.2,
+                                                              **kw),
+    "multi_positive_infonce": lambda queue, **kw: losses.multi_positive_infonce(
+        Q, KEY, queue, MASK, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(QUEUE_CALLS))
+def test_queue_rows_are_normalised_inside(name):
+  """The queue's contract: rows are L2-normalised in the loss, so a queue of rows of any norm
+  gives the unit-row result (an unnormalised queue gave 7.52 instead of 1.01); promising unit
+  rows (`normalize_queue=False`) is checked on a concrete queue."""
+  scale = np.float32([[0.1], [3.0], [1.0], [7.0], [0.5], [2.0], [1.0]])
+  unit_loss, unit_metrics = QUEUE_CALLS[name](QUEUE)
+  raw_loss, raw_metrics = QUEUE_CALLS[name](QUEUE * scale)
+  np.testing.assert_allclose(np.asarray(raw_loss, np.float32), np.asarray(unit_loss, np.float32),
+                             rtol=1e-5, atol=1e-6)
+  for key, value in unit_metrics.items():
+    np.testing.assert_allclose(raw_metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+  promised_loss, _ = QUEUE_CALLS[name](QUEUE, normalize_queue=False)
+  np.testing.assert_allclose(np.asarray(promised_loss, np.float32),
+                             np.asarray(unit_loss, np.float32), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="row 0 has norm 0.1"):
+    QUEUE_CALLS[name](QUEUE * scale, normalize_queue=False)
+
+
+def test_unnormalised_queue_promise_skips_invalid_rows():
+  """Rows outside queue_valid may be anything (e.g. zeros never written)."""
+  queue = QUEUE.copy()
+  queue[0] = 0.0
+  valid = np.ones(KQ, bool)
+  valid[0] = False
+  losses.moco_infonce(Q, KEY, queue, queue_valid=valid, normalize_queue=False)
+  with pytest.raises(ValueError, match="row 0"):
+    losses.moco_infonce(Q, KEY, queue, normalize_queue=False)
+
+
+def test_signatures_follow_one_convention():
+  """Arrays positional, hyper-parameters keyword-only with defaults, typed precision, the
+  (loss, metrics) return type, no private type in a public signature."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import typing  # pylint: disable=g-import-not-at-top
+  arrays = {"query", "key", "queue", "support_keys", "positive_mask", "views", "target_views",
+            "view1", "view2"}
+  for name in losses.__all__:
+    if name in ("l2_normalize", "queue"):
+      continue
+    fn = getattr(losses, name)
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    assert hints["return"] == tuple[jax.Array, dict[str, jax.Array]], name
+    assert hints["precision"] == jax.lax.PrecisionLike, name
+    for p in sig.parameters.values():
+      if p.name in arrays:
+        assert p.kind is p.POSITIONAL_OR_KEYWORD, (name, p.name)
+      else:
+        assert p.kind is p.KEYWORD_ONLY and p.default is not p.empty, (name, p.name)
+      assert "_core" not in str(p.annotation), (name, p.name)
+    if "queue" in sig.parameters and name in ("moco_infonce", "fnc_multiview"):
+      assert sig.parameters["queue"].default is None, name

@@ -20,7 +20,8 @@ import test_losses_sharding as tls
 
 HIGHEST = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
 # One case per public loss (and the variants that take another code path).
-CASE_IDS = ("moco-B4-K7-D5", "moco-inbatch-B5-D4", "multipos-B4-K7-D5", "sce-B4-K7-D5",
+CASE_IDS = ("moco-B4-K7-D5", "moco-inbatch-B5-D4", "ntxent-B4-D5", "multipos-B4-K7-D5",
+            "sce-B4-K7-D5",
             "co2-B4-K7-D5", "co2-incpos-B4-K7-D5", "xcross-kl-query-B5-D4",
             "xcross-mse-cross-B5-D4", "xunif-B4-K7-D5", "fnc-attr-B4-K12-D6-S2-k2",
             "fnc-elim-B4-K12-D6-S2-k2", "fncmv-V2-B3-K8-D6-k2")
@@ -77,7 +78,7 @@ def test_precision_keyword_reaches_every_product(case_id):
 
 def test_public_losses_all_take_precision():
   import inspect  # pylint: disable=g-import-not-at-top
-  names = [n for n in losses.__all__ if n != "l2_normalize"]
+  names = [n for n in losses.__all__ if n not in ("l2_normalize", "queue")]
   for name in names:
     param = inspect.signature(getattr(losses, name)).parameters.get("precision")
     assert param is not None and param.kind is param.KEYWORD_ONLY, name
@@ -106,7 +107,7 @@ def test_sharded_programs_are_highest_too(case_id):
 
 def test_fnc_detect_is_highest():
   a = tl.CASES_BY_ID["fnc-attr-B4-K12-D6-S2-k2"].arrays
-  jaxpr = jax.make_jaxpr(lambda k, s, q: losses.fnc_detect(k, s, q, threshold=0.7, top_k=2))(
-      a["key"], a["support_keys"], a["queue"])
+  jaxpr = jax.make_jaxpr(lambda k, q, s: losses.fnc_detect(k, q, s, threshold=0.7, top_k=2))(
+      a["key"], a["queue"], a["support_keys"])
   precisions = _dot_precisions(jaxpr)
   assert precisions and all(p == HIGHEST for p in precisions), precisions

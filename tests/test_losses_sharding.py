@@ -23,7 +23,7 @@ BG, K, D = 16, 64, 8
 ROWS = P("data")
 COLS = P(None, "data")
 SPECS = {"query": ROWS, "key": ROWS, "queue": ROWS, "support_keys": ROWS, "views": COLS,
-         "target_views": COLS, "positive_mask": COLS}
+         "target_views": COLS, "positive_mask": COLS, "view1": ROWS, "view2": ROWS}
 
 
 def _fnc_sharded_inputs(seed):
@@ -146,7 +146,7 @@ def test_fnc_ties_across_blocks_keep_the_lowest_indices():
   want = tl.ref.fnc_detect(a["key"], a["support_keys"], a["queue"], threshold=0.7, top_k=3)
   assert want[0, list(TIED_ROWS)].tolist() == [True, True, True, False]
   assert want[0].sum() == 3
-  detect = lambda k, s, q, **kw: losses.fnc_detect(k, s, q, threshold=0.7, top_k=3, **kw)
+  detect = lambda k, s, q, **kw: losses.fnc_detect(k, q, s, threshold=0.7, top_k=3, **kw)[0]
   one = jax.jit(detect)(a["key"], a["support_keys"], a["queue"])
   eight = jax.jit(jax.shard_map(
       lambda k, s, q: detect(k, s, q, axis_name="data"), mesh=make_mesh(N_DEV),

@@ -26,14 +26,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from jaxcontrast.eval import features as features_lib
+from jaxcontrast.losses import l2_normalize
 from jaxcontrast.sharding import DATA_AXIS
 
 log = logging.getLogger("jaxcontrast")
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 _normalize = jax.jit(l2_normalize)

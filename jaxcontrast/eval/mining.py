@@ -15,16 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcontrast.data.pairs import FORMAT_VERSION, PAD_INDEX, SemanticPairs, pair_stats
+from jaxcontrast.losses import l2_normalize
 
 logger = logging.getLogger(__name__)
-
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-  """Row-wise L2 normalisation in float32 (zero rows stay zero: similarity 0 to everything)."""
-  x = np.asarray(x, dtype=np.float32)
-  norms = np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=1, keepdims=True))
-  return (x / np.maximum(norms, eps)).astype(np.float32)
 
 
 def embed_dataset(embed_fn: Callable[[Any], Any], batches: Iterable[Mapping[str, Any]],
@@ -195,8 +188,6 @@ def mine_semantic_pairs(embeddings=None, *, embed_fn: Callable[[Any], Any] | Non
   host = np.asarray(embeddings, dtype=np.float32)
   if not np.isfinite(host).all():
     raise ValueError("embeddings contain NaN or inf")
-  if normalize:
-    host = l2_normalize(host)
   block_size, chunk_size, m = _block_layout(n, int(block_size), int(chunk_size or block_size))
 
   start = time.perf_counter()
@@ -204,6 +195,8 @@ def mine_semantic_pairs(embeddings=None, *, embed_fn: Callable[[Any], Any] | Non
   padded = np.zeros((m, dim), np.float32)
   padded[:n] = host
   on_device = jax.device_put(padded, device)
+  if normalize:  # on the device; the zero padding rows stay zero (similarity 0 to everything)
+    on_device = jax.jit(l2_normalize)(on_device)
   thr = jax.device_put(np.float32(threshold), device)
   out_sims = np.empty((n, top_k), np.float32)
   out_ids = np.empty((n, top_k), np.int32)

@@ -16,13 +16,18 @@ which (a) makes the result replicated, and (b) routes each row's gradient back e
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
+# What every public loss returns: the scalar loss and a dict of scalar metrics.
+LossOutput = tuple[jax.Array, dict[str, jax.Array]]
 
 
 # Similarity products run at full float32 precision unless the caller asks otherwise: XLA's
@@ -31,15 +36,19 @@ Array = jax.Array
 HIGHEST = lax.Precision.HIGHEST
 
 
-def sim(a: Array, b: Array, precision) -> Array:
+def sim(a: Array, b: Array, precision: lax.PrecisionLike) -> Array:
   """a @ b.T at `precision` (None = the backend default)."""
   return jnp.matmul(a, b.T, precision=precision)
 
 
 def l2_normalize(x: Array, *, axis: int = -1, eps: float = 1e-12) -> Array:
-  """Row-wise L2 normalisation, `x / max(||x||_2, eps)` (as torch.nn.functional.normalize)."""
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * lax.rsqrt(jnp.maximum(sq, eps * eps))
+  """Row-wise L2 normalisation, `x / max(||x||_2, eps)` (as torch.nn.functional.normalize).
+
+  A correctly rounded square root and division (not an approximate reciprocal square root), so
+  equal rows give equal results wherever they sit in the array: exact duplicates stay exact
+  ties for the similarity searches (mining, kNN, FNC's top-k)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
 
 
 def as_float(x: Array) -> Array:
@@ -51,10 +60,73 @@ def as_float(x: Array) -> Array:
 # ----------------------------------------------------------------------------- input checks
 
 
+def _is_traced(value) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def concrete_scalar(value, name: str) -> Optional[float]:
+  """The float value of a concrete scalar hyper-parameter (Python, NumPy or JAX scalar), or None
+  when it is traced (a schedule inside `jax.jit`): only concrete values can be checked."""
+  if _is_traced(value):
+    return None
+  try:
+    arr = np.asarray(value)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{name} must be a real scalar, got {value!r}") from e
+  if arr.ndim != 0 or arr.dtype.kind not in "biuf":
+    raise ValueError(f"{name} must be a real scalar, got {value!r}")
+  return float(arr)
+
+
 def check_temperature(value, name: str = "temperature") -> None:
-  """Non-positive temperatures raise; traced values (inside a jitted schedule) are not checked."""
-  if isinstance(value, (int, float)) and not value > 0:
-    raise ValueError(f"{name} must be > 0, got {value}")
+  """A concrete temperature must be a finite number > 0, whatever its type; traced values are not
+  checked."""
+  v = concrete_scalar(value, name)
+  if v is not None and not (v > 0 and math.isfinite(v)):
+    raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+def check_threshold(value, name: str = "threshold") -> None:
+  """A concrete threshold must not be NaN (every comparison with NaN is False)."""
+  v = concrete_scalar(value, name)
+  if v is not None and math.isnan(v):
+    raise ValueError(f"{name} must be a number, got NaN")
+
+
+def check_unit_interval(value, name: str) -> None:
+  v = concrete_scalar(value, name)
+  if v is not None and not 0.0 <= v <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+
+
+def _static_error(name: str, value) -> ValueError:
+  return ValueError(f"{name} must be a static Python value, got the traced {value!r}: under "
+                    f"jax.jit pass it in static_argnames (e.g. jax.jit(fn, static_argnames="
+                    f"('{name}',))) or close over it")
+
+
+def static_int(value, name: str, minimum: int = 1) -> int:
+  """A static integer option (Python or NumPy integer) >= minimum."""
+  if _is_traced(value):
+    raise _static_error(name, value)
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+  try:
+    out = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
+  if out < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+  return out
+
+
+def static_bool(value, name: str) -> bool:
+  """A static boolean option (Python or NumPy bool)."""
+  if _is_traced(value):
+    raise _static_error(name, value)
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+  return bool(value)
 
 
 def check_matrix(x, name: str) -> None:
@@ -62,11 +134,12 @@ def check_matrix(x, name: str) -> None:
     raise ValueError(f"{name} must have shape (rows, dim), got shape {getattr(x, 'shape', None)}")
 
 
-def check_pair(query, key) -> None:
-  check_matrix(query, "query")
-  check_matrix(key, "key")
+def check_pair(query, key, names: tuple[str, str] = ("query", "key")) -> None:
+  a, b = names
+  check_matrix(query, a)
+  check_matrix(key, b)
   if query.shape != key.shape:
-    raise ValueError(f"query and key must have the same shape, got query {query.shape} and key "
+    raise ValueError(f"{a} and {b} must have the same shape, got {a} {query.shape} and {b} "
                      f"{key.shape}")
 
 
@@ -80,11 +153,24 @@ def check_queue(queue, dim: int) -> None:
 
 
 def check_choice(value, name: str, choices) -> None:
-  if value not in choices:
+  if _is_traced(value):
+    raise _static_error(name, value)
+  if not isinstance(value, str) or value not in choices:
     raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- distribution
+
+
+def _varying_axes(x) -> Optional[frozenset]:
+  """The manual mesh axes `x` varies over inside `jax.shard_map` (check_vma=True), or None when
+  this JAX does not say."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None and hasattr(manual, "varying"):
+    return frozenset(manual.varying)
+  vma = getattr(aval, "vma", None)
+  return None if vma is None else frozenset(vma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +208,28 @@ class Dist:
     if self.axis_name is None:
       return 0
     return lax.axis_index(self.axis_name) * self.local_batch
+
+  def check_split(self, **arrays) -> None:
+    """Inside `jax.shard_map` with `axis_name`: every array given must vary over that axis
+    (split over it, as the docstrings' layouts say). A replicated one (in_specs `P()`) would be
+    counted once per device, so the loss would be taken over n tiled copies of it: an error,
+    raised at trace time from the arrays' varying manual axes. Needs `check_vma=True` (the
+    default of `jax.shard_map`); without it JAX does not track them and nothing is checked."""
+    if self.axis_name is None:
+      return
+    axis = self.axis_name
+    if axis not in (_varying_axes(lax.axis_index(axis)) or ()):
+      return  # check_vma=False: no varying-axis information to check against
+    for name, x in arrays.items():
+      if x is None:
+        continue
+      varying = _varying_axes(x)
+      if varying is not None and axis not in varying:
+        raise ValueError(
+            f"{name} does not vary over mesh axis {axis!r}: it is replicated (shard_map in_specs "
+            f"P() or computed from replicated values), so each of the {self.size} devices would "
+            f"count the same rows and the loss would see {name} tiled {self.size} times. Split "
+            f"it over {axis!r} (see the layout in the docstring), or call without axis_name.")
 
   def batch_mean(self, per_row: Array) -> Array:
     """Mean over the global batch of a per-row quantity computed for all Bg rows.
@@ -243,12 +351,14 @@ def infonce_metrics(pos: Array, neg_sum: Array, neg_count: int, neg_max: Array,
   return metrics
 
 
-def prepare(query: Array, key: Optional[Array], dist: Dist):
-  """Normalised float32 query (with gradient) and key (without), gathered to the global batch."""
+def prepare(query: Array, key: Optional[Array], dist: Dist, stop_gradient: bool = True):
+  """Normalised float32 query (with gradient) and key (without, unless `stop_gradient` is False),
+  gathered to the global batch."""
   q = dist.gather(l2_normalize(as_float(query)))
   if key is None:
     return q, None
-  k = dist.gather(lax.stop_gradient(l2_normalize(as_float(key))))
+  k = l2_normalize(as_float(key))
+  k = dist.gather(lax.stop_gradient(k) if stop_gradient else k)
   return q, k
 
 
@@ -286,12 +396,82 @@ def negative_metrics(pos: Array, neg: Array, valid: Optional[Array], dist: Dist)
                          dist)
 
 
-def queue_block(queue: Array) -> Array:
-  """The (local rows of the) queue as float32, without gradient. Rows are stored normalised."""
-  return lax.stop_gradient(as_float(queue))
+# How far from 1 the norm of a queue row passed with `normalize_queue=False` may be: float32
+# rounding of a normalised row is ~1e-7; a bfloat16 one ~4e-3.
+UNIT_ROW_TOLERANCE = 1e-2
+
+
+def queue_block(queue: Array, normalize: bool = True, valid: Optional[Array] = None) -> Array:
+  """The (local rows of the) queue as float32, without gradient, rows L2-normalised unless
+  `normalize` is False: then the caller promises unit rows, which is checked when the queue is
+  concrete (an eager call; inside `jax.jit` it cannot be), rows with `valid` False excepted."""
+  block = as_float(queue)
+  if normalize:
+    return lax.stop_gradient(l2_normalize(block))
+  if not _is_traced(block) and (valid is None or not _is_traced(valid)):
+    norms = np.linalg.norm(np.asarray(block, np.float64), axis=-1)
+    bad = np.abs(norms - 1.0) > UNIT_ROW_TOLERANCE
+    if valid is not None and np.shape(valid) == bad.shape:  # else check_queue_valid raises
+      bad &= np.asarray(valid, bool)
+    if bad.any():
+      row = int(np.argmax(bad))
+      raise ValueError(f"queue rows must be L2-normalised with normalize_queue=False: row {row} "
+                       f"has norm {norms[row]:.4g} ({int(bad.sum())} rows off); pass "
+                       f"normalize_queue=True (the default) to normalise them in the loss")
+  return lax.stop_gradient(block)
 
 
 def off_diagonal(x: Array) -> Array:
   """(N, N) -> (N, N-1): each row without its diagonal element."""
   n = x.shape[0]
   return x.reshape(-1)[1:].reshape(n - 1, n + 1)[:, :-1].reshape(n, n - 1)
+
+
+# ----------------------------------------------------------------------------- shared losses
+
+
+def max_similarity(views: Array, block: Array, precision: lax.PrecisionLike) -> Array:
+  """max over views v of views[:, v] @ block.T, one view at a time: (Bg, V, D) x (K, D) ->
+  (Bg, K) without materialising (Bg, V, K)."""
+  sims = sim(views[:, 0], block, precision)
+  for v in range(1, views.shape[1]):
+    sims = jnp.maximum(sims, sim(views[:, v], block, precision))
+  return sims
+
+
+def detect_false_negatives(views: Array, queue_block: Array, *, threshold, top_k: int,
+                           dist: Dist, head_similarity=None, valid=None,
+                           precision: lax.PrecisionLike = HIGHEST):
+  """FNC detection (official code): the max cosine similarity of each candidate to any of the
+  anchor's target views, kept when above `threshold` and among the row's `top_k`.
+
+      s  = max_v views[:, v] @ candidates.T
+      fn = (s > threshold) & top_k(s, top_k)
+
+  `top_k` is the official code's `tf.math.top_k` indices: exactly k candidates per row, a tie at
+  the k-th value going to the lower index (head columns, then the queue rows in order). Rows
+  with `valid` False are not candidates. Returns (fn_head, fn_block) boolean masks (no gradient).
+  """
+  s_block = mask_columns(max_similarity(views, queue_block, precision), valid, -jnp.inf)
+  top_head, top_block = split_top_k_mask(head_similarity, s_block, top_k, dist)
+  fn_block = (s_block > threshold) & top_block
+  fn_head = None
+  if head_similarity is not None:
+    fn_head = (head_similarity > threshold) & top_head
+  return fn_head, fn_block
+
+
+def multi_positive_from_logits(pos: Array, neg: Array, mask: Array, dist: Dist,
+                               valid: Optional[Array] = None):
+  """Multi-positive InfoNCE from the positive logit (Bg,) and the queue logits (Bg, K_local):
+  `loss_i = logsumexp(logits_i) - mean_{c in {0} U mask_i} logits_i[c]`. Shared by
+  `multi_positive_infonce` and FNC attraction."""
+  if valid is not None:
+    mask = mask & valid[None, :]
+  lse = split_logsumexp(pos[:, None], neg, dist)
+  num_pos = split_sum(None, mask.astype(neg.dtype), dist)
+  pos_sum = pos + split_sum(None, jnp.where(mask, neg, 0.0), dist)
+  loss = dist.batch_mean(lse - pos_sum / (1.0 + num_pos))
+  metrics = negative_metrics(pos, neg, valid, dist)
+  metrics["num_positives"] = dist.batch_mean(num_pos)
+  return loss, metrics

@@ -8,52 +8,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcontrast.losses import _core
-from jaxcontrast.losses.infonce import _multi_positive_from_logits
 
 
-def _max_similarity(views: jax.Array, block: jax.Array, precision) -> jax.Array:
-  """max over views v of views[:, v] @ block.T, one view at a time: (Bg, V, D) x (K, D) ->
-  (Bg, K) without materialising (Bg, V, K)."""
-  sims = _core.sim(views[:, 0], block, precision)
-  for v in range(1, views.shape[1]):
-    sims = jnp.maximum(sims, _core.sim(views[:, v], block, precision))
-  return sims
+def _check_detection_args(threshold, top_k) -> int:
+  _core.check_threshold(threshold)
+  return _core.static_int(top_k, "top_k")
 
 
-def detect_false_negatives(views: jax.Array, queue_block: jax.Array, *, threshold: float,
-                           top_k: int, dist: _core.Dist, head_similarity=None, valid=None,
-                           precision=_core.HIGHEST):
-  """FNC detection (official code): the max cosine similarity of each candidate to any of the
-  anchor's target views, kept when above `threshold` and among the row's `top_k`.
-
-      s  = max_v views[:, v] @ candidates.T
-      fn = (s > threshold) & top_k(s, top_k)
-
-  `top_k` is the official code's `tf.math.top_k` indices: exactly k candidates per row, a tie at
-  the k-th value going to the lower index (head columns, then the queue rows in order). Rows
-  with `valid` False are not candidates. Returns (fn_head, fn_block) boolean masks (no gradient).
-  """
-  s_block = _core.mask_columns(_max_similarity(views, queue_block, precision), valid, -jnp.inf)
-  top_head, top_block = _core.split_top_k_mask(head_similarity, s_block, top_k, dist)
-  fn_block = (s_block > threshold) & top_block
-  fn_head = None
-  if head_similarity is not None:
-    fn_head = (head_similarity > threshold) & top_head
-  return fn_head, fn_block
-
-
-def _check_detection_args(threshold, top_k):
-  if not isinstance(top_k, int) or top_k < 1:
-    raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-  if isinstance(threshold, (int, float)) and threshold != threshold:
-    raise ValueError("threshold must not be NaN")
-
-
-def _check_fnc_args(temperature, threshold, top_k, mode=None):
+def _check_fnc_args(temperature, threshold, top_k, mode=None) -> int:
   _core.check_temperature(temperature)
-  _check_detection_args(threshold, top_k)
   if mode is not None:
     _core.check_choice(mode, "mode", {"attraction", "elimination"})
+  return _check_detection_args(threshold, top_k)
 
 
 def _check_support(support_keys, b: int, d: int) -> None:
@@ -75,18 +41,19 @@ def _detect(k: jax.Array, support_keys: Optional[jax.Array], block: jax.Array,
   if support_keys is not None and support_keys.shape[1] > 0:
     support = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(support_keys))))
     views = jnp.concatenate([views, support], axis=1)
-  _, fn = detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist,
-                                 valid=valid, precision=precision)
+  _, fn = _core.detect_false_negatives(views, block, threshold=threshold, top_k=top_k, dist=dist,
+                                       valid=valid, precision=precision)
   return fn
 
 
-def fnc_detect(key: jax.Array, support_keys: Optional[jax.Array], queue: jax.Array, *,
-               threshold: float = 0.7, top_k: int = 10, queue_valid: Optional[jax.Array] = None,
-               axis_name: Optional[str] = None, precision=_core.HIGHEST) -> jax.Array:
+def fnc_detect(key: jax.Array, queue: jax.Array, support_keys: Optional[jax.Array] = None, *,
+               threshold: float = 0.7, top_k: int = 10, axis_name: Optional[str] = None,
+               queue_valid: Optional[jax.Array] = None, normalize_queue: bool = True,
+               precision: lax.PrecisionLike = _core.HIGHEST) -> _core.LossOutput:
   """FNC's false-negative detection alone: which queue rows `fnc` treats as false negatives.
 
       views = sg(n([key, support_1..S]))                 # (B, 1+S, D)
-      s     = max_v views_v @ sg(queue).T                 # (B, K)
+      s     = max_v views_v @ sg(n(queue)).T              # (B, K)
       fn    = (s > threshold) & top_k(s, top_k)           # k rows; ties: lower index first
 
   `fnc` calls the same code, so a diagnostic built on this mask (e.g. the precision and recall
@@ -94,40 +61,53 @@ def fnc_detect(key: jax.Array, support_keys: Optional[jax.Array], queue: jax.Arr
 
   Args:
     key: (B, D) target-encoder embedding of the key view (normalised here; no gradient).
-    support_keys: (B, S, D) target embeddings of S support views, or None (S = 0).
-    queue: (K, D) queue rows (this device's K/n rows under `axis_name`).
+    queue: (K, D) queue rows, L2-normalised here unless `normalize_queue=False` (this device's
+      K/n rows under `axis_name`).
+    support_keys: (B, S, D) target embeddings of S support views, or None (default; S = 0).
     threshold, top_k: as `fnc`.
+    axis_name: inside `jax.shard_map`, the mesh axis splitting key, support_keys, the queue
+      rows and queue_valid.
     queue_valid: optional (K,) bool (this device's rows); invalid rows are never detected.
-    axis_name: inside `jax.shard_map`, the mesh axis splitting the batch and the queue rows.
+    normalize_queue: as `moco_infonce`.
     precision: of the similarity products (default `lax.Precision.HIGHEST`: exact float32; the
       backend default is TF32 on GPU and one bfloat16 pass on TPU).
 
   Returns:
-    (B, K) bool, no gradient. Under `axis_name`: (Bg, K/n), the whole global batch (device
-    order) against this device's queue rows, as the loss computes it.
+    (fn, metrics): fn the (B, K) bool mask, no gradient (under `axis_name`: (Bg, K/n), the whole
+    global batch in device order against this device's queue rows, as the loss computes it);
+    metrics `num_false_negatives` (mean detected per anchor, over all queue rows).
   """
   _core.check_matrix(key, "key")
+  if queue is None:
+    raise ValueError("fnc_detect needs a queue (got queue=None)")
   _core.check_queue(queue, key.shape[1])
-  _check_detection_args(threshold, top_k)
+  top_k = _check_detection_args(threshold, top_k)
+  normalize_queue = _core.static_bool(normalize_queue, "normalize_queue")
   _check_support(support_keys, *key.shape)
   dist = _core.Dist(axis_name, key.shape[0])
+  dist.check_split(key=key, queue=queue, support_keys=support_keys, queue_valid=queue_valid)
   k = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(key))))
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
-  return _detect(k, support_keys, _core.queue_block(queue), valid, dist, threshold=threshold,
-                 top_k=top_k, precision=precision)
+  block = _core.queue_block(queue, normalize_queue, queue_valid)
+  fn = _detect(k, support_keys, block, valid, dist, threshold=threshold, top_k=top_k,
+               precision=precision)
+  num_fn = dist.batch_mean(_core.split_sum(None, fn.astype(jnp.float32), dist))
+  return fn, {"num_false_negatives": num_fn}
 
 
-def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Optional[jax.Array],
-        temperature: float = 0.1, threshold: float = 0.7, top_k: int = 10,
-        mode: str = "attraction", axis_name: Optional[str] = None,
-        queue_valid: Optional[jax.Array] = None, precision=_core.HIGHEST):
+def fnc(query: jax.Array, key: jax.Array, queue: jax.Array,
+        support_keys: Optional[jax.Array] = None, *, temperature: float = 0.1,
+        threshold: float = 0.7, top_k: int = 10, mode: str = "attraction",
+        stop_gradient: bool = True, axis_name: Optional[str] = None,
+        queue_valid: Optional[jax.Array] = None, normalize_queue: bool = True,
+        precision: lax.PrecisionLike = _core.HIGHEST) -> _core.LossOutput:
   """FNC on a MoCo queue: detect false negatives among the queue with support views, then attract
   them (extra positives) or eliminate them (drop from the denominator).
 
       views  = sg(n([key, support_1..S]))                            # (B, 1+S, D)
-      s      = max_v views_v @ sg(queue).T                            # (B, K)
+      s      = max_v views_v @ sg(n(queue)).T                         # (B, K)
       fn     = (s > threshold) & top_k(s, top_k)     # exactly k rows; ties: lower index first
-      logits = [q.k, q @ sg(queue).T] / temperature                   # (B, 1+K)
+      logits = [q.k, q @ sg(n(queue)).T] / temperature                # (B, 1+K)
       attraction:  loss_i = logsumexp(logits_i) - mean_{c in {0} U fn_i} logits_i[c]
       elimination: loss_i = logsumexp(logits_i[{0} U (neg \\ fn_i)]) - logits_i[0]
 
@@ -137,35 +117,46 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
   With `threshold` above 1 nothing is detected and both modes equal `moco_infonce`.
 
   Args:
-    query, key, queue, temperature, axis_name, queue_valid, precision: as `moco_infonce` (queue
-      required; an invalid row is never detected, nor a negative).
-    support_keys: (B, S, D) target-encoder embeddings of S extra views of each anchor (or None
-      for S = 0: detection by the key view alone). Normalised here; no gradient.
-    threshold: cosine-similarity threshold of detection.
-    top_k: at most this many candidates per anchor (exactly the k most similar; a tie at the
-      k-th value goes to the lower queue index, as the official code's `tf.math.top_k`).
-    mode: "attraction" or "elimination".
+    query, key, queue, stop_gradient, axis_name, queue_valid, normalize_queue, precision: as
+      `moco_infonce` (queue required; an invalid row is never detected, nor a negative;
+      `support_keys` is split over `axis_name` like the batch).
+    support_keys: (B, S, D) target-encoder embeddings of S extra views of each anchor, or None
+      (default) for S = 0: detection by the key view alone. Normalised here; no gradient.
+    temperature: tau (> 0; official 0.1).
+    threshold: cosine-similarity threshold of detection (official 0.7).
+    top_k: at most this many candidates per anchor (official 10; exactly the k most similar; a
+      tie at the k-th value goes to the lower queue index, as the official code's
+      `tf.math.top_k`). A static Python or NumPy int.
+    mode: "attraction" (default, the official code's) or "elimination" (the paper's text). A
+      static Python string.
 
   Returns:
     (loss, metrics): `pos_logit`, `neg_logit`, `acc` (over the whole queue) and
     `num_false_negatives` (mean detected per anchor).
   """
   _core.check_pair(query, key)
+  if queue is None:
+    raise ValueError("fnc needs a queue (got queue=None); FNC's in-batch (SimCLR) form is "
+                     "fnc_multiview(views, target_views, None)")
   _core.check_queue(queue, query.shape[1])
-  _check_fnc_args(temperature, threshold, top_k, mode)
+  top_k = _check_fnc_args(temperature, threshold, top_k, mode)
+  stop_gradient = _core.static_bool(stop_gradient, "stop_gradient")
+  normalize_queue = _core.static_bool(normalize_queue, "normalize_queue")
   b, d = query.shape
   _check_support(support_keys, b, d)
   dist = _core.Dist(axis_name, b)
-  q, k = _core.prepare(query, key, dist)
-  block = _core.queue_block(queue)
+  dist.check_split(query=query, key=key, queue=queue, support_keys=support_keys,
+                   queue_valid=queue_valid)
+  q, k = _core.prepare(query, key, dist, stop_gradient)
+  block = _core.queue_block(queue, normalize_queue, queue_valid)
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
-  fn = _detect(k, support_keys, block, valid, dist, threshold=threshold, top_k=top_k,
-               precision=precision)
+  fn = _detect(lax.stop_gradient(k), support_keys, block, valid, dist, threshold=threshold,
+               top_k=top_k, precision=precision)
   pos = jnp.sum(q * k, axis=-1) / temperature
   neg = _core.mask_columns(_core.sim(q, block, precision) / temperature, valid)
   num_fn = dist.batch_mean(_core.split_sum(None, fn.astype(neg.dtype), dist))
   if mode == "attraction":
-    loss, metrics = _multi_positive_from_logits(pos, neg, fn, dist, valid)
+    loss, metrics = _core.multi_positive_from_logits(pos, neg, fn, dist, valid)
     del metrics["num_positives"]
   else:
     lse = _core.split_logsumexp(pos[:, None], jnp.where(fn, -jnp.inf, neg), dist)
@@ -175,9 +166,11 @@ def fnc(query: jax.Array, key: jax.Array, queue: jax.Array, *, support_keys: Opt
   return loss, metrics
 
 
-def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax.Array], *,
+def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax.Array] = None, *,
                   temperature: float = 0.1, threshold: float = 0.7, top_k: int = 10,
-                  axis_name: Optional[str] = None, precision=_core.HIGHEST):
+                  stop_gradient: bool = True, axis_name: Optional[str] = None,
+                  normalize_queue: bool = True,
+                  precision: lax.PrecisionLike = _core.HIGHEST) -> _core.LossOutput:
   """FNC attraction in the official multi-view form (google-research/fnc `objective.py`), for
   parity with the TF1 release.
 
@@ -186,7 +179,7 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
   key leaves it. The memory is this step's target keys, view-major, followed by the queue:
 
       Z = n(views), E = sg(n(target_views))            # (V, B, D)
-      mem = [E.reshape(V*B, D); sg(queue)]             # row v*B + b is view v of image b
+      mem = [E.reshape(V*B, D); sg(n(queue))]          # row v*B + b is view v of image b
       s[b, m] = max_v E[v, b] . mem[m];  s[b, v*B + b] = -inf for every v (own views)
       fn[b] = (s[b] > threshold) & top_k(s[b], top_k)   # k columns; ties: lower index
       for each anchor view a:
@@ -196,11 +189,20 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
         loss_a = mean_b(logsumexp(den_b) - mean_{c in P_b} logits[b, c])
       loss = (2 / V) * sum_a loss_a
 
+  The official code is SimCLR-based: one encoder, no queue, gradients through every view. That
+  is `fnc_multiview(views, views, None, stop_gradient=False)`: the memory rows then carry
+  gradient too (detection never does). With V = 2 and nothing detected (threshold above 1) the
+  loss is twice `nt_xent(views[0], views[1])`.
+
   Args:
     views: (V, B, D) online embeddings, V >= 2. With `axis_name`, split on axis 1.
-    target_views: (V, B, D) target (EMA) embeddings of the same views; no gradient.
-    queue: (M, D) older memory rows (normalised), or None for none (SimCLR-style in-batch).
-    temperature, threshold, top_k, axis_name, precision: as `fnc`.
+    target_views: (V, B, D) target (EMA) embeddings of the same views; no gradient unless
+      `stop_gradient=False`. With `axis_name`, split on axis 1.
+    queue: (M, D) older memory rows (L2-normalised here unless `normalize_queue=False`), or None
+      (default) for none (SimCLR-style in-batch). With `axis_name`, split by rows.
+    temperature, threshold, top_k, axis_name, normalize_queue, precision: as `fnc`.
+    stop_gradient: stop the gradient through `target_views` (default True: MoCo-style EMA
+      targets); False for the official SimCLR-based objective.
 
   Returns:
     (loss, metrics): `pos_logit` (mean logit of the other views), `neg_logit` (mean logit of
@@ -218,20 +220,26 @@ def fnc_multiview(views: jax.Array, target_views: jax.Array, queue: Optional[jax
     raise ValueError(f"views must hold at least 2 views (V >= 2), got V={num_views}")
   if queue is not None:
     _core.check_queue(queue, d)
-  _check_fnc_args(temperature, threshold, top_k)
+  top_k = _check_fnc_args(temperature, threshold, top_k)
+  stop_gradient = _core.static_bool(stop_gradient, "stop_gradient")
+  normalize_queue = _core.static_bool(normalize_queue, "normalize_queue")
   dist = _core.Dist(axis_name, b)
+  dist.check_split(views=views, target_views=target_views, queue=queue)
   z = dist.gather(_core.l2_normalize(_core.as_float(views)), axis=1)          # (V, Bg, D)
-  e = dist.gather(lax.stop_gradient(_core.l2_normalize(_core.as_float(target_views))), axis=1)
+  e = _core.l2_normalize(_core.as_float(target_views))
+  e = dist.gather(lax.stop_gradient(e) if stop_gradient else e, axis=1)
   bg = z.shape[1]
   memory_head = e.reshape(num_views * bg, d)
-  block = None if queue is None else _core.queue_block(queue)
+  e = lax.stop_gradient(e)                 # detection: a mask, never a gradient path
+  block = None if queue is None else _core.queue_block(queue, normalize_queue)
   rows = jnp.arange(bg)
   column_image = jnp.arange(num_views * bg) % bg
   own = column_image[None, :] == rows[:, None]                                 # (Bg, V*Bg)
   e_by_image = jnp.swapaxes(e, 0, 1)                                           # (Bg, V, D)
-  s_head = jnp.where(own, -jnp.inf, _max_similarity(e_by_image, memory_head, precision))
+  s_head = jnp.where(own, -jnp.inf, _core.max_similarity(e_by_image, lax.stop_gradient(
+      memory_head), precision))
   if block is not None:
-    fn_head, fn_block = detect_false_negatives(e_by_image, block, threshold=threshold,
+    fn_head, fn_block = _core.detect_false_negatives(e_by_image, block, threshold=threshold,
                                                top_k=top_k, dist=dist, head_similarity=s_head,
                                                precision=precision)
   else:

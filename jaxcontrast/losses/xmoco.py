@@ -13,12 +13,15 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jax import lax
+
 from jaxcontrast.losses import _core
 
 
 def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: float = 0.1,
                             divergence: str = "kl", pairs: str = "query",
-                            axis_name: Optional[str] = None, precision=_core.HIGHEST):
+                            axis_name: Optional[str] = None,
+                            precision: lax.PrecisionLike = _core.HIGHEST) -> _core.LossOutput:
   """Cross-similarity consistency over the global batch (interpretation, see module docstring).
 
   The similarity of image i to image j under view 1 (online) should match the same similarity
@@ -30,8 +33,18 @@ def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: fl
       divergence="kl":  reg = mean_i KL(softmax(S_k[i, j!=i] / tau) || softmax(S_q[i, j!=i] / tau))
       divergence="mse": reg = mean_{i != j} (S_q[i, j] - S_k[i, j])^2      (raw cosines)
 
-  A global batch of one has no pairs: the value is 0. `precision`: of the similarity products
-  (default `lax.Precision.HIGHEST`, see `moco_infonce`).
+  A global batch of one has no pairs: the value is 0.
+
+  Args:
+    query: (B, D) online embeddings of view 1 (normalised here).
+    key: (B, D) target embeddings of view 2 (normalised here; no gradient).
+    temperature: tau_x (> 0; 0.1, unverified) of the "kl" divergence.
+    divergence: "kl" (default) or "mse".
+    pairs: "query" (S_q = q @ q.T, default) or "cross" (q @ k.T).
+    axis_name: mesh axis inside `jax.shard_map`; query and key split over it (the pairs are
+      taken over the global batch).
+    precision: of the similarity products (default `lax.Precision.HIGHEST`, see
+      `moco_infonce`).
 
   Returns:
     (reg, metrics) with metrics `cross_consistency` (the same value).
@@ -41,6 +54,7 @@ def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: fl
   _core.check_choice(divergence, "divergence", {"kl", "mse"})
   _core.check_choice(pairs, "pairs", {"query", "cross"})
   dist = _core.Dist(axis_name, query.shape[0])
+  dist.check_split(query=query, key=key)
   q, k = _core.prepare(query, key, dist)
   if q.shape[0] == 1:
     per_row = jnp.zeros((1,), q.dtype) * jnp.sum(q)  # keeps the (zero) dependence on query
@@ -59,30 +73,50 @@ def xmoco_cross_consistency(query: jax.Array, key: jax.Array, *, temperature: fl
 
 def xmoco_negative_uniformity(query: jax.Array, queue: jax.Array, *, temperature: float = 0.2,
                               per_sample: bool = False, axis_name: Optional[str] = None,
-                              queue_valid: Optional[jax.Array] = None, precision=_core.HIGHEST):
+                              queue_valid: Optional[jax.Array] = None,
+                              normalize_queue: bool = True,
+                              precision: lax.PrecisionLike = _core.HIGHEST
+                              ) -> _core.LossOutput:
   """Uniform similarity over the negatives across the batch (interpretation, see module docstring).
 
-      p_i  = softmax(n(query_i) @ sg(queue).T / tau)          # (Bg, K)
+      p_i  = softmax(n(query_i) @ sg(n(queue)).T / tau)       # (Bg, K)
       pbar = mean_i p_i                                        # (K,)
       reg  = KL(pbar || uniform) = sum_j pbar_j log(K pbar_j)  # >= 0, 0 iff pbar is uniform
   `per_sample=True`: reg = mean_i KL(p_i || uniform) instead.
 
   Computed in log space (log pbar = logsumexp_i log p_ij - log Bg), so negatives no query
   looks at give 0 * log 0 = 0 without NaNs. With `axis_name` each device reduces its own K/n
-  columns and one psum adds them. `queue_valid` (optional, see `moco_infonce`) leaves unfilled
-  rows out: K becomes the number of valid rows; with none the regulariser is 0. `precision`: of
-  the similarity products (default `lax.Precision.HIGHEST`, see `moco_infonce`).
+  columns and one psum adds them.
+
+  Args:
+    query: (B, D) online embeddings (normalised here).
+    queue: (K, D) negatives, rows L2-normalised here unless `normalize_queue=False` (see
+      `moco_infonce`); with `axis_name`, this device's K/n rows.
+    temperature: tau_u (> 0; 0.2, unverified).
+    per_sample: mean of the per-anchor divergences instead of the batch mean's (default False).
+    axis_name: mesh axis inside `jax.shard_map`; query, queue and queue_valid split over it.
+    queue_valid: optional (K,) bool (see `moco_infonce`): unfilled rows are left out, K becomes
+      the number of valid rows; with none the regulariser is 0.
+    normalize_queue: as `moco_infonce`.
+    precision: of the similarity products (default `lax.Precision.HIGHEST`, see
+      `moco_infonce`).
 
   Returns:
     (reg, metrics) with metrics `negative_uniformity` (the same value).
   """
   _core.check_matrix(query, "query")
+  if queue is None:
+    raise ValueError("xmoco_negative_uniformity needs a queue (got queue=None)")
   _core.check_queue(queue, query.shape[1])
   _core.check_temperature(temperature)
+  per_sample = _core.static_bool(per_sample, "per_sample")
+  normalize_queue = _core.static_bool(normalize_queue, "normalize_queue")
   dist = _core.Dist(axis_name, query.shape[0])
+  dist.check_split(query=query, queue=queue, queue_valid=queue_valid)
   q, _ = _core.prepare(query, None, dist)
   valid = _core.check_queue_valid(queue_valid, queue.shape[0])
-  logits = _core.sim(q, _core.queue_block(queue), precision) / temperature   # (Bg, K_local)
+  block = _core.queue_block(queue, normalize_queue, queue_valid)
+  logits = _core.sim(q, block, precision) / temperature                     # (Bg, K_local)
   logits = _core.mask_columns(logits, valid)
   log_p = logits - _core.split_logsumexp(None, logits, dist)[:, None]
   count = _core.num_valid(logits, valid, dist)

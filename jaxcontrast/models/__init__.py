@@ -6,6 +6,11 @@ Typical use:
   out, updates = encoder.apply(variables, images, train=True, mutable=["batch_stats"])
   out["features"], out["projection"], out.get("prediction")
 """
+from jaxcontrast import _extras
+
+_extras.require("jaxcontrast.models")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxcontrast.models.config import (build_encoder, default_model_config,
                                        encoder_feature_dim, resolve_model_config)
 from jaxcontrast.models.conv import Conv, conv_xla

@@ -9,3 +9,6 @@
   diagnostics.py  false-negative diagnostics from class labels (metrics only)
   optim.py        optimizers and learning-rate schedules
 """
+from jaxcontrast import _extras
+
+_extras.require("jaxcontrast.step")

@@ -115,9 +115,9 @@ def label_metrics(objective, keys: Sequence[jax.Array], labels: jax.Array,
   if objective.loss == "fnc":
     detected = detected_same = 0.0
     for key in keys:
-      fn = losses.fnc_detect(key, support, queue_keys, threshold=objective.fnc.threshold,
-                             top_k=objective.fnc.top_k, queue_valid=queue_valid,
-                             axis_name=axis_name)
+      fn, _ = losses.fnc_detect(key, queue_keys, support, threshold=objective.fnc.threshold,
+                                top_k=objective.fnc.top_k, queue_valid=queue_valid,
+                                axis_name=axis_name)
       c = label_pair_counts(labels, queue_labels, queue_valid=queue_valid, detected=fn,
                             axis_name=axis_name)
       detected, detected_same = detected + c["detected"], detected_same + c["detected_same"]

@@ -27,6 +27,8 @@ import ml_collections
 import numpy as np
 
 from jaxcontrast.config_check import fail
+from jaxcontrast.losses import l2_normalize
+from jaxcontrast.losses import queue as core_queue
 
 MODES = ("replicated", "sharded")
 
@@ -100,8 +102,7 @@ def init_queue(rng: jax.Array, size: int, dim: int, num_blocks: int = 1) -> Queu
     raise ValueError(f"queue size and dim must be positive, got size={size}, dim={dim}")
   if size % num_blocks:
     raise ValueError(f"queue size {size} is not divisible by {num_blocks} devices")
-  keys = jax.random.normal(rng, (size, dim), jnp.float32)
-  keys = keys / jnp.linalg.norm(keys, axis=1, keepdims=True)
+  keys = core_queue.init(rng, size, dim).keys
   keys = keys[np.argsort(_deal_rows(size, num_blocks))]
   unknown = jnp.full((size,), -1, jnp.int32)
   return QueueState(keys=keys, ids=unknown, labels=unknown, ptr=jnp.zeros((), jnp.int32),
@@ -134,18 +135,10 @@ def enqueue(queue: QueueState, keys: jax.Array, ids: Optional[jax.Array] = None,
   if keys.ndim != 2 or keys.shape[1] != queue.keys.shape[1]:
     raise ValueError(f"keys must have shape (N, {queue.keys.shape[1]}), got {keys.shape}")
   ids, labels = _row_values(ids, n), _row_values(labels, n)
-  start = queue.ptr
-  if n > size:
-    keys, ids, labels = keys[n - size:], ids[n - size:], labels[n - size:]
-    start = (start + (n - size)) % size
-  rows = (start + jnp.arange(keys.shape[0])) % size
-  return QueueState(
-      keys=queue.keys.at[rows].set(jax.lax.stop_gradient(keys).astype(queue.keys.dtype),
-                                   unique_indices=True),
-      ids=queue.ids.at[rows].set(ids, unique_indices=True),
-      labels=queue.labels.at[rows].set(labels, unique_indices=True),
-      ptr=((queue.ptr + n) % size).astype(jnp.int32),
-      filled=jnp.minimum(queue.filled + n, size).astype(jnp.int32))
+  ptr, filled = core_queue.advance(queue.ptr, queue.filled, n, size)
+  write = lambda buffer, rows: core_queue.write_rows(buffer, queue.ptr, rows)
+  return QueueState(keys=write(queue.keys, keys), ids=write(queue.ids, ids),
+                    labels=write(queue.labels, labels), ptr=ptr, filled=filled)
 
 
 def negatives(queue: Optional[QueueState], config: ml_collections.ConfigDict, *, devices: int,
@@ -168,13 +161,7 @@ def valid_rows(queue: QueueState, num_blocks: int = 1) -> jax.Array:
   g = a * n + b, as `age_order` orders them; the row is valid iff g >= K - filled. This holds for
   a fresh queue and after `reblock` alike. Traceable (used inside the jitted step).
   """
-  size = queue.keys.shape[0]
-  if size % num_blocks:
-    raise ValueError(f"queue size {size} is not divisible by {num_blocks} blocks")
-  local = size // num_blocks
-  rows = jnp.arange(size)
-  age = (rows % local - queue.ptr) % local * num_blocks + rows // local
-  return age >= size - queue.filled
+  return core_queue.valid_rows_mask(queue.keys.shape[0], queue.ptr, queue.filled, num_blocks)
 
 
 def age_order(keys: np.ndarray, ptr: int, num_blocks: int) -> np.ndarray:
@@ -319,7 +306,7 @@ def push(queue: QueueState, keys, ids, labels, *, mode: str, mesh,
   else:
     join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
   new_keys, new_ids, new_labels = join(keys), join(ids), join(labels)
-  new_keys = new_keys / jnp.linalg.norm(new_keys, axis=-1, keepdims=True).clip(1e-12)
+  new_keys = l2_normalize(new_keys)
   if mode == "sharded":
     return enqueue_sharded(queue, new_keys, new_ids, new_labels, mesh=mesh, axis_name=axis_name)
   return enqueue(queue, new_keys, new_ids, new_labels)
