@@ -1,6 +1,7 @@
 """SePP (semantic positive pairs) on Fashion-MNIST: key views from mined semantic partners.
 
-  python -m jaxcontrast.semantic_pairs --dataset fashion_mnist --embedding pixels --threshold 0.9 --top_k 10 --out /tmp/fmnist_pairs.npz
+  python -m jaxcontrast.semantic_pairs --config.dataset=fashion_mnist_debian --config.embedding=pixels \
+      --config.threshold=0.9 --config.top_k=10 --config.out=/tmp/fmnist_pairs.npz
   python -m jaxcontrast.main --config configs/sepp_fashion_mnist.py --workdir /tmp/sepp_fashion_mnist --config.data.semantic_pairs=/tmp/fmnist_pairs.npz
   python -m jaxcontrast.main --config configs/sepp_fashion_mnist.py:tiny --workdir /tmp/sepp_fashion_mnist_tiny  # smoke
 
