@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 ENCODERS = ("target", "online", "random", "pixels")
+TORCHVISION = "torchvision:"
 PROTOCOLS = ("auto", "full_batch", "sgd")
 
 
@@ -16,6 +17,9 @@ def default_probe_config() -> ml_collections.ConfigDict:
   # What is probed: "target" (EMA / key encoder, the MoCo convention), "online" (query
   # encoder), "random" (same architecture, randomly initialised from the run's config: the
   # baseline to beat) or "pixels" (normalised raw pixels, the other baseline).
+  # "torchvision:PATH" probes PyTorch ResNet weights (a torchvision or MoCo v1/v2 state dict,
+  # .safetensors or, with torch installed, .pth / .pth.tar) on the data set of `data` below;
+  # results go to --workdir.
   c.encoder = "target"
   # "backbone" (pooled backbone features, the standard probe input) or "projection".
   c.features = "backbone"
@@ -40,6 +44,15 @@ def default_probe_config() -> ml_collections.ConfigDict:
   # else linear_probe_<encoder>[_<features>].json (baselines do not overwrite the main result);
   # a protocol forced against the automatic choice adds _<protocol> (linear_probe_sgd.json).
   c.output = config_dict.placeholder(str)
+  # Data settings for encoder="torchvision:PATH" only (a run's encoder probes on the run's data):
+  # data set (required), and optionally image size, normalisation, tfds data_dir; see
+  # data/config.py for their meaning. Channels default to what the weights take.
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = config_dict.placeholder(str)
+  c.data.image_size = config_dict.placeholder(int)
+  c.data.mean = config_dict.placeholder(tuple)
+  c.data.std = config_dict.placeholder(tuple)
+  c.data.eval_crop_ratio = config_dict.placeholder(float)
 
   # Full-batch protocol: min_W,b mean CE + l2/2 ||W||^2 on standardised features.
   c.full_batch = ml_collections.ConfigDict()
@@ -74,9 +87,10 @@ def validate(c) -> None:
   """ValueErrors naming the key."""
   names = encoder_list(c)
   for name in names:
-    if name not in ENCODERS:
-      raise ValueError(f"probe config: encoder must be one of {ENCODERS} (or several, "
-                       f"comma-separated), got {c.encoder!r}")
+    torchvision = name.startswith(TORCHVISION) and len(name) > len(TORCHVISION)
+    if name not in ENCODERS and not torchvision:
+      raise ValueError(f"probe config: encoder must be one of {ENCODERS} or "
+                       f"'{TORCHVISION}PATH' (or several, comma-separated), got {c.encoder!r}")
   if len(set(names)) != len(names):
     raise ValueError(f"probe config: encoder names an encoder twice: {c.encoder!r}")
   if len(names) > 1:
@@ -85,6 +99,17 @@ def validate(c) -> None:
     for name in names:  # Each one as it will run.
       validate(_with_encoder(c, name))
     return
+  data_set = {k: v for k, v in c.data.items() if v is not None}
+  if c.encoder.startswith(TORCHVISION):
+    if not c.data.dataset:
+      raise ValueError("probe config: encoder='torchvision:PATH' needs data.dataset (the data "
+                       "set to probe on, e.g. --config.data.dataset=imagenet2012)")
+    if c.features != "backbone":
+      raise ValueError(f"probe config: PyTorch weights hold a backbone only; features must be "
+                       f"'backbone', got {c.features!r}")
+  elif data_set:
+    raise ValueError(f"probe config: data.{sorted(data_set)[0]} applies to "
+                     "encoder='torchvision:PATH' only (a run's encoder probes on its own data)")
   if c.features not in ("backbone", "projection"):
     raise ValueError(f"probe config: features must be 'backbone' or 'projection', got "
                      f"{c.features!r}")
@@ -114,7 +139,10 @@ def split_encoders(c) -> list:
 def output_stem(c) -> str:
   """"linear_probe" for the target backbone; linear_probe_<encoder>[_<features>] otherwise."""
   stem = "linear_probe"
-  if c.encoder != "target":
+  if c.encoder.startswith(TORCHVISION):   # linear_probe_torchvision_<file name>
+    name = c.encoder[len(TORCHVISION):].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+    stem += "_torchvision_" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+  elif c.encoder != "target":
     stem += f"_{c.encoder}"
   if c.features != "backbone":
     stem += f"_{c.features}"
