@@ -292,3 +292,26 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   if not isinstance(loaded, Mapping):
     raise ValueError(f"{path}: expected a state dict, got {type(loaded).__name__}")
   return backbone_state_dict(loaded)
+
+
+def init_state_from(state, path):
+  """`state` (a `TrainState`) with both networks' backbones (params and BatchNorm statistics)
+  replaced by the PyTorch ResNet weights at `path`, each array kept in its sharding; the
+  projector, predictor, optimizer state and queue are left as initialised. ValueError (first
+  key, both shapes) if the weights do not fit the configured backbone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  template = {"params": state.params["backbone"],
+              "batch_stats": state.batch_stats.get("backbone", {})}
+  loaded = from_torchvision(read_state_dict(path), template)
+
+  def put(tree, like):
+    return jax.tree.map(lambda v, old: jax.device_put(v, old.sharding), tree, like)
+
+  def with_backbone(tree, new):
+    return {**tree, "backbone": put(new, tree["backbone"])} if new else tree
+
+  return state.replace(
+      params=with_backbone(state.params, loaded["params"]),
+      ema_params=with_backbone(state.ema_params, loaded["params"]),
+      batch_stats=with_backbone(state.batch_stats, loaded["batch_stats"]),
+      ema_batch_stats=with_backbone(state.ema_batch_stats, loaded["batch_stats"]))
