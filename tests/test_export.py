@@ -187,6 +187,10 @@ def test_export_import_round_trip(run, tmp_path):
   assert meta["image_shape"] == list(IMAGE_SHAPE) and meta["step"] == STEP
   y = module.apply(restored, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
   assert y.shape == (1, 16)   # the tiny projector's width
+  # The flax export is also accepted wherever PyTorch weights are (probe, init_from).
+  online = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+  _assert_same(torch_weights.from_torchvision(torch_weights.read_state_dict(out), online),
+               online)
 
 
 def test_export_usage_errors(run, tmp_path, capsys):

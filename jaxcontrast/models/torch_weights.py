@@ -271,18 +271,25 @@ def torchvision_model(arch: str, stem: str, width: float, norm: str = "batch",
 def read_state_dict(path) -> dict[str, np.ndarray]:
   """The backbone entries (`backbone_state_dict`) of the PyTorch weights at `path`: a
   `.safetensors` file, or a `.pth` / `.pth.tar` / `.pt` read with torch (installed separately)
-  as `torch.load(..., weights_only=True)`. `path` may be any `etils.epath` path (gs://)."""
+  as `torch.load(..., weights_only=True)`; or our flax export (`.msgpack` + `.json`), converted.
+  `path` may be any `etils.epath` path (gs://)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(path)
   if not path.exists():
     raise ValueError(f"PyTorch weights {path}: no such file")
+  if path.name.endswith(".msgpack"):   # our flax export (jaxcontrast.export --format flax)
+    from jaxcontrast import export  # pylint: disable=g-import-not-at-top
+    _, variables, meta = export.read_flax(path)
+    if meta.get("features") == "projection":
+      variables = {c: variables.get(c, {}).get("backbone", {}) for c in ("params", "batch_stats")}
+    return to_torchvision(variables)
   data = path.read_bytes()
   if path.name.endswith(".safetensors"):
     from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
     return backbone_state_dict(load(data))
   if not re.search(r"\.(pth|pt|pth\.tar|bin|ckpt)$", path.name):
-    raise ValueError(f"PyTorch weights {path}: expected a .safetensors, .pth, .pth.tar or .pt "
-                     "file")
+    raise ValueError(f"PyTorch weights {path}: expected a .safetensors, .pth, .pth.tar, .pt or "
+                     "(flax export) .msgpack file")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
