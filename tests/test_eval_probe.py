@@ -84,8 +84,8 @@ def test_cli_every_encoder(workdir, capsys):
   online = encoders.load_probe_encoder(workdir, encoder="online", mesh=make_mesh())
   same = lambda a, b: all(np.array_equal(x, y) for x, y in
                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert same(online.variables["params"], run.state.params)
-  assert not same(online.variables["params"], run.state.ema_params)
+  assert same(online.variables["params"], run.state.params["backbone"])
+  assert not same(online.variables["params"], run.state.ema_params["backbone"])
   # A mistyped key fails, naming it.
   assert linear_probe.main(["linear_probe", f"--workdir={workdir}", "--config.encodr=x"]) == 1
   assert "encodr" in capsys.readouterr().err

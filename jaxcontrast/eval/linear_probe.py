@@ -142,7 +142,7 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   start = time.perf_counter()
   # The run's data config first (the random encoder needs its image shape); for PyTorch
   # weights (encoder="torchvision:PATH") the data comes from --config.data.*.
-  saved_config, _ = encoders.probe_run_config(
+  saved_config, saved_step = encoders.probe_run_config(
       workdir, encoder=probe_config.encoder, step=probe_config.step,
       data_overrides=probe_config.data.to_dict())
   data_cfg = probe_data_config(saved_config, probe_config)
@@ -151,7 +151,7 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   if not num_classes:
     raise ValueError(f"linear probe: dataset {data_cfg.dataset!r} has no labels")
   enc = encoders.load_probe_encoder(workdir, encoder=probe_config.encoder,
-                                    features=probe_config.features, step=probe_config.step,
+                                    features=probe_config.features, step=saved_step,
                                     mesh=mesh, seed=probe_config.seed,
                                     image_shape=info["image_shape"], run_config=saved_config)
   auto = ("full_batch" if num_train is not None
