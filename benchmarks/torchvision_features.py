@@ -65,7 +65,8 @@ def variables(case: dict) -> dict:
   from jaxcontrast.models.norm import BN_MOMENTUM  # pylint: disable=g-import-not-at-top
   model = backbone(case)
   calib = images(case, calibration=True)
-  v = jax.device_get(model.init(jax.random.key(case["seed"]), calib[:1], train=False))
+  v = jax.device_get(jax.jit(lambda k: model.init(k, calib[:1], train=False))(
+      jax.random.key(case["seed"])))
   rng = np.random.default_rng(case["seed"])
 
   last_bn = "'bn3'" if case["arch"] == "resnet50" else "'bn2'"
@@ -83,8 +84,8 @@ def variables(case: dict) -> dict:
     return np.asarray(leaf)
   params = jax.tree_util.tree_map_with_path(draw, v["params"])
   # One train-mode pass: running <- m * running + (1 - m) * batch, solved for the batch value.
-  _, updates = model.apply({"params": params, "batch_stats": v["batch_stats"]}, calib,
-                           train=True, mutable=["batch_stats"])
+  _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+      {"params": params, "batch_stats": v["batch_stats"]}, calib)
   batch_stats = jax.tree.map(
       lambda old, new: np.asarray((np.asarray(new) - BN_MOMENTUM * np.asarray(old))
                                   / (1 - BN_MOMENTUM), np.float32),

@@ -317,3 +317,18 @@ def test_forward_matches_torchvision(name):
   ours = tvf.jax_features(tvf.CASES[name], variables)[:, :theirs.shape[1]]
   assert np.max(np.abs(theirs)) > 0.1
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=fixture["tolerance"])
+
+
+def test_probe_config_for_torchvision_weights():
+  from jaxcontrast.eval import config as probe_config_lib
+  c = probe_config_lib.default_probe_config()
+  c.encoder = "torchvision:/w/moco_v2_800ep.pth.tar"
+  with pytest.raises(ValueError, match="needs data.dataset"):
+    probe_config_lib.validate(c)
+  c.data.dataset = "imagenet2012"
+  probe_config_lib.validate(c)
+  assert probe_config_lib.output_stem(c) == "linear_probe_torchvision_moco_v2_800ep"
+  c.encoder = "target"
+  with pytest.raises(ValueError, match="data.dataset applies to encoder='torchvision:PATH'"):
+    probe_config_lib.validate(c)
+  assert jaxcontrast.load_encoder is encoders.load_encoder
