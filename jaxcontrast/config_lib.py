@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2            # Orbax max_to_keep
   c.knn_every = 0                   # steps between kNN evaluations; 0 = off
   c.knn = default_knn_config()
+  # PyTorch ResNet weights (.safetensors, or .pth / .pth.tar with torch installed; torchvision or
+  # MoCo v1/v2 state dicts) to start both backbones from; None = random init. Fresh runs only:
+  # a resumed run continues from its checkpoint.
+  c.init_from = config_dict.placeholder(str)
   # Sections, each with its own defaults and validation.
   c.model = default_model_config()
   c.optim = optim.default_optim_config()

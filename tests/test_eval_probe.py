@@ -86,8 +86,8 @@ def test_every_encoder(workdir):
   online = encoders.load_probe_encoder(workdir, encoder="online", mesh=make_mesh())
   same = lambda a, b: all(np.array_equal(x, y) for x, y in
                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert same(online.variables["params"], run.state.params)
-  assert not same(online.variables["params"], run.state.ema_params)
+  assert same(online.variables["params"], run.state.params["backbone"])
+  assert not same(online.variables["params"], run.state.ema_params["backbone"])
 
 
 def test_sgd_protocol_resumes_exactly(workdir, tmp_path):

@@ -5,7 +5,8 @@
 
 Files, one job each:
   features.py      frozen encoder -> features of an eval split (global arrays / host NumPy)
-  encoders.py      which encoder a probe embeds with: target, online, random, pixels
+  encoders.py      load_encoder (one network from a checkpoint); what a probe embeds: target,
+                   online, random, pixels, torchvision:PATH
   knn.py           cosine k-NN weighted vote, sharded memory; the training loop's monitor
   logistic.py      full-batch multinomial logistic regression (L-BFGS), held-out L2 choice
   sgd.py           MoCo v2 linear classification by SGD on a frozen encoder, resumable

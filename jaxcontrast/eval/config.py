@@ -11,6 +11,7 @@ from ml_collections import config_dict
 from jaxcontrast.config_check import fail, is_int
 
 ENCODERS = ("target", "online", "random", "pixels")
+TORCHVISION = "torchvision:"
 PROTOCOLS = ("auto", "full_batch", "sgd")
 FEATURES = ("backbone", "projection")
 SCHEDULES = ("step", "cosine")
@@ -21,6 +22,9 @@ def default_probe_config() -> ml_collections.ConfigDict:
   # What is probed: "target" (EMA / key encoder, the MoCo convention), "online" (query
   # encoder), "random" (same architecture, randomly initialised from the run's config: the
   # baseline to beat) or "pixels" (normalised raw pixels, the other baseline).
+  # "torchvision:PATH" probes PyTorch ResNet weights (a torchvision or MoCo v1/v2 state dict,
+  # .safetensors or, with torch installed, .pth / .pth.tar) on the data set of `data` below;
+  # results go to --workdir.
   c.encoder = "target"
   # "backbone" (pooled backbone features, the standard probe input) or "projection".
   c.features = "backbone"
@@ -45,6 +49,15 @@ def default_probe_config() -> ml_collections.ConfigDict:
   # else linear_probe_<encoder>[_<features>].json (baselines do not overwrite the main result);
   # a protocol forced against the automatic choice adds _<protocol> (linear_probe_sgd.json).
   c.output = config_dict.placeholder(str)
+  # Data settings for encoder="torchvision:PATH" only (a run's encoder probes on the run's data):
+  # data set (required), and optionally image size, normalisation, tfds data_dir; see
+  # data/config.py for their meaning. Channels default to what the weights take.
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = config_dict.placeholder(str)
+  c.data.image_size = config_dict.placeholder(int)
+  c.data.mean = config_dict.placeholder(tuple)
+  c.data.std = config_dict.placeholder(tuple)
+  c.data.eval_crop_ratio = config_dict.placeholder(float)
 
   # Full-batch protocol: min_W,b mean CE + l2/2 ||W||^2 on standardised features.
   c.full_batch = ml_collections.ConfigDict()
@@ -79,8 +92,10 @@ def validate(c) -> None:
   """ConfigError ("config key = value: expected ...") naming the first invalid key."""
   names = encoder_list(c)
   for name in names:
-    if name not in ENCODERS:
-      fail("", "encoder", c.encoder, f"one of {ENCODERS} (or several, comma-separated)")
+    torchvision = name.startswith(TORCHVISION) and len(name) > len(TORCHVISION)
+    if name not in ENCODERS and not torchvision:
+      fail("", "encoder", c.encoder,
+           f"one of {ENCODERS} or '{TORCHVISION}PATH' (or several, comma-separated)")
   if len(set(names)) != len(names):
     fail("", "encoder", c.encoder, "each encoder named once (it names one twice)")
   if len(names) > 1:
@@ -89,6 +104,18 @@ def validate(c) -> None:
     for name in names:  # Each one as it will run.
       validate(_with_encoder(c, name))
     return
+  data_set = {k: v for k, v in c.data.items() if v is not None}
+  if c.encoder.startswith(TORCHVISION):
+    if not c.data.dataset:
+      fail("data", "dataset", c.data.dataset, "the data set to probe on with "
+           "encoder='torchvision:PATH', e.g. --config.data.dataset=imagenet2012")
+    if c.features != "backbone":
+      fail("", "features", c.features, "'backbone' with encoder='torchvision:PATH' (PyTorch "
+           "weights hold a backbone only)")
+  elif data_set:
+    key = sorted(data_set)[0]
+    fail("data", key, data_set[key], "None: data.* applies to encoder='torchvision:PATH' only "
+         "(a run's encoder probes on its own data)")
   if c.features not in FEATURES:
     fail("", "features", c.features, f"one of {FEATURES}")
   if c.encoder == "pixels" and c.features != "backbone":
@@ -118,7 +145,10 @@ def split_encoders(c) -> list:
 def output_stem(c) -> str:
   """"linear_probe" for the target backbone; linear_probe_<encoder>[_<features>] otherwise."""
   stem = "linear_probe"
-  if c.encoder != "target":
+  if c.encoder.startswith(TORCHVISION):   # linear_probe_torchvision_<file name>
+    name = c.encoder[len(TORCHVISION):].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+    stem += "_torchvision_" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+  elif c.encoder != "target":
     stem += f"_{c.encoder}"
   if c.features != "backbone":
     stem += f"_{c.features}"

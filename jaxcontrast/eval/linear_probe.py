@@ -5,6 +5,9 @@
   python -m jaxcontrast.eval.linear_probe --workdir /tmp/moco_fmnist \\
       --config.encoder=target,random,pixels       # three probes, one process (launch/local.sh)
   python -m jaxcontrast.eval.linear_probe --workdir gs://bucket/moco_in1k --config.protocol=sgd
+  python -m jaxcontrast.eval.linear_probe --workdir /tmp/probe_mocov2 \
+      --config.encoder=torchvision:moco_v2_800ep_pretrain.pth.tar \
+      --config.data.dataset=imagenet2012          # someone else's PyTorch ResNet weights
 
 Loads the run (config, checkpoint) from DIR alone, embeds with the frozen encoder chosen by
 `--config.encoder` (see `eval/config.py` for every key), trains a linear classifier on the
@@ -141,17 +144,20 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
                      "each config of config_lib.split_encoders(probe_config)")
   mesh = make_mesh() if mesh is None else mesh
   start = time.perf_counter()
-  # The run's data config first (the random encoder needs its image shape).
-  saved_config, _ = encoders._saved_config(workdir, probe_config.step)  # pylint: disable=protected-access
+  # The run's data config first (the random encoder needs its image shape); for PyTorch
+  # weights (encoder="torchvision:PATH") the data comes from --config.data.*.
+  saved_config, saved_step = encoders.probe_run_config(
+      workdir, encoder=probe_config.encoder, step=probe_config.step,
+      data_overrides=probe_config.data.to_dict())
   data_cfg = probe_data_config(saved_config, probe_config)
   info = pipeline.dataset_info(data_cfg)
   num_classes, num_train = info["num_classes"], info["num_train"]
   if not num_classes:
     raise ConfigError(f"linear probe: the run's dataset {data_cfg.dataset!r} has no labels")
   enc = encoders.load_probe_encoder(workdir, encoder=probe_config.encoder,
-                                    features=probe_config.features, step=probe_config.step,
+                                    features=probe_config.features, step=saved_step,
                                     mesh=mesh, seed=probe_config.seed,
-                                    image_shape=info["image_shape"])
+                                    image_shape=info["image_shape"], run_config=saved_config)
   auto = ("full_batch" if num_train is not None
           and num_train <= probe_config.full_batch_max_train else "sgd")
   protocol = auto if probe_config.protocol == "auto" else probe_config.protocol

@@ -197,6 +197,10 @@ def train_and_evaluate(config, workdir) -> dict:
     sample = jnp.zeros((2,) + tuple(info["image_shape"]), jnp.float32)
     state, _ = train_step.create_state(config, models=models, tx=tx, mesh=mesh,
                                        sample_images=sample, rng=jax.random.key(config.seed))
+    if config.get("init_from"):   # PyTorch ResNet weights for both backbones (fresh runs only)
+      from jaxcontrast.models import torch_weights  # pylint: disable=g-import-not-at-top
+      state = torch_weights.init_state_from(state, config.init_from)
+      log.info("backbones initialised from %s", config.init_from)
   checkpoint_lib.write_config(workdir, config)
   if start >= steps:  # Already finished: report what it logged last.
     ckpt.close()
