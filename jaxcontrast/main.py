@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxcontrast import config_lib, xla_cpu
+from jaxcontrast import config_lib
 from jaxcontrast.run import pretrain
 from jaxcontrast.sharding import define_distributed_flags
 
@@ -23,7 +23,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  xla_cpu.apply()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax logs every save step at INFO.
   try:

@@ -11,7 +11,6 @@ import logging
 
 import jax
 
-from jaxcontrast import xla_cpu
 from jaxcontrast.data.pairs import PAIRS_FILE, save_pairs
 from jaxcontrast.eval.mining import mine_semantic_pairs, numpy_batches, pixel_embed_fn
 
@@ -117,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
                 "'train[:N]' (the SePP run must then train on the same split)")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  xla_cpu.apply()
   mine = dict(threshold=args.threshold, top_k=args.top_k, block_size=args.block_size,
               chunk_size=args.chunk_size)
   if workdir:

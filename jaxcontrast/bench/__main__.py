@@ -26,8 +26,6 @@ import sys
 
 from absl import app, flags
 
-from jaxcontrast import xla_cpu
-
 _METHOD = flags.DEFINE_enum("method", "moco", ["moco", "co2", "xmoco", "sce", "fnc", "sepp"],
                             "Uses configs/<method>_imagenet2012.py.")
 _CONFIG = flags.DEFINE_string("config", None, "A config spec (path.py[:variants]) instead.")
@@ -103,7 +101,6 @@ def main(argv):
       "XLA_FLAGS", ""):   # CPU: simulate the devices (ignored by GPU/TPU backends)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_DEVICES.value}")
-  xla_cpu.apply()
   from jaxcontrast.bench import step as step_lib  # pylint: disable=g-import-not-at-top
   config = config_from_flags()
   print(f"[bench] {config.method} {config.model.arch} {step_lib.image_size(config)}px batch "

@@ -28,7 +28,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcontrast import xla_cpu
 from jaxcontrast.eval import config as config_lib
 from jaxcontrast.eval import encoders
 from jaxcontrast.eval import features as features_lib
@@ -190,7 +189,6 @@ def summary_line(result: dict) -> str:
 
 def main(argv=None) -> int:
   """absl entry point (flags: --workdir, --config.KEY=VALUE)."""
-  xla_cpu.apply()
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import define_distributed_flags  # pylint: disable=g-import-not-at-top
