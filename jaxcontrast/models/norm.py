@@ -20,9 +20,15 @@ with m = 0.9 (PyTorch's momentum 0.1). PyTorch updates the running variance with
 estimate (factor n / (n - 1)); flax and this layer use the biased one. Eval mode normalises with
 the running statistics. Running statistics are not updated while initialising, as in flax.
 
-Every sum over (samples, positions), in the statistics and in their gradients, runs in two
-stages: each sample's positions, then the samples (`_sample_mean`, `_broadcast`). Same values up
-to rounding (closer to float64 than one sum), and 2.3x faster on XLA:CPU.
+On CPU, every sum over (samples, positions), in the statistics and in their gradients, runs in
+two stages: each sample's positions, then the samples (`_sample_mean`, `_broadcast`), which
+XLA:CPU runs faster than one reduction and which is closer to the float64 sum. GPU and TPU get
+plain BatchNorm (one reduction, implicit broadcasting, no barrier: XLA fuses it). The choice is
+made when the program is lowered for its platform (`lax.platform_dependent`); both give the same
+values up to rounding. docs/performance.md ("BatchNorm") has the measurements.
+
+With `views=V` the batch holds V batches interleaved, normalised as V separate calls (the
+symmetric step's two views in one forward: `train_step.online_forward`).
 
 Contiguous grouping reshapes `(B, ...) -> (G, B/G, ...)` and reduces over axis 1, so with the
 batch split over G devices every statistic is a local reduction (no communication).
