@@ -97,10 +97,10 @@ def test_one_forward_of_both_views_equals_two_forwards():
     queries, new_stats = _two_forwards(models, params, stats, batch)
     return loss(queries), (queries, new_stats)
 
-  results = [jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
-             for f in (ours, reference)]
-  (value, (queries, new_stats)), grads = results[0]
-  (value_ref, (queries_ref, stats_ref)), grads_ref = results[1]
+  # One program for both (one compilation).
+  both = jax.jit(lambda p: [jax.value_and_grad(f, has_aux=True)(p) for f in (ours, reference)])
+  ((value, (queries, new_stats)), grads), ((value_ref, (queries_ref, stats_ref)), grads_ref) = \
+      both(variables["params"])
   # A sum of 16 x D terms of either sign: its rounding is absolute, not relative.
   np.testing.assert_allclose(value, value_ref, rtol=0, atol=1e-5)
   for q, q_ref in zip(queries, queries_ref):
