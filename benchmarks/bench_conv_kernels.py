@@ -13,16 +13,16 @@ library (README, "Why the channels_last gap stays").
 
   python benchmarks/bench_conv_kernels.py [--batch 256] [--repeats 5] [--alternatives]
 
-XLA_FLAGS are applied as the entry points apply them (`jaxcontrast.xla_cpu`), so this measures
-the kernels a training run uses; set `--xla_cpu_experimental_ynn_fusion_type=...` yourself to
-compare YNNPACK's.
+XLA_FLAGS get `--xla_cpu_experimental_ynn_fusion_type=` (XLA's own convolutions), as
+launch/local.sh runs on CPU (docs/performance.md, CPU advice), so this measures the kernels a
+CPU training run uses; set `--xla_cpu_experimental_ynn_fusion_type=...` yourself to compare
+YNNPACK's.
 """
 import argparse
 import json
 import os
 import statistics
 
-from jaxcontrast import xla_cpu
 from jaxcontrast.bench.step import time_calls
 
 # (spatial size, input channels, output channels, stride) of the 3x3 convolutions.
@@ -202,7 +202,10 @@ def main():
   parser.add_argument("--torch_threads", type=int, default=0,
                       help="torch.set_num_threads (0: the CPU count, as XLA uses)")
   args = parser.parse_args()
-  xla_cpu.apply()
+  # Before the first JAX computation: XLA reads XLA_FLAGS when its CPU backend starts.
+  if "--xla_cpu_experimental_ynn_fusion_type=" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_experimental_ynn_fusion_type=").strip()
   bench_xla(args.batch, args.repeats)
   if args.alternatives:
     bench_alternatives(args.batch, args.repeats)

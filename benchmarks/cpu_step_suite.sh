@@ -19,6 +19,10 @@ groups=("$@")
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PYTHON:-.venv/bin/python}"
+# A CPU benchmark: XLA's own convolutions instead of YNNPACK's, as launch/local.sh runs
+# (docs/performance.md, CPU advice); a value already in XLA_FLAGS wins.
+[[ "${XLA_FLAGS:-}" == *--xla_cpu_experimental_ynn_fusion_type=* ]] ||
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_experimental_ynn_fusion_type="
 mkdir -p "$out"
 tmp="$(mktemp -d)"
 

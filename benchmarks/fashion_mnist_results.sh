@@ -20,6 +20,10 @@ root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root_dir/launch/setup.sh"
 cd "$root_dir"
 py=.venv/bin/python
+# A CPU benchmark: XLA's own convolutions instead of YNNPACK's, as launch/local.sh runs
+# (docs/performance.md, CPU advice); a value already in XLA_FLAGS wins.
+[[ "${XLA_FLAGS:-}" == *--xla_cpu_experimental_ynn_fusion_type=* ]] ||
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_experimental_ynn_fusion_type="
 # The PNG needs matplotlib (the optional `plot` extra); without it only the table is written.
 "$py" -c "import matplotlib" 2>/dev/null || "$py" -m pip install -q -e ".[plot]" ||
   echo "[results] warning: could not install matplotlib; no kNN curve PNG" >&2

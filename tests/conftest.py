@@ -8,16 +8,16 @@ import tempfile
 
 import pytest
 
-from jaxcontrast import xla_cpu
-
 # Tests run tiny programs a few steps each, so XLA's compile time is most of their cost: LLVM
 # optimisation level 0 compiles a tiny ResNet train step in 5.7 s instead of 14 s (measured on
 # 2 cores), and runs it in 0.09 s instead of 0.02 s.
-# The entry points' XLA:CPU defaults (jaxcontrast/xla_cpu.py) too, so tests run the kernels a
-# user's run does.
-os.environ["XLA_FLAGS"] = xla_cpu.with_defaults(
-    os.environ.get("XLA_FLAGS", "") +
-    " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# XLA's own convolutions instead of YNNPACK's, as launch/local.sh runs on CPU
+# (docs/performance.md, CPU advice); a value already in XLA_FLAGS wins.
+_NO_YNN = "--xla_cpu_experimental_ynn_fusion_type"
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_flags, "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"] +
+    ([] if _NO_YNN + "=" in _flags else [_NO_YNN + "="])).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

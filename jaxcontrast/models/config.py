@@ -81,15 +81,17 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
   _check_dims("pred_hidden_dims", cfg.pred_hidden_dims)
 
 
-def build_encoder(model_config: ml_collections.ConfigDict) -> Encoder:
+def build_encoder(model_config: ml_collections.ConfigDict, *, bn_views: int = 1) -> Encoder:
   """Encoder (backbone + projector [+ predictor]) described by `model_config`.
 
   Missing keys take `default_model_config()`'s values; unknown keys and invalid values raise
-  ValueError. The number of input channels is inferred from the data at `init`.
+  ValueError. The number of input channels is inferred from the data at `init`. bn_views: the
+  encoder takes `bn_views` batches interleaved and its BatchNorms treat them as separate calls
+  (`norm.GroupedBatchNorm.views`); same variables for any value.
   """
   cfg = resolve_model_config(model_config)
   dtype = DTYPES[cfg.dtype]
-  bn = dict(bn_groups=cfg.bn_groups, bn_grouping=cfg.bn_grouping)
+  bn = dict(bn_groups=cfg.bn_groups, bn_grouping=cfg.bn_grouping, bn_views=bn_views)
   backbone = build_resnet(cfg.arch, stem=cfg.stem, width=float(cfg.width), norm=cfg.norm,
                           dtype=dtype, zero_init_residual=cfg.zero_init_residual, **bn)
   projector = MLPHead(hidden_dims=tuple(cfg.proj_hidden_dims), out_dim=cfg.proj_dim,

@@ -45,7 +45,7 @@ class MLPHead(nn.Module):
     use_bn: BatchNorm after every hidden linear layer.
     last_bn: BatchNorm with no scale/offset after the output layer (SCE projector).
     dtype: compute dtype; parameters float32.
-    bn_groups, bn_grouping: grouped BatchNorm options (see `norm.py`).
+    bn_groups, bn_grouping, bn_views: grouped BatchNorm options (see `norm.py`).
   """
   hidden_dims: Sequence[int]
   out_dim: int
@@ -54,6 +54,7 @@ class MLPHead(nn.Module):
   dtype: Any = jnp.float32
   bn_groups: int = 1
   bn_grouping: str = "strided"
+  bn_views: int = 1
 
   def _dense(self, x: jax.Array, features: int, name: str) -> jax.Array:
     return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32,
@@ -62,7 +63,8 @@ class MLPHead(nn.Module):
 
   def _bn(self, x: jax.Array, train: bool, name: str, affine: bool = True) -> jax.Array:
     return GroupedBatchNorm(use_running_average=not train, groups=self.bn_groups,
-                            grouping=self.bn_grouping, dtype=self.dtype, use_bias=affine,
+                            grouping=self.bn_grouping, views=self.bn_views,
+                            dtype=self.dtype, use_bias=affine,
                             use_scale=affine, name=name)(x)
 
   @nn.compact

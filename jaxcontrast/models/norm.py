@@ -20,9 +20,15 @@ with m = 0.9 (PyTorch's momentum 0.1). PyTorch updates the running variance with
 estimate (factor n / (n - 1)); flax and this layer use the biased one. Eval mode normalises with
 the running statistics. Running statistics are not updated while initialising, as in flax.
 
-Every sum over (samples, positions), in the statistics and in their gradients, runs in two
-stages: each sample's positions, then the samples (`_sample_mean`, `_broadcast`). Same values up
-to rounding (closer to float64 than one sum), and 2.3x faster on XLA:CPU.
+On CPU, every sum over (samples, positions), in the statistics and in their gradients, runs in
+two stages: each sample's positions, then the samples (`_sample_mean`, `_broadcast`), which
+XLA:CPU runs faster than one reduction and which is closer to the float64 sum. GPU and TPU get
+plain BatchNorm (one reduction, implicit broadcasting, no barrier: XLA fuses it). The choice is
+made when the program is lowered for its platform (`lax.platform_dependent`); both give the same
+values up to rounding. docs/performance.md ("BatchNorm") has the measurements.
+
+With `views=V` the batch holds V batches interleaved, normalised as V separate calls (the
+symmetric step's two views in one forward: `train_step.online_forward`).
 
 Contiguous grouping reshapes `(B, ...) -> (G, B/G, ...)` and reduces over axis 1, so with the
 batch split over G devices every statistic is a local reduction (no communication).
@@ -63,12 +69,12 @@ def _group_view(x: jax.Array, groups: int, grouping: str) -> tuple[jax.Array, in
 
 
 def _sample_mean(x: jax.Array, sample_axis: int) -> jax.Array:
-  """Mean of `(group, sample, positions, C)` over samples and positions, keeping the axes.
+  """Mean of `(..., positions, C)` over `sample_axis` and positions, keeping the axes.
 
   Two stages, each sample's positions and then the samples, rather than one reduction over
   both: XLA:CPU lowers the one-stage form to a slow reduce-window. See `_broadcast`.
   """
-  return jnp.mean(jnp.mean(x, 2, keepdims=True), sample_axis, keepdims=True)
+  return jnp.mean(jnp.mean(x, x.ndim - 2, keepdims=True), sample_axis, keepdims=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -76,10 +82,10 @@ def _broadcast(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """`jnp.broadcast_to(v, shape)` (same rank) whose gradient sums in two stages.
 
   The gradient of a broadcast is a sum over the broadcast axes: here first over the positions
-  axis (-2), then over the others. On 2 CPU cores a one-stage sum over (256, 32, 32, 64) took
-  ~100 ms; the BatchNorm forward + backward on that shape went from 290 to 126 ms with
-  two-stage statistics, and the two-stage result is closer to the float64 mean (8.6e-7 vs
-  1.1e-5 after normalisation). The barrier keeps XLA from merging the two sums back into one.
+  axis (-2), then over the others. XLA:CPU runs a one-stage sum over (samples, positions) as a
+  slow reduce-window; two stages are also closer to the float64 sum. The barrier keeps XLA
+  from merging the two sums back into one. CPU only (`_train_forward`): a barrier blocks fusion
+  on GPU and TPU.
   """
   return jnp.broadcast_to(v, shape)
 
@@ -99,6 +105,35 @@ def _broadcast_bwd(shape, v, g):
 _broadcast.defvjp(_broadcast_fwd, _broadcast_bwd)
 
 
+def _train_forward(xg, scale, bias, *, sample_axis: int, epsilon: float, two_stage: bool):
+  """Train-mode BatchNorm of `xg` (..., positions, C) with statistics over `sample_axis` and
+  positions (axis -2); returns `(y, mean, var)`, the statistics with the reduced axes kept.
+
+  two_stage: every sum over (samples, positions), forward and backward, as two sums (`_sample_mean`,
+  `_broadcast`), for XLA:CPU; else one reduction and implicit broadcasting, which XLA:GPU/TPU
+  fuse. Same values up to rounding.
+  """
+  if two_stage:
+    stat = lambda t: _sample_mean(t, sample_axis)
+    spread = _broadcast
+  else:
+    stat = lambda t: jnp.mean(t, (sample_axis, t.ndim - 2), keepdims=True)
+    spread = lambda v, shape: v
+  mean = stat(xg)
+  # Two passes, as PyTorch (not flax's E[x^2] - E[x]^2): when a channel barely varies over the
+  # batch (pooled features of a young network, in the projector) the one-pass form cancels
+  # catastrophically, its variance jumps in steps of E[x^2]'s ulp, and the gradients of two
+  # float orderings of the same sums differed by ~2% (SCE, 1 vs 8 devices).
+  centred = xg - spread(mean, xg.shape)
+  var = stat(jnp.square(centred))
+  y = centred * spread(lax.rsqrt(var + epsilon), xg.shape)
+  if scale is not None:
+    y = y * spread(jnp.reshape(scale, (1,) * (y.ndim - 1) + (-1,)), y.shape)
+  if bias is not None:
+    y = y + spread(jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)), y.shape)
+  return y, mean, var
+
+
 class GroupedBatchNorm(nn.Module):
   """BatchNorm over the last (channel) axis with per-group batch statistics.
 
@@ -116,6 +151,10 @@ class GroupedBatchNorm(nn.Module):
     param_dtype: parameter dtype.
     use_bias, use_scale: learn the affine offset / scale (False for SCE's last projector BN).
     bias_init, scale_init: initialisers (scale zeros for zero-init residual branches).
+    views: V, the batch holds V batches interleaved (row b * V + v is sample b of batch v),
+      normalised as V separate calls in order v = 0, 1, ...: statistics and groups per batch,
+      running statistics updated once per batch. One call on the interleaved batch has one
+      backward for all V (the symmetric step's two views: one gradient all-reduce, not two).
   """
   use_running_average: bool | None = None
   groups: int = 1
@@ -128,6 +167,7 @@ class GroupedBatchNorm(nn.Module):
   use_scale: bool = True
   bias_init: Callable[..., Any] = nn.initializers.zeros
   scale_init: Callable[..., Any] = nn.initializers.ones
+  views: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -135,40 +175,38 @@ class GroupedBatchNorm(nn.Module):
                             use_running_average)
     if self.groups < 1:
       raise ValueError(f"bn_groups must be >= 1, got {self.groups}")
+    if self.views < 1 or x.shape[0] % self.views:
+      raise ValueError(f"batch size {x.shape[0]} is not a multiple of views={self.views}")
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    args = [x]
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale \
+        else None
+    bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
+    out_dtype = nn.dtypes.canonicalize_dtype(
+        *[a for a in (x, scale, bias) if a is not None], dtype=self.dtype)
     x32 = x.astype(jnp.float32)
     if use_ra:
       y = (x32 - ra_mean.value) * lax.rsqrt(ra_var.value + self.epsilon)
-    else:
-      xg, group_axis, sample_axis = _group_view(x32, self.groups, self.grouping)
-      # (group, sample, positions, C): every sample has the same number of positions, so the
-      # mean over (samples, positions) is the mean over samples of each sample's mean.
-      xg = xg.reshape(xg.shape[:2] + (-1, c))
-      mean = _sample_mean(xg, sample_axis)
-      # Two passes, as PyTorch (not flax's E[x^2] - E[x]^2): when a channel barely varies over
-      # the batch (pooled features of a young network, in the projector) the one-pass form
-      # cancels catastrophically, its variance jumps in steps of E[x^2]'s ulp, and the gradients
-      # of two float orderings of the same sums differed by ~2% (SCE, 1 vs 8 devices).
-      centred = xg - _broadcast(mean, xg.shape)
-      var = _sample_mean(jnp.square(centred), sample_axis)
-      y = (centred * _broadcast(lax.rsqrt(var + self.epsilon), xg.shape)).reshape(x.shape)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, group_axis).reshape(c)
-        ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, group_axis).reshape(c)
-    y = y.reshape(x.shape[0], -1, c)   # (B, positions, C)
-    if self.use_scale:
-      scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-      y = y * _broadcast(scale.reshape(1, 1, c), y.shape)
-      args.append(scale)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
-      y = y + _broadcast(bias.reshape(1, 1, c), y.shape)
-      args.append(bias)
-    return y.reshape(x.shape).astype(nn.dtypes.canonicalize_dtype(*args, dtype=self.dtype))
+      y = y * (1 if scale is None else scale) + (0 if bias is None else bias)
+      return y.astype(out_dtype)
+    # (B, V, positions, C), then a group axis and a within-group sample axis: every sample has
+    # the same number of positions, so the mean over (samples, positions) is the mean over
+    # samples of each sample's mean.
+    xv = x32.reshape(x.shape[0] // self.views, self.views, -1, c)
+    xg, group_axis, sample_axis = _group_view(xv, self.groups, self.grouping)
+    train = functools.partial(_train_forward, sample_axis=sample_axis, epsilon=self.epsilon)
+    y, mean, var = lax.platform_dependent(
+        xg, scale, bias, cpu=functools.partial(train, two_stage=True),
+        default=functools.partial(train, two_stage=False))
+    if not self.is_initializing():
+      m = self.momentum
+      mean_v = jnp.mean(mean, group_axis).reshape(self.views, c)
+      var_v = jnp.mean(var, group_axis).reshape(self.views, c)
+      for v in range(self.views):
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean_v[v]
+        ra_var.value = m * ra_var.value + (1 - m) * var_v[v]
+    return y.reshape(x.shape).astype(out_dtype)
 
 
 def gn_num_groups(channels: int, max_groups: int = GN_MAX_GROUPS) -> int:
@@ -177,7 +215,7 @@ def gn_num_groups(channels: int, max_groups: int = GN_MAX_GROUPS) -> int:
 
 
 def make_norm(norm: str, *, train: bool, dtype: Any = jnp.float32, bn_groups: int = 1,
-              bn_grouping: str = "strided") -> Callable[..., nn.Module]:
+              bn_grouping: str = "strided", bn_views: int = 1) -> Callable[..., nn.Module]:
   """Returns `norm_layer(channels, *, name=None, scale_init=ones, use_scale=True, ...)`.
 
   The factory hides which normalisation a network uses: a ResNet block asks for a layer over
@@ -194,7 +232,7 @@ def make_norm(norm: str, *, train: bool, dtype: Any = jnp.float32, bn_groups: in
   def norm_layer(channels: int, **kwargs) -> nn.Module:
     if norm == "batch":
       return GroupedBatchNorm(use_running_average=not train, groups=bn_groups,
-                              grouping=bn_grouping, dtype=dtype, **kwargs)
+                              grouping=bn_grouping, views=bn_views, dtype=dtype, **kwargs)
     return nn.GroupNorm(num_groups=gn_num_groups(channels), epsilon=BN_EPSILON, dtype=dtype,
                         **kwargs)
 

@@ -98,7 +98,7 @@ class ResNet(nn.Module):
     stem: `"imagenet"` or `"cifar"`.
     width: channel multiplier.
     norm: `"batch"` or `"group"`.
-    bn_groups, bn_grouping: grouped BatchNorm options (see `norm.py`).
+    bn_groups, bn_grouping, bn_views: grouped BatchNorm options (see `norm.py`).
     dtype: compute dtype; parameters stay float32.
     zero_init_residual: init the last norm scale of every block to 0 (torchvision option).
   """
@@ -111,6 +111,7 @@ class ResNet(nn.Module):
   bn_grouping: str = "strided"
   dtype: Any = jnp.float32
   zero_init_residual: bool = False
+  bn_views: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -120,7 +121,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet expects NHWC images, got shape {x.shape}")
     conv = _conv_factory(self.dtype)
     norm = make_norm(self.norm, train=train, dtype=self.dtype, bn_groups=self.bn_groups,
-                     bn_grouping=self.bn_grouping)
+                     bn_grouping=self.bn_grouping, bn_views=self.bn_views)
     stem_ch = scaled(64, self.width)
     x = jnp.asarray(x, self.dtype)
     if self.stem == "imagenet":

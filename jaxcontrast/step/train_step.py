@@ -44,11 +44,13 @@ def default_bn_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """The online and target modules (same parameter tree, maybe different BN grouping) and how
-  the key batch is permuted before the target network."""
+  """The online and target modules (same parameter tree, maybe different BN grouping), how the
+  key batch is permuted before the target network, and `online_pair`: the online module taking
+  two views interleaved, its BatchNorms treating them as two calls (`online_forward`)."""
   online: Any
   target: Any
   permutation: Callable[[jax.Array, int], jax.Array] | None
+  online_pair: Any = None
 
 
 def build_models(config, mesh) -> Models:
@@ -61,19 +63,28 @@ def build_models(config, mesh) -> Models:
     the global batch (MoCo's Shuffle BN).
   """
   bn = config.bn
-  with_bn = lambda groups, grouping: build_encoder(
-      dict(config.model, bn_groups=groups, bn_grouping=grouping))
+
+  def with_bn(groups=None, grouping=None, views=1):
+    model = config.model if groups is None else dict(config.model, bn_groups=groups,
+                                                     bn_grouping=grouping)
+    return build_encoder(model, bn_views=views)
+
   if bn.mode == "sync":
-    model = build_encoder(config.model)
-    return Models(model, model, None)
+    model = with_bn()
+    return Models(model, model, None, online_pair=with_bn(views=2))
   if bn.mode == "ghost":
     target = with_bn(bn.groups, "strided")
-    online = build_encoder(config.model) if bn.target_only else target
+    if bn.target_only:
+      online, pair = with_bn(), with_bn(views=2)
+    else:
+      online, pair = target, with_bn(bn.groups, "strided", views=2)
     return Models(online, target,
-                  lambda rng, batch: bn_shuffle.ghost_permutation(rng, batch, bn.groups))
+                  lambda rng, batch: bn_shuffle.ghost_permutation(rng, batch, bn.groups),
+                  online_pair=pair)
   devices = mesh.shape[DATA_AXIS]
   model = with_bn(devices, "contiguous")
-  return Models(model, model, bn_shuffle.shuffle_permutation)
+  return Models(model, model, bn_shuffle.shuffle_permutation,
+                online_pair=with_bn(devices, "contiguous", views=2))
 
 
 def validate_bn(bn: ml_collections.ConfigDict) -> None:
@@ -93,6 +104,40 @@ def local_view_names(batch) -> list[str]:
 def query_embedding(out: dict) -> jax.Array:
   """The online network's output used as the query: predictor output if any, else projection."""
   return out["prediction"] if "prediction" in out else out["projection"]
+
+
+def online_forward(models: Models, params, stats, batch, *, symmetric: bool, local_names=()):
+  """The online network in train mode: `(queries, local_queries, new BN statistics)`.
+
+  queries: `(q1,)`, or `(q1, q2)` when symmetric; local_queries: one per multi-crop local view
+  (each its own forward and BN batch, as SCE's code forwards each resolution separately). The
+  BN statistics are threaded through the forwards in the order view 1, view 2, local crops.
+
+  Symmetric: both views in one forward of `models.online_pair` on the batch interleaved (row
+  2b + v is view v + 1 of sample b, so every device keeps its own rows), whose BatchNorms
+  normalise each view with its own statistics and update the running ones view 1 then view 2:
+  the values of two forwards, but one backward, so each parameter's gradient is summed over
+  the devices once per step instead of once per view.
+  """
+  def apply(module, images, stats):
+    out, updates = module.apply({"params": params, "batch_stats": stats}, images, train=True,
+                                mutable=["batch_stats"])
+    return query_embedding(out), updates["batch_stats"]
+
+  if symmetric:
+    v1, v2 = batch["view1"], batch["view2"]
+    pair = jnp.stack([v1, v2], axis=1).reshape((2 * v1.shape[0],) + v1.shape[1:])
+    q, stats = apply(models.online_pair, pair, stats)
+    q = q.reshape((v1.shape[0], 2) + q.shape[1:])
+    queries = (q[:, 0], q[:, 1])
+  else:
+    q1, stats = apply(models.online, batch["view1"], stats)
+    queries = (q1,)
+  local_queries = []
+  for name in local_names:
+    q, stats = apply(models.online, batch[name], stats)
+    local_queries.append(q)
+  return queries, tuple(local_queries), stats
 
 
 def make_train_step(config, *, models: Models, tx: optax.GradientTransformation, mesh,
@@ -187,22 +232,10 @@ def make_train_step(config, *, models: Models, tx: optax.GradientTransformation,
                                     with_labels=labels is not None)
 
     def loss_fn(params):
-      stats = state.batch_stats
-
-      def query(images):
-        """Online forward in train mode; threads the BN statistics through `stats`."""
-        nonlocal stats
-        out, updates = models.online.apply({"params": params, "batch_stats": stats}, images,
-                                           train=True, mutable=["batch_stats"])
-        stats = updates["batch_stats"]
-        return query_embedding(out)
-
-      queries, keys = (query(batch["view1"]),), (k2,)
-      if symmetric:
-        queries, keys = queries + (query(batch["view2"]),), (k2, k1)
-      # Multi-crop: each local crop is one more online forward (its own BN batch, as SCE's code
-      # forwards each resolution separately) and one more query against every key.
-      local_queries = tuple(query(batch[name]) for name in local_names)
+      queries, local_queries, stats = online_forward(
+          models, params, state.batch_stats, batch, symmetric=symmetric, local_names=local_names)
+      keys = (k2, k1) if symmetric else (k2,)
+      # Multi-crop: each local crop's query is one more query against every key.
       loss, metrics = objective_fn(queries, keys, negatives, extras,
                                    local_queries=local_queries)
       return loss, (metrics, stats)
