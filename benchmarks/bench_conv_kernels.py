@@ -9,7 +9,7 @@ machine's matmul rate. One JSON object per line on stdout.
 `--alternatives` also times two other JAX formulations, each checked against XLA's result: the
 input gradient of the stride-2 convolutions as four stride-1 convolutions with the kernel's
 sub-grids (polyphase), and the stride-1 forward as Winograd F(2x2, 3x3). Neither is used by the
-library (README, "Why the channels_last gap stays").
+library (docs/performance.md, "CPU step against PyTorch").
 
   python benchmarks/bench_conv_kernels.py [--batch 256] [--repeats 5] [--alternatives]
 

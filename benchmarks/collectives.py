@@ -1,5 +1,5 @@
 """The collectives of the compiled train step, read from its optimized HLO, next to the formulas
-the README's scaling section uses (not a test: prints numbers).
+docs/distributed.md's communication section uses (not a test: prints numbers).
 
   .venv/bin/python benchmarks/collectives.py                       # MoCo v2 (Shuffle BN), K sharded
   .venv/bin/python benchmarks/collectives.py --method sce --queue_mode replicated

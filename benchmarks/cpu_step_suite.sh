@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU step benchmarks of the README's performance section (2 cores), one JSON line each
+# The CPU step benchmarks of docs/performance.md (2 cores), one JSON line each
 # appended to OUT/results.jsonl, stderr in OUT/suite.log; then the Markdown tables.
 #
 #   bash benchmarks/cpu_step_suite.sh OUT [GROUP ...]   # groups: torch regularisers queue methods
@@ -40,28 +40,34 @@ run() {   # name, then bench flags
   fi
 }
 
-small=(--width 0.25 --stem cifar --image_size 32 --override "model.proj_hidden_dims=(128,)")
+small=(--config.model.width=0.25 --config.model.stem=cifar --config.data.image_size=32
+       "--config.model.proj_hidden_dims=(128,)")
+imagenet() { echo "configs/$1_imagenet2012.py"; }   # --config comes before its overrides
 for group in "${groups[@]}"; do
   case "$group" in
     torch)
-      cifar=(--arch resnet18 --stem cifar --image_size 32 --batch 256 --queue_size 4096
-             --dtype float32 --steps 5 --warmup 2)
+      cifar=(--config "$(imagenet moco)" --config.model.arch=resnet18 --config.model.stem=cifar
+             --config.data.image_size=32 --config.global_batch_size=256 --config.queue.size=4096
+             --config.model.dtype=float32 --steps 5 --warmup 2)
       run torch_channels_last "${cifar[@]}" --reference torch --torch_modes eager,compile
       run torch_nchw "${cifar[@]}" --reference torch --torch_modes eager \
           --notorch_channels_last ;;
     regularisers)
-      reg=("${small[@]}" --batch 64 --queue_size 65536 --steps 10)
-      run reg_moco --method moco "${reg[@]}"
-      run reg_co2 --method co2 "${reg[@]}"
-      run reg_xmoco --method xmoco "${reg[@]}"
-      run reg_sce_loss --method moco --override objective.loss=sce "${reg[@]}"
-      run reg_sce_recipe --method sce "${reg[@]}" --override "model.pred_hidden_dims=(128,)"
-      run reg_fnc_s2 --method fnc --override objective.fnc.num_support_views=2 "${reg[@]}" ;;
+      reg=("${small[@]}" --config.global_batch_size=64 --config.queue.size=65536 --steps 10)
+      run reg_moco --config "$(imagenet moco)" "${reg[@]}"
+      run reg_co2 --config "$(imagenet co2)" "${reg[@]}"
+      run reg_xmoco --config "$(imagenet xmoco)" "${reg[@]}"
+      run reg_sce_loss --config "$(imagenet moco)" --config.objective.loss=sce "${reg[@]}"
+      run reg_sce_recipe --config "$(imagenet sce)" "${reg[@]}" \
+          "--config.model.pred_hidden_dims=(128,)"
+      run reg_fnc_s2 --config "$(imagenet fnc)" --config.objective.fnc.num_support_views=2 \
+          "${reg[@]}" ;;
     queue)
       for k in 4096 65536 1048576; do
         for mode in replicated sharded; do
-          run "queue_${mode}_${k}" --method moco "${small[@]}" --batch 64 --devices 8 \
-              --queue_size "$k" --queue_mode "$mode" --steps 10
+          run "queue_${mode}_${k}" --config "$(imagenet moco)" "${small[@]}" \
+              --config.global_batch_size=64 --devices 8 --config.queue.size="$k" \
+              --config.queue.mode="$mode" --steps 10
         done
       done ;;
     methods)

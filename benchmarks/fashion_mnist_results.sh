@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Fashion-MNIST results table of the README: the six methods at the main job's CPU budget
+# The Fashion-MNIST results table of docs/results.md: the six methods at the main job's CPU budget
 # (each `configs/<method>_fashion_mnist.py:cpu`), each through the same linear probe, next to the
 # same encoder randomly initialised and raw pixels; and MoCo v2's kNN curve as a PNG.
 #

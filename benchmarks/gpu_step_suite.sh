@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU step benchmarks of the README's performance section, in priority order, one JSON line
+# The GPU step benchmarks of docs/performance.md, in priority order, one JSON line
 # each appended to OUT/results.jsonl (so a run cut short keeps what finished), their stderr in
 # OUT/suite.log.
 #
@@ -17,13 +17,13 @@ tmp="$(mktemp -d)"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 # The step alone (float32 views, as the PyTorch reference gets them); moco_device_augment below
 # adds the photometric ops in the step (data.augment_on=device, the default on GPU).
-common=(--dtype bfloat16 --batch 256 --queue_size 65536 --peak_flops 989e12
-        --override data.augment_on=host)
-run() {   # name, then bench flags
-  local name="$1"; shift
+common=(--config.model.dtype=bfloat16 --config.global_batch_size=256 --config.queue.size=65536
+        --peak_flops 989e12 --config.data.augment_on=host)
+run() {   # name, method (configs/<method>_imagenet2012.py), then bench flags (later ones win)
+  local name="$1" method="$2"; shift 2
   echo "== $name: $*" | tee -a "$out/suite.log" >&2
   local t0=$SECONDS
-  if "$py" -m jaxcontrast.bench "${common[@]}" "$@" > "$tmp/$name.json" 2> "$tmp/$name.log"; then
+  if "$py" -m jaxcontrast.bench --config "configs/${method}_imagenet2012.py" "${common[@]}" "$@" > "$tmp/$name.json" 2> "$tmp/$name.log"; then
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['name']=sys.argv[2]; print(json.dumps(r))" \
       "$tmp/$name.json" "$name" >> "$out/results.jsonl"
     echo "   done in $((SECONDS - t0)) s: $(grep -o '"images_per_s": [0-9.]*' "$tmp/$name.json" | head -1)" | tee -a "$out/suite.log" >&2
@@ -33,11 +33,11 @@ run() {   # name, then bench flags
   fi
   grep -v '^[WI][0-9]' "$tmp/$name.log" | tail -n 5 >> "$out/suite.log"
 }
-run moco_vs_torch --method moco --reference torch --profile /tmp/profile_moco
-run moco_device_augment --method moco --override data.augment_on=device --steps 10
-run moco_sce_loss --method moco --override objective.loss=sce --steps 10
-run co2 --method co2 --steps 10
-run xmoco --method xmoco --steps 10
-run fnc_s2 --method fnc --override objective.fnc.num_support_views=2 --steps 10
-run sce --method sce --steps 10
-run fnc_s8 --method fnc --steps 10
+run moco_vs_torch moco --reference torch --profile /tmp/profile_moco
+run moco_device_augment moco --config.data.augment_on=device --steps 10
+run moco_sce_loss moco --config.objective.loss=sce --steps 10
+run co2 co2 --steps 10
+run xmoco xmoco --steps 10
+run fnc_s2 fnc --config.objective.fnc.num_support_views=2 --steps 10
+run sce sce --steps 10
+run fnc_s8 fnc --steps 10
