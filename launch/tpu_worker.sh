@@ -141,10 +141,12 @@ print("VERSIONS", jax.__version__, jaxlib.__version__, version("libtpu"), jax.de
     ;;
   follow)
     pid="$(trainer_pid)"
+    # From the last start on.
+    from="$(grep -n '^\[tpu_pod\] .* starts ' train.log 2>/dev/null | tail -n 1 | cut -d: -f1)"
     if [ -n "$pid" ]; then
-      tail -n 20 -F --pid="$pid" train.log 2>/dev/null
+      tail -n "+${from:-1}" -F --pid="$pid" train.log 2>/dev/null
     else
-      tail -n 20 train.log 2>/dev/null || echo "[worker $worker] no log yet"
+      tail -n "+${from:-1}" train.log 2>/dev/null || echo "[worker $worker] no log yet"
     fi
     ;;
   *) echo "tpu_worker.sh: unknown action $action" >&2; exit 2 ;;

@@ -47,7 +47,7 @@ def pytest_sessionfinish(session, exitstatus):
 # (pytest-xdist's own `xdist_group` mark does not take effect with pytest 9: its worker renames
 # `item._nodeid`, which pytest 9 no longer reads; measured, each of these fixtures ran on both
 # workers.) Other tests are scheduled one by one.
-SHARED_FIXTURE_MODULES = ("test_eval_probe.py", "test_multiprocess.py", "test_pretrain_loop.py")
+SHARED_FIXTURE_MODULES = ("test_eval_probe.py", "test_launchers.py", "test_multiprocess.py", "test_pretrain_loop.py")
 
 
 @pytest.hookimpl(optionalhook=True)
