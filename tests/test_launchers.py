@@ -40,6 +40,10 @@ def _env(fake_root_var, fake_root):
   per process (each worker inherits it through the fake)."""
   env = dict(os.environ)
   env.pop("PYTHONPATH", None)   # the workers import the code the launcher shipped / cd'd to
+  # Without the suite's persistent compilation cache: with it, a resumed 2-process run here
+  # failed 3 times in 5 at its first step (gloo: "GetKeyValue() timed out" in the context
+  # set-up), never when both processes compiled.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                  env.get("XLA_FLAGS", ""))
   env.update(PATH=f"{FAKES}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu",
@@ -96,6 +100,16 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def _kill_sessions(pid_files):
+  """Ends what a failed scenario left running (each pid file names a process group)."""
+  for f in pid_files:
+    for pid in _read(f).split():
+      try:
+        os.killpg(int(pid), signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # TPU pod: launch/tpu_pod.sh against tests/fakes/gcloud.
 # ---------------------------------------------------------------------------------------------
@@ -130,52 +144,58 @@ def tpu(tmp_path_factory):
   def current(w):   # worker w's log of its last start
     return _since_last_start(_read(logs[w]), r"\[tpu_pod\] \S+ \S+ worker \d+ starts ")
 
-  seen = {}
-  # 1. Start, following worker 0's log as a user's terminal would.
-  follow = subprocess.Popen([*start, "--follow"], env=env, cwd=base, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-  printed = []
-  threading.Thread(target=lambda: printed.extend(iter(follow.stdout.readline, "")),
-                   daemon=True).start()
+  def scenario():
+    seen = {}
+    # 1. Start, following worker 0's log as a user's terminal would.
+    follow = subprocess.Popen([*start, "--follow"], env=env, cwd=base, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    printed = []
+    threading.Thread(target=lambda: printed.extend(iter(follow.stdout.readline, "")),
+                     daemon=True).start()
+    try:
+      _wait_for("training progress through --follow",
+                lambda: _last_step("".join(printed)) >= 2, logs=logs)
+    finally:
+      # 2. The laptop goes away: the launcher, its gcloud ssh and all, killed at once.
+      os.killpg(follow.pid, signal.SIGKILL)
+      follow.wait()
+    seen["followed"] = "".join(printed)
+    seen["step_at_drop"] = _last_step(current(0))
+    seen["pids"] = [int(_read(h / "train.pid")) for h in homes]
+    seen["after_drop"] = _wait_for(
+        "progress after the SSH session dropped",
+        lambda: _last_step(current(0)) >= seen["step_at_drop"] + 2 and _last_step(current(0)),
+        logs=logs)
+    seen["alive_after_drop"] = [_alive(p) for p in seen["pids"]]
+    seen["code_inode"] = [os.stat(h / "code").st_ino for h in homes]
+    seen["venv_mtime"] = [os.stat(h / ".venv" / "bin" / "python").st_mtime_ns for h in homes]
+    # 3. The same command while training runs; then --status.
+    seen["start_while_running"] = run(start)
+    seen["status"] = ctl("--status")
+    # 4. --stop: SIGTERM to every trainer; they save and exit.
+    seen["stop"] = ctl("--stop", "--stop_timeout", str(WAIT))
+    seen["first_run"] = [current(w) for w in (0, 1)]
+    seen["exits"] = [_read(h / "train.exit").strip() for h in homes]
+    seen["checkpoints_after_stop"] = _checkpoints(workdir)
+    # 5. The same command again: resumes; then stopped once more.
+    seen["restart"] = run(start)
+    saved = seen["checkpoints_after_stop"][-1] if seen["checkpoints_after_stop"] else 0
+    _wait_for("progress after the resume", lambda: _last_step(current(0)) >= saved + 2, logs=logs)
+    seen["stop_again"] = ctl("--stop", "--stop_timeout", str(WAIT))
+    seen["second_run"] = [current(w) for w in (0, 1)]
+    seen["checkpoints_at_end"] = _checkpoints(workdir)
+    seen["logs"] = [_read(p) for p in logs]
+    seen["code_inode_at_end"] = [os.stat(h / "code").st_ino for h in homes]
+    seen["venv_mtime_at_end"] = [os.stat(h / ".venv" / "bin" / "python").st_mtime_ns
+                                 for h in homes]
+    seen["calls"] = [line.split("\t")[3] for line in
+                     _read(base / "gcloud" / "calls.log").splitlines()]
+    return seen
+
   try:
-    _wait_for("training progress through --follow",
-              lambda: _last_step("".join(printed)) >= 2, logs=logs)
+    yield scenario()
   finally:
-    # 2. The laptop goes away: the launcher, its gcloud ssh and all, killed at once.
-    os.killpg(follow.pid, signal.SIGKILL)
-    follow.wait()
-  seen["followed"] = "".join(printed)
-  seen["step_at_drop"] = _last_step(current(0))
-  seen["pids"] = [int(_read(h / "train.pid")) for h in homes]
-  seen["after_drop"] = _wait_for(
-      "progress after the SSH session dropped",
-      lambda: _last_step(current(0)) >= seen["step_at_drop"] + 2 and _last_step(current(0)),
-      logs=logs)
-  seen["alive_after_drop"] = [_alive(p) for p in seen["pids"]]
-  seen["code_inode"] = [os.stat(h / "code").st_ino for h in homes]
-  seen["venv_mtime"] = [os.stat(h / ".venv" / "bin" / "python").st_mtime_ns for h in homes]
-  # 3. The same command while training runs; then --status.
-  seen["start_while_running"] = run(start)
-  seen["status"] = ctl("--status")
-  # 4. --stop: SIGTERM to every trainer; they save and exit.
-  seen["stop"] = ctl("--stop", "--stop_timeout", str(WAIT))
-  seen["first_run"] = [current(w) for w in (0, 1)]
-  seen["exits"] = [_read(h / "train.exit").strip() for h in homes]
-  seen["checkpoints_after_stop"] = _checkpoints(workdir)
-  # 5. The same command again: resumes; then stopped once more.
-  seen["restart"] = run(start)
-  saved = seen["checkpoints_after_stop"][-1] if seen["checkpoints_after_stop"] else 0
-  _wait_for("progress after the resume", lambda: _last_step(current(0)) >= saved + 2, logs=logs)
-  seen["stop_again"] = ctl("--stop", "--stop_timeout", str(WAIT))
-  seen["second_run"] = [current(w) for w in (0, 1)]
-  seen["checkpoints_at_end"] = _checkpoints(workdir)
-  seen["logs"] = [_read(p) for p in logs]
-  seen["code_inode_at_end"] = [os.stat(h / "code").st_ino for h in homes]
-  seen["venv_mtime_at_end"] = [os.stat(h / ".venv" / "bin" / "python").st_mtime_ns
-                               for h in homes]
-  seen["calls"] = [line.split("\t")[3] for line in
-                   _read(base / "gcloud" / "calls.log").splitlines()]
-  return seen
+    _kill_sessions([h / "train.pid" for h in homes])
 
 
 def test_tpu_training_survives_a_dropped_ssh_session(tpu):
@@ -208,7 +228,7 @@ def test_tpu_stop_saves_a_checkpoint_and_exits(tpu):
   saved = tpu["checkpoints_after_stop"]
   assert len(saved) == 1 and 0 < saved[0] < STEPS
   for log in tpu["first_run"]:   # every worker saved that same step
-    assert f"preempted (SIGTERM): saved the checkpoint of step {saved[0]}" in log
+    assert f"saved the checkpoint of step {saved[0]}" in log
   assert sorted(re.findall(r"^worker (\d): exited 0 ", tpu["stop"], flags=re.M)) == ["0", "1"]
 
 
@@ -311,23 +331,29 @@ def slurm(tmp_path_factory):
   def current():
     return _since_last_start(_read(log), r"\[gpu_slurm\] \S+ \S+ job \d+ start")
 
-  seen = {}
-  _wait_for("training progress", lambda: _last_step(current()) >= 2, logs=[log])
-  # Preempted: SIGTERM to the batch shell, then the job runs again (same id).
-  ctl("scontrol", "requeue", job)
-  seen["checkpoints_after_requeue"] = _checkpoints(workdir)
-  saved = seen["checkpoints_after_requeue"][-1] if seen["checkpoints_after_requeue"] else 0
-  _wait_for("progress after the requeue",
-            lambda: "(restart 1)" in current() and _last_step(current()) >= saved + 2,
-            logs=[log])
-  # Near the time limit: SIGTERM to the batch shell (--signal=B:TERM@120); the job ends.
-  ctl("scancel", "--batch", "--signal=TERM", job)
-  _wait_for("the job's end", lambda: _read(jobdir / "state") in ("COMPLETED", "FAILED"),
-            logs=[log])
-  seen["state"], seen["exit"] = _read(jobdir / "state"), _read(jobdir / "exit")
-  seen["log"] = _read(log)
-  seen["checkpoints_at_end"] = _checkpoints(workdir)
-  return seen
+  def scenario():
+    seen = {}
+    _wait_for("training progress", lambda: _last_step(current()) >= 2, logs=[log])
+    # Preempted: SIGTERM to the batch shell, then the job runs again (same id).
+    ctl("scontrol", "requeue", job)
+    seen["checkpoints_after_requeue"] = _checkpoints(workdir)
+    saved = seen["checkpoints_after_requeue"][-1] if seen["checkpoints_after_requeue"] else 0
+    _wait_for("progress after the requeue",
+              lambda: "(restart 1)" in current() and _last_step(current()) >= saved + 2,
+              logs=[log])
+    # Near the time limit: SIGTERM to the batch shell (--signal=B:TERM@120); the job ends.
+    ctl("scancel", "--batch", "--signal=TERM", job)
+    _wait_for("the job's end", lambda: _read(jobdir / "state") in ("COMPLETED", "FAILED"),
+              logs=[log])
+    seen["state"], seen["exit"] = _read(jobdir / "state"), _read(jobdir / "exit")
+    seen["log"] = _read(log)
+    seen["checkpoints_at_end"] = _checkpoints(workdir)
+    return seen
+
+  try:
+    yield scenario()
+  finally:
+    _kill_sessions([jobdir / "batch.pid", jobdir / "tasks.pids"])
 
 
 def test_slurm_tasks_find_each_other_and_their_gpus(slurm):
@@ -344,11 +370,11 @@ def test_slurm_requeued_job_resumes(slurm):
   first = slurm["checkpoints_after_requeue"]
   assert len(first) == 1 and 0 < first[0] < STEPS
   before, after = slurm["log"].split("(restart 1)")
-  assert before.count(f"preempted (SIGTERM): saved the checkpoint of step {first[0]}") == 2
+  assert before.count(f"saved the checkpoint of step {first[0]}") == 2
   assert after.count(f"at step {first[0]} (input: example {first[0] * 32} of each process)") == 2
   last = slurm["checkpoints_at_end"][-1]
   assert last > first[0]
-  assert after.count(f"preempted (SIGTERM): saved the checkpoint of step {last}") == 2
+  assert after.count(f"saved the checkpoint of step {last}") == 2
   assert (slurm["state"], slurm["exit"]) == ("COMPLETED", "0")
 
 
