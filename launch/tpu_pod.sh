@@ -155,8 +155,8 @@ commit="$(git -C "$root" rev-parse --short=12 HEAD)"
 if [ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ]; then
   echo "[tpu_pod] note: uncommitted changes stay here; the workers get $commit" >&2
 fi
-stamp="$( { git -C "$root" show HEAD:launch/constraints.txt HEAD:setup.cfg HEAD:pyproject.toml
-           echo "python=$python"; } | sha256sum | cut -c1-16)"
+stamp="$( { git -C "$root" show HEAD:launch/constraints.txt HEAD:setup.cfg HEAD:pyproject.toml \
+             2>/dev/null || true; echo "python=$python"; } | sha256sum | cut -c1-16)"
 archive="${TMPDIR:-/tmp}/jaxcontrast-$name-$commit.tar.gz"
 run git -C "$root" archive --format=tar.gz -o "$archive" HEAD
 run "${gc[@]}" scp "$archive" "$name:~/jaxcontrast.tar.gz" "${where[@]}" --worker=all

@@ -311,7 +311,8 @@ def slurm(tmp_path_factory):
   env["FAKE_SLURM_GRACE"] = str(WAIT)
   venv = base / "venv" / "bin"   # the cluster's shared environment: this test's Python
   venv.mkdir(parents=True)
-  (venv / "python").symlink_to(sys.executable)
+  (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (venv / "python").chmod(0o755)
   out = subprocess.run(
       ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "2", "--gpus_per_node", "4",
        "--venv", str(venv.parent), "--config", "configs/moco_fashion_mnist.py:tiny",
@@ -392,6 +393,15 @@ def test_gpu_slurm_dry_run_submits_nothing(tmp_path):
               "--config.data.data_dir=/shared/tfds", "--config.global_batch_size=4096"):
     assert arg in srun, arg
   assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in out.stdout.splitlines()
+  # One process per GPU: JAX's SLURM detection picks GPU SLURM_LOCALID in each task itself
+  # (a CUDA_VISIBLE_DEVICES set in the batch shell would be the same for every task).
+  out = subprocess.run(
+      ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "2", "--gpus_per_node", "4",
+       "--per_gpu", "--config", "c.py", "--workdir", "/w", "--dry-run"],
+      env=env, capture_output=True, text=True, timeout=60, check=False)
+  assert out.returncode == 0, out.stderr
+  assert "#SBATCH --ntasks-per-node=4" in out.stdout.splitlines()
+  assert "JAX_LOCAL_DEVICE_IDS" not in out.stdout and "CUDA_VISIBLE_DEVICES" not in out.stdout
 
 
 def test_gpu_slurm_rejects_bad_arguments():
