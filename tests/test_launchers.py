@@ -40,9 +40,10 @@ def _env(fake_root_var, fake_root):
   per process (each worker inherits it through the fake)."""
   env = dict(os.environ)
   env.pop("PYTHONPATH", None)   # the workers import the code the launcher shipped / cd'd to
-  # Without the suite's persistent compilation cache: with it, a resumed 2-process run here
-  # failed 3 times in 5 at its first step (gloo: "GetKeyValue() timed out" in the context
-  # set-up), never when both processes compiled.
+  # Without the suite's persistent compilation cache: 2-process runs of this scenario that
+  # loaded their train step from a populated cache failed at the first step in 3 of 4 tries
+  # (gloo: "Gloo context initialization failed: ... GetKeyValue() timed out"); none of those
+  # that compiled it did.
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                  env.get("XLA_FLAGS", ""))
