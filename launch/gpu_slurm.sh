@@ -9,12 +9,18 @@
 #       [--config.KEY=VALUE ...]
 #
 # --dry-run prints the sbatch script and the sbatch command instead of submitting. Other
-# arguments go to `python -m jaxcontrast.main`. Preemption: the job is requeued (--requeue) and
-# SLURM sends SIGTERM 120 s before the end (--signal), on which every process saves a checkpoint
-# (run/preemption.py); the requeued job resumes from the workdir's latest checkpoint. Submitting
-# the same command again also resumes. The workdir must be on storage all nodes share (or gs://).
+# arguments go to `python -m jaxcontrast.main`. Preemption and time limits: the job asks for
+# --requeue and for SIGTERM to the batch shell 120 s before its end (--signal=B:TERM@120); the
+# script passes SIGTERM on to srun, srun to every task, and the tasks save a checkpoint at the
+# same step and exit (run/preemption.py). A requeued job runs the same script again with the
+# same job id and the same --workdir, so it resumes from that checkpoint; its output is appended
+# to the same log (--open-mode=append). Submitting the same command again also resumes. The
+# workdir must be on storage all nodes share (or gs://).
+# Devices: JAX's SLURM detection gives each process only the GPU numbered SLURM_LOCALID unless
+# told otherwise, so with one process per node the script sets JAX_LOCAL_DEVICE_IDS to all the
+# node's GPUs; with --per_gpu each task keeps JAX's choice, its own GPU.
 # Set up .venv once on the shared filesystem: `bash launch/setup.sh` then
-# `.venv/bin/pip install -c launch/constraints.txt -e ".[train,cuda]"`.
+# `.venv/bin/pip install -c launch/constraints.txt -e ".[train,cuda]"`. Docs: docs/distributed.md.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -61,13 +67,16 @@ script="$(mktemp "${TMPDIR:-/tmp}/jaxcontrast_sbatch.XXXXXX")"
   echo "#SBATCH --requeue"
   echo "#SBATCH --signal=B:TERM@120"
   echo "#SBATCH --output=$job-%j.out"
+  echo "#SBATCH --open-mode=append"
   [ -n "$partition" ] && echo "#SBATCH --partition=$partition"
   [ -n "$account" ] && echo "#SBATCH --account=$account"
   echo "set -euo pipefail"
   echo "cd $(printf '%q' "$root")"
-  if [ "$per_gpu" = 1 ]; then   # each task sees one GPU
-    echo 'export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID'
+  echo "export PYTHONUNBUFFERED=1   # the log shows each line as it is printed"
+  if [ "$per_gpu" = 0 ]; then   # one process drives all the node's GPUs
+    echo "export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))"
   fi
+  echo 'echo "[gpu_slurm] $(date -u "+%Y-%m-%d %H:%M:%S") job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:+(restart $SLURM_RESTART_COUNT)}"'
   echo "# SIGTERM goes to the batch shell (B:); pass it on to every task, which saves and exits."
   echo "srun --kill-on-bad-exit=1$main &"
   echo 'pid=$!'
@@ -80,5 +89,6 @@ cat "$script"
 echo "+ sbatch $script"
 if [ "$dry" = 0 ]; then
   sbatch "$script"
-  echo "[gpu_slurm] resume: submit the same command again (or let SLURM requeue it); logs: $job-<jobid>.out"
+  echo "[gpu_slurm] logs: $job-<jobid>.out; stop with a checkpoint: scancel --batch --signal=TERM <jobid>;" \
+       "resume: SLURM's requeue, or this same command again"
 fi

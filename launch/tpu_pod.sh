@@ -1,58 +1,96 @@
 #!/usr/bin/env bash
-# Pretrain on a Cloud TPU VM pod slice: create (or reuse) the slice, ship this checkout, set up
-# .venv with jax[tpu] on every worker, check that all workers agree on the jax / libtpu versions
-# and the device count, then run `python -m jaxcontrast.main` on all workers (one process each;
-# jax.distributed finds its peers on TPU VMs) and stream worker 0's log.
+# Pretrain on a Cloud TPU VM pod slice. Training runs detached on every worker: closing the
+# laptop or losing the SSH connection does not stop it.
 #
 #   bash launch/tpu_pod.sh --name my-v4 --zone us-central2-b --accelerator v4-32 \
 #       --config configs/moco_imagenet2012.py --workdir gs://BUCKET/runs/moco \
 #       --data_dir gs://BUCKET/tfds [--spot] [--project P] [--runtime tpu-ubuntu2204-base] \
-#       [--expect_devices N] [--dry-run] [--config.KEY=VALUE ...]
+#       [--expect_devices N] [--follow] [--dry-run] [--config.KEY=VALUE ...]
+#   bash launch/tpu_pod.sh --name my-v4 --zone us-central2-b --status   # each worker's last log line
+#   bash launch/tpu_pod.sh --name my-v4 --zone us-central2-b --follow   # worker 0's log
+#   bash launch/tpu_pod.sh --name my-v4 --zone us-central2-b --stop     # SIGTERM: save, exit
 #
-# --dry-run prints every command (gcloud, git archive) instead of running it. Other arguments
-# go to `python -m jaxcontrast.main`. Re-running the same command resumes: the slice is reused
-# if it exists (a preempted spot slice is recreated), the code re-shipped, and the run continues
-# from the workdir's latest checkpoint (a worker sent SIGTERM saves first: run/preemption.py).
-# Data: `tfds build imagenet2012 --data_dir gs://BUCKET/tfds` once, from
-# any machine with the ImageNet tarballs (see the README, "Run on a TPU pod / GPU cluster").
+# Start: creates the slice (or reuses it when READY; a preempted spot slice is recreated), ships
+# HEAD of this checkout (`git archive`: commit first), sets up ~/jaxcontrast on every worker
+# (the code unpacked only when the commit changed, .venv with the pinned versions and jax[tpu]
+# built only when launch/constraints.txt or the package metadata changed), refuses to train
+# unless every worker reports the same jax / jaxlib / libtpu versions and the slice's device
+# count, then starts `python -m jaxcontrast.main` on every worker in a session of its own
+# (setsid, nohup), logging to ~/jaxcontrast/train.log on each worker. --follow then shows worker
+# 0's log until its trainer ends (Ctrl-C or a dropped connection leave training running).
+# Re-running the same command resumes from the workdir's latest checkpoint; while the trainers
+# run it starts nothing (with --follow it follows them). --stop sends SIGTERM to every trainer:
+# they save a checkpoint at the same step and exit (run/preemption.py); --stop_timeout S (300)
+# bounds the wait. Other arguments go to `python -m jaxcontrast.main`. --dry-run prints the
+# commands instead of running them.
+# --python PATH: use that interpreter's environment on every worker instead of building .venv
+# (an image with the environment installed). --coordinator_address HOST:PORT: pass JAX the
+# coordinator and process ids explicitly instead of its TPU auto-detection (the tests' fake
+# slice). --shared_fs: allow a --workdir that is not gs://, on a filesystem every worker mounts.
+# Data: `tfds build imagenet2012 --data_dir gs://BUCKET/tfds` once, from any machine with the
+# ImageNet tarballs. Docs: docs/distributed.md, "Launchers".
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
 
 name="" zone="" accelerator="" runtime="tpu-ubuntu2204-base" project="" spot=0 dry=0
-config="" workdir="" data_dir="" expect="" pass=()
+config="" workdir="" data_dir="" expect="" python="" coordinator="" shared_fs=0
+action=start follow=0 stop_timeout=300 pass=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --name|--zone|--accelerator|--runtime|--project|--config|--workdir|--data_dir|--expect_devices)
+    --name|--zone|--accelerator|--runtime|--project|--config|--workdir|--data_dir|\
+    --expect_devices|--python|--coordinator_address|--stop_timeout)
       [ $# -ge 2 ] || { echo "[tpu_pod] $1 needs a value" >&2; exit 2; }
       v="$2"
       case "$1" in
         --name) name="$v" ;; --zone) zone="$v" ;; --accelerator) accelerator="$v" ;;
         --runtime) runtime="$v" ;; --project) project="$v" ;; --config) config="$v" ;;
         --workdir) workdir="$v" ;; --data_dir) data_dir="$v" ;; --expect_devices) expect="$v" ;;
+        --python) python="$v" ;; --coordinator_address) coordinator="$v" ;;
+        --stop_timeout) stop_timeout="$v" ;;
       esac
       shift 2 ;;
     --spot|--preemptible) spot=1; shift ;;
     --dry-run|--dry_run) dry=1; shift ;;
+    --follow) follow=1; shift ;;
+    --status) action=status; shift ;;
+    --stop) action=stop; shift ;;
+    --shared_fs) shared_fs=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
   esac
 done
+# Without a config, --follow alone only follows.
+[ "$action" = start ] && [ "$follow" = 1 ] && [ -z "$config" ] && [ -z "$workdir" ] &&
+  [ ${#pass[@]} -eq 0 ] && action=follow
+required=(name zone)
+[ "$action" = start ] && required+=(accelerator config workdir)
 missing=()
-for flag in name zone accelerator config workdir; do
+for flag in "${required[@]}"; do
   [ -n "${!flag}" ] || missing+=("--$flag")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[tpu_pod] missing ${missing[*]} (see --help)" >&2; exit 2
 fi
-case "$workdir" in
-  gs://*) ;;
-  *) echo "[tpu_pod] --workdir must be a gs:// path: every worker writes its checkpoint shards" \
-          "there" >&2; exit 2 ;;
-esac
+[[ "$stop_timeout" =~ ^[1-9][0-9]*$ ]] ||
+  { echo "[tpu_pod] --stop_timeout: a positive number of seconds, got '$stop_timeout'" >&2; exit 2; }
+if [ "$action" = start ]; then
+  case "$workdir" in
+    gs://*) ;;
+    /*) [ "$shared_fs" = 1 ] || {
+          echo "[tpu_pod] --workdir $workdir: every worker writes its checkpoint shards there;" \
+               "give a gs:// path, or --shared_fs if every worker mounts it" >&2; exit 2; } ;;
+    *) echo "[tpu_pod] --workdir must be a gs:// path (or an absolute path with --shared_fs)," \
+            "got '$workdir'" >&2; exit 2 ;;
+  esac
+  if [ -n "$coordinator" ] && ! [[ "$coordinator" =~ ^[^:]+:[0-9]+$ ]]; then
+    echo "[tpu_pod] --coordinator_address: HOST:PORT, got '$coordinator'" >&2; exit 2
+  fi
+fi
 
 # Devices jax reports on the slice: v4 / v5p count chips (2 TensorCores each, the number in the
 # name is cores), v5e / v6e and v2 / v3 name the device count itself.
-if [ -z "$expect" ]; then
+if [ -z "$expect" ] && [ -n "$accelerator" ]; then
   size="${accelerator##*-}"
   case "$accelerator" in
     v4-*|v5p-*) expect=$((size / 2)) ;;
@@ -63,12 +101,18 @@ fi
 gc=(gcloud compute tpus tpu-vm)
 where=(--zone "$zone")
 [ -n "$project" ] && where+=(--project "$project")
-archive="/tmp/jaxcontrast-$name.tar.gz"
-remote_dir="jaxcontrast"
 
+# Every ssh carries launch/tpu_worker.sh (the worker side) inline, so each action finds the
+# current one on every worker, a freshly created slice included.
+worker_b64="$(base64 -w0 < "$here/tpu_worker.sh")"
+worker_cmd() {   # the remote command running `tpu_worker.sh ACTION ARGS...`
+  echo "mkdir -p ~/jaxcontrast && echo $worker_b64 | base64 -d > ~/jaxcontrast/worker.sh" \
+       "&& bash ~/jaxcontrast/worker.sh$(printf ' %q' "$@")"
+}
 show() {  # the command as a shell would read it: words with spaces or quotes in single quotes
   local out="+" a q="'"
   for a in "$@"; do
+    a="${a//$worker_b64/<base64 of launch/tpu_worker.sh>}"
     if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+~%-]+$ ]]; then out+=" $a"
     else out+=" '${a//$q/$q\\$q$q}'"; fi
   done
@@ -78,7 +122,16 @@ run() {   # prints the command; runs it unless --dry-run
   show "$@"
   [ "$dry" = 1 ] || "$@"
 }
-on_all() { run "${gc[@]}" ssh "$name" "${where[@]}" --worker=all --command "$1"; }
+on_workers() {   # on_workers all|0 ACTION ARGS...: tpu_worker.sh on those workers
+  local which="$1"; shift
+  run "${gc[@]}" ssh "$name" "${where[@]}" "--worker=$which" --command "$(worker_cmd "$@")"
+}
+
+case "$action" in
+  status) on_workers all status; exit ;;
+  stop)   on_workers all stop "$stop_timeout"; exit ;;
+  follow) on_workers 0 follow; exit ;;
+esac
 
 # 1. The slice: reuse it when it exists and is READY, else (re)create it.
 state=""
@@ -97,41 +150,61 @@ if [ "$state" != READY ]; then
   run "${create[@]}"
 fi
 
-# 2. The code: HEAD of this checkout (commit first: uncommitted changes do not travel).
+# 2. The code: HEAD of this checkout. The install stamp names what .venv is built from.
+commit="$(git -C "$root" rev-parse --short=12 HEAD)"
+if [ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ]; then
+  echo "[tpu_pod] note: uncommitted changes stay here; the workers get $commit" >&2
+fi
+stamp="$( { git -C "$root" show HEAD:launch/constraints.txt HEAD:setup.cfg HEAD:pyproject.toml \
+             2>/dev/null || true; echo "python=$python"; } | sha256sum | cut -c1-16)"
+archive="${TMPDIR:-/tmp}/jaxcontrast-$name-$commit.tar.gz"
 run git -C "$root" archive --format=tar.gz -o "$archive" HEAD
 run "${gc[@]}" scp "$archive" "$name:~/jaxcontrast.tar.gz" "${where[@]}" --worker=all
 
-# 3. Set up every worker: a fresh tree, .venv with the pinned versions and jax[tpu].
-setup="rm -rf ~/$remote_dir && mkdir -p ~/$remote_dir && tar xzf ~/jaxcontrast.tar.gz -C ~/$remote_dir"
-setup+=" && cd ~/$remote_dir && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip"
-setup+=" && .venv/bin/pip install -q -c launch/constraints.txt -e '.[train,tpu]'"
-on_all "$setup"
-
-# 4. Every worker must report the same versions and the slice's device count before training.
-check="cd ~/$remote_dir && .venv/bin/python -c 'import jax, jaxlib, importlib.metadata as m;"
-check+=" print(\"VERSIONS\", jax.__version__, jaxlib.__version__, m.version(\"libtpu\"),"
-check+=" jax.device_count())'"
+# 3. Set up every worker (idempotent); each reports its versions and whether it is training.
 if [ "$dry" = 1 ]; then
-  on_all "$check"
+  on_workers all setup "$commit" "$stamp" ${python:+"$python"}
   echo "# then: every worker's VERSIONS line must be identical and end in $expect devices"
+  workers="N"
 else
-  report="$("${gc[@]}" ssh "$name" "${where[@]}" --worker=all --command "$check" 2>&1 |
-            grep '^VERSIONS' | sort | uniq -c)"
+  out="$(on_workers all setup "$commit" "$stamp" ${python:+"$python"} 2>&1)" ||
+    { echo "$out" >&2; echo "[tpu_pod] set-up failed on a worker (above)" >&2; exit 1; }
+  echo "$out" | grep -v '^VERSIONS'
+  versions="$(echo "$out" | grep '^VERSIONS' || true)"
+  workers="$(echo "$versions" | grep -c . || true)"
+  report="$(echo "$versions" | sort | uniq -c)"
   echo "$report"
   if [ "$(echo "$report" | wc -l)" != 1 ] || [ "$(echo "$report" | awk '{print $NF}')" != "$expect" ]; then
     echo "[tpu_pod] workers disagree on versions, or not $expect devices: fix before training" >&2
     exit 1
   fi
+  running="$(echo "$out" | grep -c '^RUNNING' || true)"
+  if [ "$running" = "$workers" ]; then
+    echo "[tpu_pod] the trainers are running on all $workers workers: nothing started" \
+         "(--stop to stop them)"
+    [ "$follow" = 1 ] && on_workers 0 follow
+    exit 0
+  elif [ "$running" != 0 ]; then
+    echo "[tpu_pod] a trainer runs on $running of $workers workers only: run --stop, then" \
+         "this command again" >&2
+    exit 1
+  fi
 fi
 
-# 5. Train on every worker; worker 0's output streams here, the others' go to ~/train.log.
+# 4. Train on every worker, detached from this SSH session.
 args=(--config="$config" --workdir="$workdir")
 [ -n "$data_dir" ] && args+=(--config.data.data_dir="$data_dir")
 args+=(${pass[@]+"${pass[@]}"})
-train="cd ~/$remote_dir && .venv/bin/python -m jaxcontrast.main$(printf ' %q' "${args[@]}")"
-worker='$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)'
-on_all "if [ \"$worker\" = 0 ]; then $train 2>&1 | tee ~/train.log; else $train > ~/train.log 2>&1; fi"
+on_workers all start "$commit" "${coordinator:--}" "$workers" -- "${args[@]}"
 
-echo "[tpu_pod] resume: run this same command again (it reuses or recreates $name and continues"
-echo "          from the latest checkpoint in $workdir)"
+stop=(bash "$0" --name "$name" "${where[@]}")
+if [ "$follow" = 1 ] && [ "$dry" = 0 ]; then
+  on_workers 0 follow
+  echo "[tpu_pod] worker 0's trainer ended; every worker:"
+  on_workers all status
+else
+  echo "[tpu_pod] follow: ${stop[*]} --follow   status: --status   stop (saves): --stop"
+fi
+echo "[tpu_pod] resume: run this same command again (it continues from the latest checkpoint" \
+     "in $workdir)"
 echo "[tpu_pod] delete: ${gc[*]} delete $name ${where[*]} --quiet"

@@ -48,7 +48,7 @@ def pytest_sessionfinish(session, exitstatus):
 # `item._nodeid`, which pytest 9 no longer reads; measured, each of these fixtures ran on both
 # workers.) Other tests are scheduled one by one.
 SHARED_FIXTURE_MODULES = ("test_eval_probe.py", "test_multiprocess.py", "test_pretrain_loop.py",
-                          "test_cli.py")
+                          "test_cli.py", "test_launchers.py")
 
 
 @pytest.hookimpl(optionalhook=True)
