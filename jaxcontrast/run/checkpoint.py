@@ -248,11 +248,13 @@ class Checkpointer:
       batch = saved_config.get("global_batch_size")
       if config is not None and config.global_batch_size != batch:
         batch = None
+      # A gather on the devices into the new shardings: with several processes no host holds
+      # the whole queue.
       queue = queue_lib.reblock(
-          jax.device_get(state.queue), saved_devices, mesh.shape[DATA_AXIS], batch=batch,
-          views=queue_lib.views_pushed(saved_config.get("objective", {})))
-      state = state.replace(queue=jax.device_put(
-          queue, jax.tree.map(lambda a: a.sharding, abstract.queue)))
+          state.queue, saved_devices, mesh.shape[DATA_AXIS], batch=batch,
+          views=queue_lib.views_pushed(saved_config.get("objective", {})),
+          out_shardings=jax.tree.map(lambda a: a.sharding, abstract.queue))
+      state = state.replace(queue=queue)
     return Restored(step=step, state=state, data=data, config=saved_config)
 
   def wait(self) -> None:
