@@ -298,3 +298,32 @@ def test_damaged_checkpoints_fall_back_to_the_newest_readable(tmp_path, caplog):
   assert "\n" not in message and "No readable checkpoint" in message
   assert "step 2 (item 'state'" in message and "step 1 (item 'state'" in message
   assert (root / "2").exists()   # Nothing is moved when nothing can be resumed.
+
+
+def test_stop_signals_of_a_single_process_run():
+  """SIGTERM, SIGINT (Ctrl-C) and SIGHUP each ask for a save and a stop after the step in
+  flight; a second Ctrl-C stops at once; a signal ignored at start (nohup) stays ignored; the
+  previous handlers come back on close."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.run import preemption  # pylint: disable=g-import-not-at-top
+  before = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
+  try:
+    for sig in preemption.STOP_SIGNALS:
+      watcher = preemption.PreemptionWatcher(checkpointer=None)
+      assert not watcher.reached(1)
+      os.kill(os.getpid(), sig)
+      assert watcher.reached(2), sig
+      if sig == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+          os.kill(os.getpid(), sig)
+      watcher.close()
+      assert signal.getsignal(sig) == before[sig]
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # as `nohup` starts a program
+    watcher = preemption.PreemptionWatcher(checkpointer=None)
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert not watcher.reached(1)
+    watcher.close()
+  finally:
+    for sig, handler in before.items():
+      signal.signal(sig, handler)

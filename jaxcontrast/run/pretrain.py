@@ -289,7 +289,8 @@ def train_and_evaluate(config, workdir) -> dict:
         ckpt.wait()
         log.warning("stopped by %s: saved the checkpoint of step %d in %s. Run the same "
                     "command again to resume.",
-                    watcher.signalled or "a signal to another process", done,
+                    watcher.signalled or "a preemption notice (SIGTERM, here or to another "
+                    "process)", done,
                     ckpt.directory / str(done))
         break
   finally:
