@@ -12,7 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxcontrast import config_lib, xla_cpu
-from jaxcontrast.run import pretrain
+from jaxcontrast.run import checkpoint, pretrain
 from jaxcontrast.sharding import define_distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (.py:variant).")
@@ -35,6 +35,9 @@ def main(argv):
   except pretrain.NonFiniteLossError as e:
     logging.getLogger("jaxcontrast").error("%s", e)
     sys.exit(1)
+  except checkpoint.CheckpointError as e:   # A checkpoint that does not fit or cannot be read.
+    logging.getLogger("jaxcontrast").error("%s", e)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

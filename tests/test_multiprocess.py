@@ -73,7 +73,7 @@ def _start(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
   return procs, logs
 
 
-def _wait(module: str, procs, logs, *, timeout: int = 240) -> list[str]:
+def _wait(module: str, procs, logs, *, timeout: int = 900) -> list[str]:
   """The outputs of `procs`; fails the test with the logs if one fails or runs past `timeout`."""
   try:
     codes = [p.wait(timeout=timeout) for p in procs]
@@ -88,13 +88,13 @@ def _wait(module: str, procs, logs, *, timeout: int = 240) -> list[str]:
 
 
 def _launch(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
-            timeout: int = 240, **kw) -> list[str]:
+            timeout: int = 900, **kw) -> list[str]:
   """Runs `python -m module args` as `processes` processes (see `_start`); their outputs."""
   procs, logs = _start(module, args, processes=processes, log_dir=log_dir, **kw)
   return _wait(module, procs, logs, timeout=timeout)
 
 
-def _wait_for_line(log: epath.Path, pattern: str, procs, *, timeout: int = 240) -> None:
+def _wait_for_line(log: epath.Path, pattern: str, procs, *, timeout: int = 900) -> None:
   """Returns once a line of `log` matches `pattern`; fails if the processes end first."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
