@@ -313,11 +313,12 @@ def test_preempted_processes_save_the_same_step_and_resume(runs, preempted):
   workdir, stopped, latest = preempted
   steps = []
   for outputs, newest in zip(stopped, latest):
-    saved = [re.findall(r"saved the checkpoint of step (\d+)", out) for out in outputs]
+    saved = [re.findall(r"stopped by .*, at step (\d+)", out) for out in outputs]
     assert len(saved[0]) == 1 and saved[0] == saved[1], saved
     steps.append(int(saved[0][0]))
     assert newest == steps[-1]
-  assert 1 <= steps[0] < steps[1] <= STEPS, steps
+  # The second signal may land before the resumed run's first step: it stops where it resumed.
+  assert 1 <= steps[0] <= steps[1] < STEPS, steps
   reference, got = _metrics(runs[2][0]), _metrics(workdir)
   assert [r["step"] for r in got] == list(range(1, STEPS + 1))
   for a, b in zip(reference, got):

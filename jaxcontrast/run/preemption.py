@@ -64,6 +64,23 @@ class PreemptionWatcher:
       # Only a SIGTERM reaches the sync point's notifier.
       os.kill(os.getpid(), signal.SIGTERM)
 
+  def begin(self, step: int) -> bool:
+    """Called once before the first step of a run that starts at `step`; True when a stop was
+    asked for during start-up (then every process returns True).
+
+    JAX's sync point compares the step numbers the processes report, which start at 0: a notice
+    that arrives before any report (during a resumed run's start-up) sets the sync point to 1,
+    which a run resumed past step 1 would never reach. Reporting step 1, then the start step,
+    catches that case and leaves later notices to sync one past the start step.
+    """
+    if not self._multi:
+      return self.signalled is not None
+    if step == 0:
+      return False
+    early = bool(self._checkpointer.reached_preemption(1))
+    self._checkpointer.reached_preemption(step)
+    return early
+
   def reached(self, step: int) -> bool:
     if self._multi:
       return bool(self._checkpointer.reached_preemption(step))

@@ -45,6 +45,10 @@ def step_inputs(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k in keep}
 
 
+# Why a multi-process run stopped when this process caught no signal itself.
+_NOTICE = "a preemption notice (SIGTERM, here or to another process)"
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss (or gradient norm, or state) became NaN/Inf; nothing non-finite was saved."""
 
@@ -241,6 +245,11 @@ def train_and_evaluate(config, workdir) -> dict:
           f"Last good checkpoint: {where}. Nothing non-finite was saved.")
 
   try:
+    if watcher.begin(start):
+      log.warning("stopped by %s during start-up, at step %d: the checkpoint of step %d in %s "
+                  "is the latest. Run the same command again to resume.",
+                  watcher.signalled or _NOTICE, start, start, ckpt.directory / str(start))
+      return last
     for step in range(start, steps):
       batch = next(data)
       batch = global_batch_from_local(mesh, step_inputs(batch))
@@ -287,11 +296,9 @@ def train_and_evaluate(config, workdir) -> dict:
             **position_extra), config=config)
       if stop:
         ckpt.wait()
-        log.warning("stopped by %s: saved the checkpoint of step %d in %s. Run the same "
-                    "command again to resume.",
-                    watcher.signalled or "a preemption notice (SIGTERM, here or to another "
-                    "process)", done,
-                    ckpt.directory / str(done))
+        log.warning("stopped by %s, at step %d: saved the checkpoint of step %d in %s. Run "
+                    "the same command again to resume.", watcher.signalled or _NOTICE, done,
+                    done, ckpt.directory / str(done))
         break
   finally:
     bar.close()
