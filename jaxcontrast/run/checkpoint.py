@@ -247,15 +247,16 @@ class Checkpointer:
     for path in sorted(set(saved_arrays) | set(wanted), key=str):
       name = ".".join(str(p) for p in path)
       if path not in saved_arrays or path not in wanted:
-        raise CheckpointError(f"The checkpoint in {where} does not fit this config: state array "
-                         f"{name} is {'missing from' if path not in saved_arrays else 'not in'} "
-                         "the checkpoint's state. Use a fresh --workdir.")
+        raise CheckpointError(
+            f"The checkpoint in {where} does not fit this config: state array {name} is "
+            f"{'missing from' if path not in saved_arrays else 'not in'} the checkpoint's state. "
+            "Use a fresh --workdir.")
       a, b = saved_arrays[path], wanted[path]
       if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
-        raise CheckpointError(f"The checkpoint in {where} does not fit this config: state array "
-                         f"{name} has shape {tuple(a.shape)} {np.dtype(a.dtype)} in the "
-                         f"checkpoint but {tuple(b.shape)} {np.dtype(b.dtype)} now. Use a fresh "
-                         "--workdir.")
+        raise CheckpointError(
+            f"The checkpoint in {where} does not fit this config: state array {name} has shape "
+            f"{tuple(a.shape)} {np.dtype(a.dtype)} in the checkpoint but {tuple(b.shape)} "
+            f"{np.dtype(b.dtype)} now. Use a fresh --workdir.")
 
   def restore(self, step: int, abstract, config=None, *, mesh=None) -> Restored:
     """The checkpoint at `step` restored into `abstract`'s shapes and shardings.
