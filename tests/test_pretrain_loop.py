@@ -216,7 +216,7 @@ def test_kill_sigterm_and_resume_is_exact(reference, data_dir, compile_cache, tm
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 0, err[-3000:]
-  assert "preempted (SIGTERM)" in err and f"resumed from" in err
+  assert "stopped by SIGTERM" in err and f"resumed from" in err
   stopped = max(_metric_steps(workdir))
   assert stopped < STEPS, "the run finished before SIGTERM arrived"
   assert max(_committed(workdir)) == stopped  # Saved the step it stopped at.

@@ -2,6 +2,7 @@
 progress display, workdir paths."""
 import io
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -40,12 +41,10 @@ def test_resume_position_checks_the_streams():
   assert pretrain.resume_examples(saved, step=3, local_batch=8, streams=1) == 48  # Same example.
   with pytest.raises(ValueError, match="written with 2 input streams"):
     pretrain.resume_examples(dict(saved, streams=2), step=3, local_batch=16, streams=1)
-  # Before data.streams: one stream per process.
-  old = {"step": 3, "examples_per_process": 48, "local_batch": 16, "process_count": 2}
-  with pytest.raises(ValueError, match="written with 2 input streams"):
+  # A data item without the stream position is not this version's: a clear error.
+  old = {"step": 3, "examples_per_process": 48, "local_batch": 16, "process_count": 1}
+  with pytest.raises(checkpoint.CheckpointError, match="has no input position"):
     pretrain.resume_examples(old, step=3, local_batch=16, streams=1)
-  assert pretrain.resume_examples(dict(old, process_count=1), step=3, local_batch=16,
-                                  streams=1) == 48
   # Written by 2 processes of one stream each (24 examples per stream); this 1 process reads
   # both streams: 48 examples.
   two = {"step": 3, "examples_per_process": 24, "examples_per_stream": 24, "streams": 2,
@@ -166,6 +165,18 @@ def test_config_json_round_trip():
 
 
 
+def _queue_state(mesh, queue):
+  """A TrainState holding only `queue`, rows split over `mesh` (cheap to save and restore)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.step.state import TrainState  # pylint: disable=g-import-not-at-top
+  rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  put = lambda x, s: jax.device_put(np.asarray(x), s)
+  queue = jax.tree.map(lambda x: put(x, rows if np.ndim(x) else rep), queue)
+  return TrainState(step=put(np.int32(1), rep), params={}, ema_params={}, batch_stats={},
+                    ema_batch_stats={}, opt_state=(), queue=queue)
+
+
 def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypatch):
   """A sharded queue saved on 8 devices and resumed on 4 is, row for row and with its pointer,
   the queue 4 devices would have after the same pushes (config global batch 16, one key view),
@@ -173,31 +184,22 @@ def test_sharded_queue_restored_on_fewer_devices_is_reblocked(tmp_path, monkeypa
   The workdir is given as a RELATIVE path, as launch/local.sh does (Orbax alone refuses to save
   under one)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
-  from jaxcontrast.step.state import TrainState  # pylint: disable=g-import-not-at-top
   from test_queue_ema_bn import _pushed  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
   config.unlock()
   config.queue.mode = "sharded"
   assert config.global_batch_size == 16 and not config.objective.symmetric
 
-  def state_on(mesh, queue):
-    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    put = lambda x, s: jax.device_put(np.asarray(x), s)
-    queue = jax.tree.map(lambda x: put(x, rows if np.ndim(x) else rep), queue)
-    return TrainState(step=put(np.int32(1), rep), params={}, ema_params={}, batch_stats={},
-                      ema_batch_stats={}, opt_state=(), queue=queue)
-
   queue, want = _pushed(8, 64, 3, views=1), _pushed(4, 64, 3, views=1)
-  state = state_on(make_mesh(8), queue)
+  state = _queue_state(make_mesh(8), queue)
   monkeypatch.chdir(tmp_path)
   ckpt = checkpoint.Checkpointer("workdirs/run", keep=1)
   assert ckpt.directory == epath.Path(tmp_path) / "workdirs/run/checkpoints"
   ckpt.save(1, state, data={"data_devices": 8}, config=config)
   ckpt.wait()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state_on(make_mesh(4), queue))
+                          _queue_state(make_mesh(4), queue))
   restored = ckpt.restore(1, abstract, mesh=make_mesh(4)).state.queue
   ckpt.close()
   np.testing.assert_array_equal(np.asarray(restored.ids), np.asarray(want.ids))
@@ -245,11 +247,83 @@ def test_eval_dataset_is_kept_in_memory_only_when_asked_and_small(fashion_dir):
       features.eval_dataset(tiny_limit, batch_size=16, split=split))
 
 
-def test_saved_configs_drop_removed_keys():
-  """A config saved before `model.conv_impl` was removed loads (and fits) today's config."""
-  c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
-  saved = checkpoint.config_to_dict(c)
-  saved["model"]["conv_impl"] = "xla"
-  loaded = checkpoint.config_from_dict(saved)
-  assert "conv_impl" not in loaded.model
-  assert loaded.model.to_dict() == c.model.to_dict()
+def test_damaged_checkpoints_fall_back_to_the_newest_readable(tmp_path, caplog):
+  """Steps 1-3 saved; step 3's array data truncated (a partial copy between buckets), step 2's
+  data item missing: the restore warns naming both steps and items, moves them aside (so the
+  run can save those steps again) and returns step 1. With step 1 damaged too: CheckpointError,
+  one line naming every step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from test_queue_ema_bn import _pushed  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  mesh = make_mesh(8)
+  states = {step: _queue_state(mesh, _pushed(8, 64, step, views=1)) for step in (1, 2, 3)}
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=None)
+  for step, state in states.items():
+    ckpt.save(step, state, data={"step": step}, config=config)
+  ckpt.close()
+  root = epath.Path(tmp_path) / "checkpoints"
+
+  def truncate_data(step):
+    for f in pathlib.Path(root / str(step) / "state").rglob("*"):
+      if f.is_file() and f.parent.name == "d":   # OCDBT's data files
+        f.write_bytes(f.read_bytes()[:100])
+
+  truncate_data(3)
+  (root / "2" / "data").rmtree()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          states[1])
+  caplog.set_level("WARNING", logger="jaxcontrast")
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=None)
+  restored = ckpt.restore_latest(abstract, mesh=mesh)
+  assert restored.step == 1 and restored.data == {"step": 1}
+  np.testing.assert_array_equal(np.asarray(restored.state.queue.keys),
+                                np.asarray(states[1].queue.keys))
+  warned = " ".join(r.getMessage() for r in caplog.records)
+  assert "step 3 (item 'state'" in warned and "step 2 (item 'data' is missing)" in warned
+  assert "resuming from the older checkpoint of step 1" in warned
+  assert ckpt.all_steps() == [1]
+  assert sorted(p.name for p in (epath.Path(tmp_path) / "checkpoints_damaged").iterdir()) == [
+      "2", "3"]
+  ckpt.save(2, states[2], data={"step": 2}, config=config)   # The run saves step 2 again.
+  ckpt.close()
+
+  truncate_data(1)
+  truncate_data(2)
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=None)
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    ckpt.restore_latest(abstract, mesh=mesh)
+  ckpt.close()
+  message = str(error.value)
+  assert "\n" not in message and "No readable checkpoint" in message
+  assert "step 2 (item 'state'" in message and "step 1 (item 'state'" in message
+  assert (root / "2").exists()   # Nothing is moved when nothing can be resumed.
+
+
+def test_stop_signals_of_a_single_process_run():
+  """SIGTERM, SIGINT (Ctrl-C) and SIGHUP each ask for a save and a stop after the step in
+  flight; a second Ctrl-C stops at once; a signal ignored at start (nohup) stays ignored; the
+  previous handlers come back on close."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.run import preemption  # pylint: disable=g-import-not-at-top
+  before = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
+  try:
+    for sig in preemption.STOP_SIGNALS:
+      watcher = preemption.PreemptionWatcher(checkpointer=None)
+      assert not watcher.reached(1)
+      os.kill(os.getpid(), sig)
+      assert watcher.reached(2), sig
+      if sig == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+          os.kill(os.getpid(), sig)
+      watcher.close()
+      assert signal.getsignal(sig) == before[sig]
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # as `nohup` starts a program
+    watcher = preemption.PreemptionWatcher(checkpointer=None)
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert not watcher.reached(1)
+    watcher.close()
+  finally:
+    for sig, handler in before.items():
+      signal.signal(sig, handler)

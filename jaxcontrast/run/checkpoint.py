@@ -10,8 +10,9 @@ Layout (every path through `etils.epath`, so local folders and gs:// behave alik
 
 A checkpoint is only useful with the config that made it: before any restore, `check_compatible`
 compares the saved config's structural keys and the saved array shapes (from Orbax's metadata,
-no array is read) with the new run's, and raises a ValueError naming the first mismatch, instead
-of an Orbax shape traceback.
+no array is read) with the new run's, and raises a CheckpointError naming the first mismatch,
+instead of an Orbax shape traceback. A checkpoint that cannot be read is skipped for the newest
+readable one (`Checkpointer.restore_latest`), with a warning naming its step and item.
 
 `load_run(workdir)` rebuilds a trained run (config, state, models) from its workdir alone, for
 evaluation.
@@ -30,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxcontrast.config_check import ConfigError
 from jaxcontrast.sharding import DATA_AXIS, make_mesh
 from jaxcontrast.step import queue as queue_lib
 from jaxcontrast.step import train_step
@@ -37,8 +39,15 @@ from jaxcontrast.step.optim import make_optimizer
 
 log = logging.getLogger("jaxcontrast")
 
+
+class CheckpointError(ConfigError):
+  """A checkpoint this run cannot use: it does not fit the config, none is readable, or there is
+  none to load. A user's error like a ConfigError (one line, no traceback from the entry points):
+  the message names the checkpoint and what to do."""
+
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+DAMAGED_DIR = "checkpoints_damaged"
 
 # Config keys a checkpoint must agree on (dotted prefixes): the first ones decide which arrays
 # the state holds and what they mean; the last ones decide the order of the input stream, which
@@ -81,18 +90,9 @@ def _tuples(value):
   return value
 
 
-# Keys of saved configs that no longer exist and never changed the saved arrays: dropped on
-# load, so older runs still resume and evaluate.
-REMOVED_KEYS = (("model", "conv_impl"),)   # the matmul convolution (same parameters as XLA's)
-
-
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
   """Inverse of `config_to_dict`; lists become tuples, as the config files write them."""
-  d = _tuples(d)
-  for section, key in REMOVED_KEYS:
-    if isinstance(d.get(section), dict):
-      d[section].pop(key, None)
-  return ml_collections.ConfigDict(d)
+  return ml_collections.ConfigDict(_tuples(d))
 
 
 def write_config(workdir, config) -> None:
@@ -140,6 +140,39 @@ def abstract_state(config, *, models, tx, mesh, image_shape) -> tuple[Any, Any]:
 # ---------------------------------------------------------------------------------------------
 # The manager.
 # ---------------------------------------------------------------------------------------------
+
+
+class _Unreadable(Exception):
+  """An item of a checkpoint could not be read; the message names it."""
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _read_item(manager, step: int, name: str, arg):
+  """One item of a checkpoint; _Unreadable naming it and Orbax's first line on failure."""
+  if not (manager.directory / str(step) / name).exists():
+    raise _Unreadable(f"item {name!r} is missing")
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax and TensorStore raise many types (ValueError OUT_OF_RANGE, FileNotFoundError,
+    # JSONDecodeError, ...); any of them means this item cannot be used.
+    raise _Unreadable(f"item {name!r}: {_first_line(e)}") from e
+
+
+def _listed(skipped: dict) -> str:
+  return "; ".join(f"step {step} ({why})" for step, why in skipped.items())
+
+
+def _on_every_process(ok: bool) -> bool:
+  """`ok` and-ed over the processes (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 @dataclasses.dataclass
@@ -194,7 +227,7 @@ class Checkpointer:
     return dict(r["data"]), dict(r["config"])
 
   def check_compatible(self, step: int, config, abstract) -> None:
-    """ValueError naming the first mismatched config key (both values) or array, if the
+    """CheckpointError naming the first mismatched config key (both values) or array, if the
     checkpoint at `step` cannot be restored into `abstract` for `config`."""
     where = self.directory / str(step)
     _, saved = self.saved_json(step)
@@ -202,7 +235,7 @@ class Checkpointer:
     new = _structural(_flatten(config_to_dict(config)))
     for key in sorted(set(old) | set(new)):
       if old.get(key) != new.get(key):
-        raise ValueError(
+        raise CheckpointError(
             f"The checkpoint in {where} does not fit this config: {key} = {old.get(key)!r} in "
             f"the checkpoint but {new.get(key)!r} now. Use a fresh --workdir, or set "
             f"--config.{key} to the checkpoint's value.")
@@ -214,29 +247,104 @@ class Checkpointer:
     for path in sorted(set(saved_arrays) | set(wanted), key=str):
       name = ".".join(str(p) for p in path)
       if path not in saved_arrays or path not in wanted:
-        raise ValueError(f"The checkpoint in {where} does not fit this config: state array "
-                         f"{name} is {'missing from' if path not in saved_arrays else 'not in'} "
-                         "the checkpoint's state. Use a fresh --workdir.")
+        raise CheckpointError(
+            f"The checkpoint in {where} does not fit this config: state array {name} is "
+            f"{'missing from' if path not in saved_arrays else 'not in'} the checkpoint's state. "
+            "Use a fresh --workdir.")
       a, b = saved_arrays[path], wanted[path]
       if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
-        raise ValueError(f"The checkpoint in {where} does not fit this config: state array "
-                         f"{name} has shape {tuple(a.shape)} {np.dtype(a.dtype)} in the "
-                         f"checkpoint but {tuple(b.shape)} {np.dtype(b.dtype)} now. Use a fresh "
-                         "--workdir.")
+        raise CheckpointError(
+            f"The checkpoint in {where} does not fit this config: state array {name} has shape "
+            f"{tuple(a.shape)} {np.dtype(a.dtype)} in the checkpoint but {tuple(b.shape)} "
+            f"{np.dtype(b.dtype)} now. Use a fresh --workdir.")
 
   def restore(self, step: int, abstract, config=None, *, mesh=None) -> Restored:
     """The checkpoint at `step` restored into `abstract`'s shapes and shardings.
 
     With `config`, checks compatibility first. A `sharded` queue saved on another number of
     devices is re-blocked for `mesh` (`queue.reblock`): into the rows that run would have
-    written them to, when the global batch is the same.
+    written them to, when the global batch is the same. CheckpointError when it does not fit
+    or an item cannot be read (naming the step and the item).
     """
+    try:
+      loaded = self._read(step, abstract, config)
+    except _Unreadable as e:
+      raise CheckpointError(f"The checkpoint in {self.directory / str(step)} cannot be read: "
+                            f"{e}") from e.__cause__
+    return self._finish(step, loaded, abstract, config, mesh)
+
+  def restore_latest(self, abstract, config=None, *, mesh=None) -> Optional[Restored]:
+    """The newest checkpoint that every process can read, restored as by `restore`; None when
+    there is none at all.
+
+    A damaged checkpoint (a truncated or missing file, a missing item: what a partial copy
+    between buckets or a full disk leaves) is skipped with a warning that names its step and
+    item, and the next older one is tried; all processes agree on each attempt (a process may
+    fail alone: each reads its own shards), so they resume from the same step. CheckpointError
+    when checkpoints exist but none is readable, or the newest does not fit `config` (that is
+    the config's fault, not the checkpoint's: no fallback).
+    """
+    skipped = {}   # step -> why it was skipped
+    for step in sorted(self.all_steps(), reverse=True):
+      failure = None
+      try:
+        loaded = self._read(step, abstract, config)
+      except _Unreadable as e:
+        failure = str(e)
+      if not _on_every_process(failure is None):
+        skipped[step] = failure or "another process could not read its part"
+        log.warning("skipping the damaged checkpoint %s: %s", self.directory / str(step),
+                    skipped[step])
+        continue
+      if skipped:
+        aside = self._set_aside(skipped)
+        log.warning("resuming from the older checkpoint of step %d; skipped %s (moved to %s: "
+                    "the run saves those steps again)", step, _listed(skipped), aside)
+      return self._finish(step, loaded, abstract, config, mesh)
+    if skipped:
+      raise CheckpointError(
+          f"No readable checkpoint in {self.directory}: {_listed(skipped)}. Restore a good "
+          "copy, or move the checkpoints away to start from scratch.")
+    return None
+
+  def _set_aside(self, steps) -> epath.Path:
+    """Moves the checkpoints of `steps` to WORKDIR/checkpoints_damaged/ (process 0; every
+    process waits for it): Orbax saves no step at or below the newest one it lists, so the
+    resumed run could not save until it passed them. Moved, not deleted: a copy may be
+    repairable."""
+    aside = self.directory.parent / DAMAGED_DIR
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        n = 1
+        while target.exists():
+          target, n = aside / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("jaxcontrast_damaged_checkpoints_moved")
+    self._manager.reload()
+    return aside
+
+  def _read(self, step: int, abstract, config):
+    """(state, data, config dict) of `step`, compatibility checked with `config`; _Unreadable
+    naming the item that cannot be read, CheckpointError when it does not fit."""
+    items = {}
+    for name, arg in (("config", ocp.args.JsonRestore()), ("data", ocp.args.JsonRestore())):
+      items[name] = _read_item(self._manager, step, name, arg)
     if config is not None:
-      self.check_compatible(step, config, abstract)
-    r = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore()))
-    state, data, saved_config = r["state"], dict(r["data"]), dict(r["config"])
+      try:
+        self.check_compatible(step, config, abstract)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        raise _Unreadable(f"state metadata: {_first_line(e)}") from e
+    state = _read_item(self._manager, step, "state", ocp.args.StandardRestore(abstract))
+    return state, dict(items["data"]), dict(items["config"])
+
+  def _finish(self, step, loaded, abstract, config, mesh) -> Restored:
+    state, data, saved_config = loaded
     saved_devices = data.get("data_devices")
     if (mesh is not None and state.queue is not None and saved_devices
         and saved_config.get("queue", {}).get("mode") == "sharded"
@@ -248,11 +356,13 @@ class Checkpointer:
       batch = saved_config.get("global_batch_size")
       if config is not None and config.global_batch_size != batch:
         batch = None
+      # A gather on the devices into the new shardings: with several processes no host holds
+      # the whole queue.
       queue = queue_lib.reblock(
-          jax.device_get(state.queue), saved_devices, mesh.shape[DATA_AXIS], batch=batch,
-          views=queue_lib.views_pushed(saved_config.get("objective", {})))
-      state = state.replace(queue=jax.device_put(
-          queue, jax.tree.map(lambda a: a.sharding, abstract.queue)))
+          state.queue, saved_devices, mesh.shape[DATA_AXIS], batch=batch,
+          views=queue_lib.views_pushed(saved_config.get("objective", {})),
+          out_shardings=jax.tree.map(lambda a: a.sharding, abstract.queue))
+      state = state.replace(queue=queue)
     return Restored(step=step, state=state, data=data, config=saved_config)
 
   def wait(self) -> None:
@@ -284,12 +394,12 @@ def load_run(workdir, *, step: Optional[int] = None, mesh=None) -> RestoredRun:
   ckpt = Checkpointer(workdir, keep=None, read_only=True)
   steps = ckpt.all_steps()
   if not steps:
-    raise ValueError(f"No checkpoint in {ckpt.directory}: nothing to load (train first, or "
+    raise CheckpointError(f"No checkpoint in {ckpt.directory}: nothing to load (train first, or "
                      "check --workdir).")
   if step is None:
     step = max(steps)
   elif step not in steps:
-    raise ValueError(f"No checkpoint at step {step} in {ckpt.directory}; saved steps: "
+    raise CheckpointError(f"No checkpoint at step {step} in {ckpt.directory}; saved steps: "
                      f"{sorted(steps)}")
   data, saved = ckpt.saved_json(step)
   config = config_from_dict(saved)

@@ -10,8 +10,8 @@ epoch.
 
 Per step the host only dispatches: metrics are pulled every `log_every` steps, and non-finite
 losses are tracked on the device (the first bad step, one int32) and checked at log, kNN and
-save points. A checkpoint is written every `checkpoint_every` steps, at the end and on SIGTERM
-(see `preemption.py`), never of a non-finite state.
+save points. A checkpoint is written every `checkpoint_every` steps, at the end and on SIGTERM,
+SIGINT or SIGHUP (see `preemption.py`), never of a non-finite state.
 """
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def step_inputs(batch: dict) -> dict:
   """The entries of a pipeline batch that the train step reads (BATCH_KEYS and "local_i")."""
   keep = set(BATCH_KEYS) | set(train_step.local_view_names(batch))
   return {k: v for k, v in batch.items() if k in keep}
+
+
+# Why a multi-process run stopped when this process caught no signal itself.
+_NOTICE = "a preemption notice (SIGTERM, here or to another process)"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,25 +91,24 @@ def resume_examples(saved: dict, *, step: int, local_batch: int, streams: int) -
 
   The split is cut into `streams` parts (`data.streams`), so a position carries over to any
   process count that reads the same streams; a different local batch is fine (each stream
-  continues at the same example). Checkpoints from before `data.streams` had one per process.
+  continues at the same example).
   """
+  if "examples_per_stream" not in saved or "streams" not in saved:
+    raise checkpoint_lib.CheckpointError(
+        f"The checkpoint at step {step} has no input position (its data item lacks "
+        "examples_per_stream / streams): it was not written by this version. Use a fresh "
+        "--workdir.")
   count = saved.get("process_count")
-  saved_streams = saved.get("streams", count)
-  if saved_streams is not None and saved_streams != streams:
-    raise ValueError(
+  saved_streams = saved["streams"]
+  if saved_streams != streams:
+    raise checkpoint_lib.CheckpointError(
         f"The checkpoint at step {step} was written with {saved_streams} input streams "
         f"(data.streams, default one per process: {count} processes), this run has {streams} "
         f"({jax.process_count()} processes): each stream reads its own part of the split, so "
         "the saved input position does not carry over (resuming would skip or repeat examples). "
         f"Resume with --config.data.streams={saved_streams} (a multiple of the process count), "
         "or start a fresh --workdir.")
-  per_process = streams // jax.process_count()
-  if "examples_per_stream" in saved:
-    examples = int(saved["examples_per_stream"]) * per_process
-  elif "examples_per_process" in saved:
-    examples = int(saved["examples_per_process"])
-  else:
-    raise ValueError(f"The checkpoint at step {step} has no input position (data item).")
+  examples = int(saved["examples_per_stream"]) * (streams // jax.process_count())
   if saved.get("local_batch") != local_batch:
     log.info("local batch %s -> %d: the input stream continues at example %d of each process",
              saved.get("local_batch"), local_batch, examples)
@@ -185,14 +188,14 @@ def train_and_evaluate(config, workdir) -> dict:
 
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
   start, examples = 0, 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    restored = ckpt.restore(latest, abstract, config, mesh=mesh)  # Checks the fit first.
-    state, start = restored.state, latest
-    examples = resume_examples(restored.data, step=latest, local_batch=local_batch,
+  # Checks the fit first; skips damaged checkpoints, with a warning, for the newest readable one.
+  restored = ckpt.restore_latest(abstract, config, mesh=mesh)
+  if restored is not None:
+    state, start = restored.state, restored.step
+    examples = resume_examples(restored.data, step=start, local_batch=local_batch,
                                streams=streams)
     log.info("resumed from %s at step %d (input: example %d of each process)",
-             ckpt.directory / str(latest), start, examples)
+             ckpt.directory / str(start), start, examples)
   else:
     sample = jnp.zeros((2,) + tuple(info["image_shape"]), jnp.float32)
     state, _ = train_step.create_state(config, models=models, tx=tx, mesh=mesh,
@@ -246,6 +249,11 @@ def train_and_evaluate(config, workdir) -> dict:
           f"Last good checkpoint: {where}. Nothing non-finite was saved.")
 
   try:
+    if watcher.begin(start):
+      log.warning("stopped by %s during start-up, at step %d: the checkpoint of step %d in %s "
+                  "is the latest. Run the same command again to resume.",
+                  watcher.signalled or _NOTICE, start, start, ckpt.directory / str(start))
+      return last
     for step in range(start, steps):
       batch = next(data)
       batch = global_batch_from_local(mesh, step_inputs(batch))
@@ -292,8 +300,9 @@ def train_and_evaluate(config, workdir) -> dict:
             **position_extra), config=config)
       if stop:
         ckpt.wait()
-        log.warning("preempted (SIGTERM): saved the checkpoint of step %d in %s; exiting. "
-                    "Run the same command again to resume.", done, ckpt.directory / str(done))
+        log.warning("stopped by %s, at step %d: saved the checkpoint of step %d in %s. Run "
+                    "the same command again to resume.", watcher.signalled or _NOTICE, done,
+                    done, ckpt.directory / str(done))
         break
   finally:
     bar.close()

@@ -170,7 +170,10 @@ def age_order(keys: np.ndarray, ptr: int, num_blocks: int) -> np.ndarray:
   In each block the oldest row sits at the (local) pointer. Rows of equal local age in different
   blocks were written in the same step; they are ordered by block (device) index.
   """
-  size = keys.shape[0]
+  return _age_rows(keys.shape[0], ptr, num_blocks)
+
+
+def _age_rows(size: int, ptr: int, num_blocks: int) -> np.ndarray:
   if size % num_blocks:
     raise ValueError(f"queue size {size} is not divisible by {num_blocks} blocks")
   local = size // num_blocks
@@ -179,7 +182,7 @@ def age_order(keys: np.ndarray, ptr: int, num_blocks: int) -> np.ndarray:
 
 
 def reblock(queue: QueueState, num_from: int, num_to: int, *, batch: Optional[int] = None,
-            views: int = 1) -> QueueState:
+            views: int = 1, out_shardings=None) -> QueueState:
   """Re-lay a sharded queue written by `num_from` devices out for `num_to` devices.
 
   With `batch` (the global batch of the run that wrote it) and `views` (key views pushed per
@@ -195,32 +198,42 @@ def reblock(queue: QueueState, num_from: int, num_to: int, *, batch: Optional[in
 
   Otherwise (no `batch`, or N not dividing K): every key keeps its age; rows are put in age
   order (`age_order`) and dealt round-robin to the new blocks, oldest first, with the pointer at
-  0, so each device next overwrites its oldest rows. Host-side (numpy) utility for resuming on
-  a different device count; the result has plain arrays to be placed with the new sharding.
+  0, so each device next overwrites its oldest rows.
+
+  The row map depends only on the sizes and the pointer (`reblock_rows`), so the move is one
+  jitted gather: `queue` may be numpy arrays or global `jax.Array`s spanning several processes
+  (nothing is fetched to a host but the replicated pointer); `out_shardings` (a QueueState of
+  shardings, or one sharding) places the result, e.g. rows split over the new mesh.
   """
-  size = queue.keys.shape[0]
+  source, new_ptr = reblock_rows(queue.keys.shape[0], int(np.asarray(queue.ptr)), num_from,
+                                 num_to, batch=batch, views=views)
+
+  def move(q):
+    return QueueState(keys=q.keys[source], ids=q.ids[source], labels=q.labels[source],
+                      ptr=jnp.asarray(new_ptr, jnp.int32), filled=q.filled.astype(jnp.int32))
+
+  return jax.jit(move, out_shardings=out_shardings)(queue)
+
+
+def reblock_rows(size: int, ptr: int, num_from: int, num_to: int, *,
+                 batch: Optional[int] = None, views: int = 1) -> tuple[np.ndarray, int]:
+  """(source, new_ptr) of `reblock`: row i of the re-blocked queue is row `source[i]` of the
+  queue laid out in `num_from` blocks with (local) pointer `ptr`; `new_ptr` is its pointer."""
   if size % num_to:
     raise ValueError(f"queue size {size} is not divisible by the new device count {num_to}")
-  rows_from = _step_rows(size, num_from, batch, views, int(queue.ptr))
+  rows_from = _step_rows(size, num_from, batch, views, ptr)
   if rows_from is not None and batch % num_to == 0:
-    (step, view, row), ptr = rows_from, int(queue.ptr) // (views * batch // num_from)
+    (step, view, row), step_ptr = rows_from, ptr // (views * batch // num_from)
     b_to = batch // num_to
     local_to = size // num_to
     new_rows = row // b_to * local_to + (step * views * b_to + view * b_to + row % b_to)
-    order, new_ptr = np.arange(size), ptr * views * b_to % local_to
+    order, new_ptr = np.arange(size), step_ptr * views * b_to % local_to
   else:
-    order = age_order(queue.keys, int(queue.ptr), num_from)     # global age index -> old row
+    order = _age_rows(size, ptr, num_from)     # global age index -> old row
     new_rows, new_ptr = _deal_rows(size, num_to), 0
-
-  def move(rows):
-    rows = np.asarray(rows)
-    out = np.empty_like(rows)
-    out[new_rows] = rows[order]
-    return jnp.asarray(out)
-
-  return QueueState(keys=move(queue.keys), ids=move(queue.ids), labels=move(queue.labels),
-                    ptr=jnp.asarray(new_ptr, jnp.int32),
-                    filled=jnp.asarray(queue.filled, jnp.int32))
+  source = np.empty(size, np.int32)
+  source[new_rows] = order
+  return source, int(new_ptr)
 
 
 def _step_rows(size: int, devices: int, batch: Optional[int], views: int, ptr: int):
