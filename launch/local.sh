@@ -3,14 +3,14 @@
 # linear probe on the trained encoder, on the same encoder randomly initialised and on raw pixels
 # (these two beside the pretraining, once its first checkpoint exists).
 #
-#   bash launch/local.sh                                  # MoCo v2, ~15 min on 2 idle CPU cores
+#   bash launch/local.sh                                  # MoCo v2 (docs/results.md: time and results)
 #   bash launch/local.sh --workdir /tmp/run               # another workdir (default below)
 #   bash launch/local.sh --method sce                     # another method at the same budget
 #   bash launch/local.sh --config configs/sce_fashion_mnist.py:cpu    # any config spec
 #   bash launch/local.sh --long                           # MoCo v2, 12 epochs: beats raw pixels
 #   bash launch/local.sh --config.queue.size=8192         # any config override passes through
 #
-# Recipe and measurements: configs/moco_fashion_mnist_cpu.py. Other arguments go to
+# Recipe: configs/moco_fashion_mnist_cpu.py; measurements: docs/results.md. Other arguments go to
 # `python -m jaxcontrast.main`. Running the same command again resumes: pretraining from the
 # workdir's latest checkpoint, and probes whose result is already there are not redone.
 # Output: WORKDIR/{checkpoints,metrics.jsonl,tensorboard,config.json,linear_probe*.json,

@@ -97,7 +97,7 @@ def test_torch_reference_mirrors_moco_v2_and_refuses_other_steps():
 def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
   """The real entry point on a tiny config, with `torch` made unimportable; the photometric ops
   in the step (synthetic uint8 views and parameters, as the pipeline ships them). TensorFlow
-  and tfds are unimportable too, as on the GPU machine the README's GPU suite runs on: the
+  and tfds are unimportable too, as on the GPU machine benchmarks/gpu_step_suite.sh runs on: the
   step benchmark must not need them."""
   for package in ("torch", "tensorflow", "tensorflow_datasets"):
     (tmp_path / package).mkdir()

@@ -109,7 +109,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # run: "host" (tf.data, float32 views shipped), "device" (tf.data only decodes, crops, resizes
   # and flips, and ships uint8 views with each example's drawn parameters; the ops run in the
   # jitted train step, sharded with the batch: jaxcontrast/data/augment_jax.py), or "auto":
-  # device on GPU / TPU, host on CPU (where both share the same cores; see the README).
+  # device on GPU / TPU, host on CPU (where both share the same cores; docs/data.md).
   c.augment_on = "auto"
   # Antialiased shrink in RandomResizedCrop, as PIL / torchvision (False: plain bilinear, about
   # 1.4x faster input on ImageNet-sized JPEGs; see benchmarks/bench_data.py).
