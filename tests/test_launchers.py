@@ -310,6 +310,9 @@ def slurm(tmp_path_factory):
   workdir = base / "workdir"
   env = _env("FAKE_SLURM_ROOT", base / "slurm")
   env["FAKE_SLURM_GRACE"] = str(WAIT)
+  # JAX logs the devices each process drives ("visible devices: ...") at INFO, which the entry
+  # point hides unless asked.
+  env["JAXCONTRAST_VERBOSE"] = "1"
   venv = base / "venv" / "bin"   # the cluster's shared environment: this test's Python
   venv.mkdir(parents=True)
   (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
