@@ -221,14 +221,12 @@ def _print_help(config_file: bool, default_config: Optional[Callable], argv: lis
         f"{VERBOSE_ENV}=1) shows them. A user error exits with status {EXIT_USER_ERROR}.")
 
 
-def run(main: Callable[[list[str]], Optional[int]], *, config_file=False,
-        config: Optional[Callable[[], ml_collections.ConfigDict]] = None) -> None:
-  """`app.run(main)` under the convention above; main reads the config as FLAGS.config.
-
-  config_file: True: `--config path.py[:variants]` is required; a str: the spec used when
-    `--config` is not given; False: no config file (give `config`).
-  config: a function returning the default ConfigDict (a built-in config, no file).
-  """
+def define_config_flag(*, config_file=False,
+                       config: Optional[Callable[[], ml_collections.ConfigDict]] = None
+                       ) -> list[str]:
+  """Defines `--config` (and its `--config.KEY` overrides, read from sys.argv) as `run` does;
+  returns the argv to parse (with the default config spec inserted where one applies). A bad
+  key or config file ends in one line (exit status 2)."""
   argv = list(sys.argv)
   try:
     if config_file:
@@ -253,6 +251,18 @@ def run(main: Callable[[list[str]], Optional[int]], *, config_file=False,
   for name in (("config",) if config_file else ()) + shown:
     if name in FLAGS:
       FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+  return argv
+
+
+def run(main: Callable[[list[str]], Optional[int]], *, config_file=False,
+        config: Optional[Callable[[], ml_collections.ConfigDict]] = None) -> None:
+  """`app.run(main)` under the convention above; main reads the config as FLAGS.config.
+
+  config_file: True: `--config path.py[:variants]` is required; a str: the spec used when
+    `--config` is not given; False: no config file (give `config`).
+  config: a function returning the default ConfigDict (a built-in config, no file).
+  """
+  argv = define_config_flag(config_file=config_file, config=config)
 
   def parse(args: list[str]) -> list[str]:
     if any(a in _HELP for a in args[1:]):

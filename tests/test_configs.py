@@ -180,12 +180,13 @@ def _docstring_commands(path) -> list[list[str]]:
 
 
 # Run in a subprocess, as `python -m jaxcontrast.main ARGS` starts: the entry point's flags are
-# defined at import from sys.argv (config_flags registers the `--config.KEY` overrides of the
-# file named there), then absl parses them. Each command gets a fresh import; nothing runs.
+# defined at import, `--config` as `cli.run` defines it from sys.argv (config_flags registers the
+# `--config.KEY` overrides of the file named there), then absl parses them. Each command gets a
+# fresh import; nothing runs.
 _PARSE_COMMANDS = r"""
 import importlib, json, sys
 from absl import flags
-from jaxcontrast import config_lib
+from jaxcontrast import cli, config_lib
 before = set(flags.FLAGS)
 results = []
 for argv in json.loads(sys.stdin.read()):
@@ -195,7 +196,7 @@ for argv in json.loads(sys.stdin.read()):
   sys.argv = ["jaxcontrast.main"] + argv
   try:
     importlib.import_module("jaxcontrast.main")
-    flags.FLAGS(sys.argv)
+    flags.FLAGS(cli.define_config_flag(config_file=True))
     config = flags.FLAGS["config"].value
     config_lib.validate_config(config)
     results.append({"config_file": flags.FLAGS["config"].config_filename,
