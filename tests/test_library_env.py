@@ -50,6 +50,8 @@ pretrain.train_and_evaluate = probe("main")
 linear_probe.run_probe = probe("linear_probe")
 linear_probe.summary_line = lambda result: "probe"
 import runpy
+from absl import flags as absl_flags
+flags_before_main = set(absl_flags.FLAGS)
 workdir = tempfile.mkdtemp()
 phase = "main"
 sys.argv = ["main", "--config=configs/moco_fashion_mnist.py:tiny", "--workdir=" + workdir]
@@ -58,7 +60,18 @@ try:
 except SystemExit as e:
   assert not e.code, e.code
 phase = "linear_probe"
-assert linear_probe.main(["linear_probe", "--workdir=" + workdir]) == 0
+# As `python -m jaxcontrast.eval.linear_probe` runs (its __main__ block), with main's flags gone.
+import functools
+from absl import flags
+from jaxcontrast import cli
+for name in set(flags.FLAGS) - flags_before_main:
+  delattr(flags.FLAGS, name)
+sys.argv = ["linear_probe", "--workdir=" + workdir]
+try:
+  cli.run(functools.partial(linear_probe.main, initialize_distributed=linear_probe._define_flags()),
+          config=linear_probe.config_lib.default_probe_config)
+except SystemExit as e:
+  assert not e.code, e.code
 print(json.dumps(dict(writes=writes, seen=seen, skipped=skipped,
                       xla_flags=os.environ.get("XLA_FLAGS"))))
 """
