@@ -165,7 +165,9 @@ def test_duplicates_found_and_self_excluded_by_index(quantised):
       twins = sorted({copy, orig} | {c for c, o in dup_of.items() if o == orig})
       for member in twins:
         want = [t for t in twins if t != member]
-        assert got.partners(member).tolist() == want, (block_size, member)
+        # As a set: copies tie at similarity 1 up to the matmul's rounding, which differs
+        # between column positions of a block, so their order is not defined.
+        assert sorted(got.partners(member).tolist()) == want, (block_size, member)
         np.testing.assert_allclose(got.similarities[member, :len(want)], 1.0, atol=1e-5)
     # Everything else has no partner above 0.999 in this subset.
     others = np.setdiff1d(np.arange(len(emb)), [3, 250, 399, 400, 401, 402, 403])
