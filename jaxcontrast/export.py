@@ -1,8 +1,11 @@
-"""Export a run's encoder: `python -m jaxcontrast.export --workdir DIR --format F --out FILE`.
+"""Export a run's encoder: `python -m jaxcontrast.export --workdir DIR --out FILE`.
 
-  python -m jaxcontrast.export --workdir /tmp/moco_in1k --format torchvision --out r50.safetensors
-  python -m jaxcontrast.export --workdir /tmp/moco_in1k --format flax --out r50.msgpack \
-      [--step 1000] [--which online] [--features projection]
+  python -m jaxcontrast.export --workdir /tmp/moco_in1k --out r50.safetensors
+  python -m jaxcontrast.export --workdir /tmp/moco_in1k --out r50.msgpack \\
+      --config.step=1000 --config.which=online --config.features=projection
+
+The format follows FILE's suffix (`.safetensors`: torchvision, `.msgpack`: flax) unless
+`--config.format` names it; the settings are `default_export_config()` (`--help` lists them).
 
 * `torchvision`: the backbone as a safetensors file with torchvision's ResNet key names and
   layouts (`conv1.weight` OIHW, `bn1.running_mean`, `layer1.0.conv1.weight`, ...; no `fc`),
@@ -15,18 +18,68 @@
   shape and the normalisation. `read_flax(FILE)` gives back (module, variables, metadata).
 
 Only the exported network is read from the checkpoint (`jaxcontrast.load_encoder`). Paths are
-`etils.epath` paths (gs:// works). Usage errors exit with status 2 and one line on stderr.
+`etils.epath` paths (gs:// works). A bad setting, a missing flag or a workdir (or step) without a
+checkpoint is one line on stderr and exit status 2 (`jaxcontrast.cli`).
 """
 from __future__ import annotations
 
 import json
-import logging
-import sys
+import os
 
+import ml_collections
 import numpy as np
+from ml_collections import config_dict
+
+from jaxcontrast import errors
+from jaxcontrast.config_check import fail, is_int
 
 FORMATS = ("torchvision", "flax")
-PROG = "python -m jaxcontrast.export"
+WHICH = ("target", "online")
+FEATURES = ("backbone", "projection")
+# The format an output file's suffix implies when --config.format is not given.
+SUFFIX_FORMATS = {".safetensors": "torchvision", ".msgpack": "flax"}
+
+
+def default_export_config() -> ml_collections.ConfigDict:
+  """The export's settings (--config.KEY=VALUE)."""
+  c = ml_collections.ConfigDict()
+  # "torchvision" (safetensors) or "flax" (msgpack + json); None: from --out's suffix
+  # (.safetensors: torchvision, .msgpack: flax).
+  c.format = config_dict.placeholder(str)
+  c.which = "target"            # "target": the EMA (key) encoder; "online": the query encoder
+  c.features = "backbone"       # "backbone", or "projection" (backbone + projector; flax only)
+  c.step = config_dict.placeholder(int)   # checkpoint step; None = the latest
+  return c
+
+
+def export_format(fmt, out) -> str:
+  """`fmt` if given, else the format `out`'s suffix implies; a ConfigError names both when
+  neither says which."""
+  if fmt is not None:
+    if fmt not in FORMATS:
+      fail("", "format", fmt, f"None (from --out's suffix) or one of {FORMATS}")
+    return fmt
+  suffix = os.path.splitext(str(out))[1]
+  if suffix not in SUFFIX_FORMATS:
+    implied = ", ".join(f"{s} -> {f}" for s, f in SUFFIX_FORMATS.items())
+    fail("", "format", fmt, f"one of {FORMATS} when --out {str(out)!r} has a suffix other than "
+         f"{implied}")
+  return SUFFIX_FORMATS[suffix]
+
+
+def validate(c, out) -> str:
+  """The format to write (`export_format`); ConfigError naming the first bad key of `c`."""
+  fmt = export_format(c.format, out)
+  if c.which not in WHICH:
+    fail("", "which", c.which, f"one of {WHICH}")
+  if c.features not in FEATURES:
+    fail("", "features", c.features, f"one of {FEATURES}")
+  if fmt == "torchvision" and c.features != "backbone":
+    fail("", "features", c.features, "'backbone' with format torchvision (torchvision's ResNet "
+         "has no projector); 'projection' needs format flax (--out FILE.msgpack)")
+  if c.step is not None and (not is_int(c.step) or c.step < 0):
+    fail("", "step", c.step, "None (the latest) or a saved step >= 0")
+  return fmt
 
 
 def flax_metadata_path(out) -> str:
@@ -86,14 +139,16 @@ def read_flax(path):
 
 def export(workdir, *, out, fmt: str, step=None, which: str = "target",
            features: str = "backbone") -> dict:
-  """Writes the export (see the module docstring); returns its metadata."""
+  """Writes the export (see the module docstring); returns its metadata. A format, network or
+  features that cannot be exported is a `ConfigError`, a workdir or step without a checkpoint a
+  `CheckpointNotFoundError` (both `ValueError`s)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   from jaxcontrast.eval import encoders  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    raise errors.ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
   if fmt == "torchvision" and features != "backbone":
-    raise ValueError("format torchvision exports the backbone only (torchvision's ResNet has no "
-                     f"projector); got features={features!r}")
+    raise errors.ConfigError("format torchvision exports the backbone only (torchvision's ResNet "
+                             f"has no projector); got features={features!r}")
   loaded = encoders.load_encoder(workdir, step=step, which=which, features=features)
   out = epath.Path(out)
   if out.parent and not out.parent.exists():
@@ -107,58 +162,42 @@ def export(workdir, *, out, fmt: str, step=None, which: str = "target",
   return meta
 
 
-def main(argv: list[str] | None = None) -> int:
-  """The command line; `argv` excludes the program name."""
+def summary(meta: dict, out, fmt: str) -> str:
+  """What the command prints after writing `out`: for torchvision, the PyTorch code that loads
+  it."""
+  if fmt == "torchvision":
+    return (f"wrote {out}: {meta['arch']} backbone ({meta['source']}) in torchvision layout. "
+            "Load it with:\n  import math, torch, torchvision, safetensors.torch\n  " +
+            meta["torchvision_code"].replace("\n", "\n  ") +
+            f"\n  model.load_state_dict(safetensors.torch.load_file({str(out)!r}), "
+            f"strict=False)\n  # inputs: NCHW, (pixels / 255 - {meta['mean']}) / {meta['std']}")
+  return (f"wrote {out} and {flax_metadata_path(out)}: {meta['which']} encoder, "
+          f"{meta['features']}, step {meta['step']}; jaxcontrast.export.read_flax({str(out)!r})"
+          " -> (module, variables, metadata)")
+
+
+def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "The pretraining run's workdir.")
+  flags.DEFINE_string("out", None, "Output file: .safetensors (torchvision) or .msgpack (flax; "
+                      "the metadata goes beside it as .json).")
+  flags.mark_flags_as_required(["workdir", "out"])
 
-  def usage_error(message: str):
-    sys.stderr.write(f"{PROG}: error: {message}\n")
-    raise SystemExit(2)
 
-  fv = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "The pretraining run's workdir.", flag_values=fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.", flag_values=fv)
-  flags.DEFINE_enum("which", "target", ("target", "online"),
-                    "target: the EMA (key) encoder; online: the query encoder.", flag_values=fv)
-  flags.DEFINE_enum("format", None, FORMATS, "torchvision (safetensors) or flax (msgpack + json).",
-                    flag_values=fv)
-  flags.DEFINE_enum("features", "backbone", ("backbone", "projection"),
-                    "flax only: the backbone, or backbone + projector.", flag_values=fv)
-  flags.DEFINE_string("out", None, "Output file (.safetensors / .msgpack).", flag_values=fv)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  if any(a in ("--help", "-h", "--helpfull") for a in argv):
-    print(f"{PROG} --workdir DIR --format {'|'.join(FORMATS)} --out FILE [flags]\n\n"
-          + fv.get_help())
-    raise SystemExit(0)
-  try:
-    fv(["jaxcontrast.export"] + argv)
-  except flags.Error as e:
-    usage_error(str(e))
-  for name in ("workdir", "format", "out"):
-    if fv[name].value is None:
-      usage_error(f"--{name} is required")
-  if fv.format == "torchvision" and fv.features != "backbone":
-    usage_error("--features projection needs --format flax (torchvision's ResNet has no "
-                "projector)")
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  try:
-    meta = export(fv.workdir, out=fv.out, fmt=fv.format, step=fv.step, which=fv.which,
-                  features=fv.features)
-  except (ValueError, FileNotFoundError) as e:
-    usage_error(" ".join(str(e).split()))
-  if fv.format == "torchvision":
-    print(f"wrote {fv.out}: {meta['arch']} backbone ({meta['source']}) in torchvision layout. "
-          "Load it with:\n  import math, torch, torchvision, safetensors.torch\n  " +
-          meta["torchvision_code"].replace("\n", "\n  ") +
-          f"\n  model.load_state_dict(safetensors.torch.load_file({str(fv.out)!r}), "
-          f"strict=False)\n  # inputs: NCHW, (pixels / 255 - {meta['mean']}) / {meta['std']}",
-          flush=True)
-  else:
-    print(f"wrote {fv.out} and {flax_metadata_path(fv.out)}: {meta['which']} encoder, "
-          f"{meta['features']}, step {meta['step']}; jaxcontrast.export.read_flax({str(fv.out)!r})"
-          " -> (module, variables, metadata)", flush=True)
-  return 0
+def main(argv) -> None:
+  """After `cli.run` parsed the flags: --workdir, --out, --config.KEY=VALUE."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from jaxcontrast import cli  # pylint: disable=g-import-not-at-top
+  c, out = flags.FLAGS.config, flags.FLAGS.out
+  fmt = validate(c, out)
+  os.environ.update(cli.quiet_environment())   # before TensorFlow is imported
+  meta = export(flags.FLAGS.workdir, out=out, fmt=fmt, step=c.step, which=c.which,
+                features=c.features)
+  print(summary(meta, out, fmt), flush=True)
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  from jaxcontrast import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  cli.run(main, config=default_export_config)

@@ -1,6 +1,7 @@
 """Encoders out of checkpoints and to / from PyTorch: `load_encoder` (partial restore, bytes
-read), `python -m jaxcontrast.export`, the torchvision state-dict conversion (round trip, MoCo
-prefix, mismatch errors), `init_from`, and our forward against torchvision's numbers
+read), `export` and its command line `python -m jaxcontrast.export`, the torchvision state-dict
+conversion (round trip, MoCo prefix, mismatch errors), `init_from`, and our forward against
+torchvision's numbers
 (tests/fixtures/torchvision_features.json.gz, made by benchmarks/torchvision_features.py).
 
 One module-scoped checkpoint: the tiny MoCo config's initial state saved by the run's own
@@ -10,6 +11,7 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -21,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxcontrast
 from jaxcontrast import export
-from jaxcontrast.errors import ConfigError
+from jaxcontrast.errors import CheckpointNotFoundError, ConfigError
 from jaxcontrast.eval import encoders
 from jaxcontrast.models import torch_weights
 from jaxcontrast.run import checkpoint
@@ -162,7 +164,10 @@ def test_export_import_round_trip(run, tmp_path):
   reads back bit for bit."""
   workdir, state = run
   out = tmp_path / "r10.safetensors"
-  assert export.main([f"--workdir={workdir}", "--format=torchvision", f"--out={out}"]) == 0
+  meta = export.export(workdir, out=out, fmt="torchvision")
+  # What the command prints: the code that loads the file into torchvision.
+  assert (f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}), strict=False)"
+          in export.summary(meta, out, "torchvision"))
   tensors = load_file(str(out))
   variables = {"params": state.ema_params["backbone"],
                "batch_stats": state.ema_batch_stats["backbone"]}
@@ -179,8 +184,7 @@ def test_export_import_round_trip(run, tmp_path):
   _assert_same(imported, variables)
 
   out = tmp_path / "enc.msgpack"
-  assert export.main([f"--workdir={workdir}", "--format=flax", "--which=online",
-                      "--features=projection", f"--out={out}"]) == 0
+  export.export(workdir, out=out, fmt="flax", which="online", features="projection")
   module, restored, meta = export.read_flax(out)
   _assert_same(restored, {"params": {"backbone": state.params["backbone"],
                                      "projector": state.params["projector"]},
@@ -194,18 +198,74 @@ def test_export_import_round_trip(run, tmp_path):
                online)
 
 
-def test_export_usage_errors(run, tmp_path, capsys):
+def test_export_command(run, tmp_path):
+  """`python -m jaxcontrast.export` (subprocesses, started together): the format follows --out's
+  suffix, --config.KEY sets the network, features and step, and the files equal `export`'s; a
+  workdir without a checkpoint, an --out whose suffix names no format and a missing --out are
+  each one line on stderr, exit status 2, and write nothing."""
   workdir, _ = run
-  for args in ([f"--workdir={tmp_path / 'none'}", "--format=torchvision",
-                f"--out={tmp_path / 'a.safetensors'}"],
-               [f"--workdir={workdir}", "--format=torchvision", "--features=projection",
-                f"--out={tmp_path / 'a.safetensors'}"],
-               [f"--workdir={workdir}", "--format=onnx", f"--out={tmp_path / 'a'}"],
-               [f"--workdir={workdir}", "--format=flax"]):
-    with pytest.raises(SystemExit) as e:
-      export.main(args)
-    assert e.value.code == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  out = tmp_path / "out"
+  commands = {
+      "flax": [f"--workdir={workdir}", f"--out={out / 'enc.msgpack'}", "--config.which=online",
+               "--config.features=projection", f"--config.step={STEP}"],
+      "no_checkpoint": [f"--workdir={empty}", f"--out={out / 'a.safetensors'}"],
+      "no_format": [f"--workdir={workdir}", f"--out={out / 'a.pt'}"],
+      "no_out": [f"--workdir={workdir}"],
+  }
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  started = {name: subprocess.Popen([sys.executable, "-m", "jaxcontrast.export", *args], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+  results = {name: (proc.wait(timeout=600), proc.stdout.read(), proc.stderr.read())
+             for name, proc in started.items()}
+  code, stdout, stderr = results["flax"]
+  assert code == 0, stderr[-3000:]
+  assert f"wrote {out / 'enc.msgpack'} and {out / 'enc.json'}: online encoder" in stdout
+  export.export(workdir, out=tmp_path / "ref.msgpack", fmt="flax", which="online",
+                features="projection")
+  _, restored, meta = export.read_flax(out / "enc.msgpack")
+  assert (meta["which"], meta["features"], meta["step"]) == ("online", "projection", STEP)
+  _assert_same(restored, export.read_flax(tmp_path / "ref.msgpack")[1])
+
+  errors = {}
+  for name in ("no_checkpoint", "no_format", "no_out"):
+    code, _, stderr = results[name]
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    errors[name] = lines[0]
+  assert f"No checkpoint in {empty}" in errors["no_checkpoint"]
+  assert "config format = None" in errors["no_format"] and "a.pt" in errors["no_format"]
+  assert "--out" in errors["no_out"]
+  assert sorted(p.name for p in out.iterdir()) == ["enc.json", "enc.msgpack"]
+
+
+def test_export_settings_errors(run, tmp_path):
+  """The settings' ConfigErrors, each naming the key and value; `export` raises the same types
+  for a bad format or a missing step."""
+  c = export.default_export_config()
+  assert export.validate(c, "r.safetensors") == "torchvision"
+  assert export.validate(c, "gs://b/r.msgpack") == "flax"
+  c.format = "flax"
+  assert export.validate(c, "weights.bin") == "flax"
+  for key, value, out, match in (
+      ("format", None, "r.pt", r"config format = None: expected .*--out 'r\.pt'.*"
+                               r"\.safetensors -> torchvision, \.msgpack -> flax"),
+      ("format", "onnx", "r.onnx", r"config format = 'onnx'"),
+      ("features", "projection", "r.safetensors", r"config features = 'projection': expected "
+                                                  r"'backbone' with format torchvision"),
+      ("which", "ema", "r.msgpack", r"config which = 'ema': expected one of"),
+      ("step", -1, "r.msgpack", r"config step = -1")):
+    c = export.default_export_config()
+    c[key] = value
+    with pytest.raises(ConfigError, match=match):
+      export.validate(c, out)
+  workdir, _ = run
+  with pytest.raises(ConfigError, match="format must be one of"):
+    export.export(workdir, out=tmp_path / "a", fmt="onnx")
+  with pytest.raises(CheckpointNotFoundError, match="No checkpoint at step 7"):
+    export.export(workdir, out=tmp_path / "a.msgpack", fmt="flax", step=7)
   assert not list(tmp_path.iterdir())
 
 
@@ -283,7 +343,7 @@ def test_probe_torchvision_encoder_matches_target(run, tmp_path):
   from jaxcontrast.sharding import make_mesh
   workdir, _ = run
   out = tmp_path / "r10.safetensors"
-  assert export.main([f"--workdir={workdir}", "--format=torchvision", f"--out={out}"]) == 0
+  export.export(workdir, out=out, fmt="torchvision")
   mesh = make_mesh()
   target = encoders.load_probe_encoder(workdir, encoder="target", mesh=mesh)
   theirs = encoders.load_probe_encoder(workdir, encoder=f"torchvision:{out}", mesh=mesh,

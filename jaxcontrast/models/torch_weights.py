@@ -277,7 +277,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   path = epath.Path(path)
   if not path.exists():
     raise ValueError(f"PyTorch weights {path}: no such file")
-  if path.name.endswith(".msgpack"):   # our flax export (jaxcontrast.export --format flax)
+  if path.name.endswith(".msgpack"):   # our flax export (jaxcontrast.export, format flax)
     from jaxcontrast import export  # pylint: disable=g-import-not-at-top
     _, variables, meta = export.read_flax(path)
     if meta.get("features") == "projection":
