@@ -34,22 +34,96 @@ def test_stream_resumes_at_any_example(fashion_dir):
 
 
 def test_resume_position_checks_the_streams():
-  saved = pretrain.data_position(step=3, examples=48, local_batch=16, local_size=20, streams=1)
+  saved = pretrain.data_position(step=3, examples=48, local_batch=16, local_size=20, streams=1,
+                                 source="fashion_mnist_debian")
   assert saved == {"step": 3, "examples_per_process": 48, "examples_per_stream": 48,
                    "streams": 1, "local_batch": 16, "process_count": 1, "epoch": 2,
-                   "index_in_epoch": 8, "local_examples": 20}
-  assert pretrain.resume_examples(saved, step=3, local_batch=8, streams=1) == 48  # Same example.
+                   "index_in_epoch": 8, "local_examples": 20,
+                   "dataset_source": "fashion_mnist_debian"}
+  resume = lambda saved, **kw: pretrain.resume_examples(
+      saved, step=3, **dict(dict(local_batch=16, streams=1, source="fashion_mnist_debian"), **kw))
+  assert resume(saved, local_batch=8) == 48  # Same example.
   with pytest.raises(ValueError, match="written with 2 input streams"):
-    pretrain.resume_examples(dict(saved, streams=2), step=3, local_batch=16, streams=1)
-  # A data item without the stream position is not this version's: a clear error.
+    resume(dict(saved, streams=2))
+  # A data item without the stream position or its source is not this version's: a clear error.
   old = {"step": 3, "examples_per_process": 48, "local_batch": 16, "process_count": 1}
   with pytest.raises(checkpoint.CheckpointError, match="has no input position"):
-    pretrain.resume_examples(old, step=3, local_batch=16, streams=1)
+    resume(old)
+  no_source = {k: v for k, v in saved.items() if k != "dataset_source"}
+  with pytest.raises(checkpoint.CheckpointError, match=r"has no input position \(its data item "
+                                                       r"lacks dataset_source\)"):
+    resume(no_source)
   # Written by 2 processes of one stream each (24 examples per stream); this 1 process reads
   # both streams: 48 examples.
   two = {"step": 3, "examples_per_process": 24, "examples_per_stream": 24, "streams": 2,
-         "local_batch": 8, "process_count": 2}
-  assert pretrain.resume_examples(two, step=3, local_batch=16, streams=2) == 48
+         "local_batch": 8, "process_count": 2, "dataset_source": "cifar10"}
+  assert resume(two, streams=2, source="cifar10") == 48
+
+
+@pytest.mark.parametrize("saved, now, pin", [
+    ("fashion_mnist", "fashion_mnist_debian", "tfds:fashion_mnist"),
+    ("fashion_mnist_debian", "fashion_mnist", "fashion_mnist_debian"),
+    ("imagenet2012_subset/1pct", "imagenet2012_subset/10pct", "tfds:imagenet2012_subset/1pct")])
+def test_resume_refuses_another_dataset_source(saved, now, pin):
+  """The position counts examples of one tfds dataset: on another source (tfds' Fashion-MNIST
+  and the Debian files order the same images differently) a resume is refused, in one line
+  naming both sources and the setting that reads the saved one."""
+  position = pretrain.data_position(step=3, examples=48, local_batch=16, local_size=20,
+                                    streams=1, source=saved)
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    pretrain.resume_examples(position, step=3, local_batch=16, streams=1, source=now)
+  message = str(error.value)
+  assert "\n" not in message
+  assert f"tfds dataset {saved!r}" in message and f"resolves data.dataset to {now!r}" in message
+  assert f"--config.data.dataset={pin} " in message
+
+
+def test_resume_checks_the_source_the_dataset_resolves_to(fashion_dir, tmp_path, monkeypatch):
+  """train_and_evaluate checks the source `data.dataset` resolves to: with only the Debian files
+  in data_dir, `fashion_mnist` reads `fashion_mnist_debian`, so a checkpoint of tfds'
+  `fashion_mnist` is refused before any step, and one of the Debian files resumes under either
+  name (`fashion_mnist_debian` pins it; the name itself need not match). Where `fashion_mnist`
+  resolves to tfds' files (faked: not prepared here), it is the other way round. The
+  checkpoints are at the last step: a resume that passes the checks has nothing to train."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.step import train_step  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.step.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  config.data.data_dir = fashion_dir
+  config.total_steps = 2
+  info = pipeline.dataset_info(config.data)
+  assert info["source"] == "fashion_mnist_debian"
+  mesh = make_mesh()
+  tx, _ = make_optimizer(config.optim, global_batch_size=config.global_batch_size,
+                         total_steps=2, steps_per_epoch=None)
+  abstract, _ = checkpoint.abstract_state(
+      config, models=train_step.build_models(config, mesh), tx=tx, mesh=mesh,
+      image_shape=info["image_shape"])
+  state = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
+                       abstract)
+  for source in ("fashion_mnist", "fashion_mnist_debian"):
+    ckpt = checkpoint.Checkpointer(tmp_path / source)
+    ckpt.save(2, state, config=config, data=pretrain.data_position(
+        step=2, examples=32, local_batch=16, local_size=None, streams=1, source=source))
+    ckpt.wait()
+    ckpt.close()
+  with pytest.raises(checkpoint.CheckpointError, match=r"tfds dataset 'fashion_mnist'; this run "
+                     r"resolves data.dataset to 'fashion_mnist_debian'.*"
+                     r"--config.data.dataset=tfds:fashion_mnist "):
+    pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist")
+  assert pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist_debian") == {}
+  config.data.dataset = "fashion_mnist_debian"
+  assert pipeline.dataset_info(config.data)["source"] == "fashion_mnist_debian"
+  assert pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist_debian") == {}
+  real = pipeline.dataset_info
+  monkeypatch.setattr(pipeline, "dataset_info",
+                      lambda cfg: dict(real(cfg), source="fashion_mnist"))
+  assert pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist") == {}
+  with pytest.raises(checkpoint.CheckpointError, match=r"--config.data.dataset="
+                                                       r"fashion_mnist_debian "):
+    pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist_debian")
 
 
 def test_streams_make_the_global_batches_independent_of_the_process_count(fashion_dir):

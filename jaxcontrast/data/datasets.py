@@ -119,6 +119,22 @@ def get_builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBui
   return builder
 
 
+def source_name(builder) -> str:
+  """The tfds dataset a builder reads, "name" or "name/config": what a checkpoint records as
+  its data source ("fashion_mnist" or "fashion_mnist_debian" for `fashion_mnist`)."""
+  config = getattr(builder, "builder_config", None)
+  return f"{builder.name}/{config.name}" if config is not None else builder.name
+
+
+def pinned_name(source: str) -> str:
+  """The config `data.dataset` that reads `source` (a `source_name`) whatever `data_dir` holds:
+  a local dataset's own name ("fashion_mnist_debian"), else "tfds:<source>"."""
+  spec = KNOWN_DATASETS.get(source)
+  if spec is not None and spec.local:
+    return source
+  return TFDS_PREFIX + source
+
+
 def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   try:
     return tfds.builder(name, data_dir=data_dir)

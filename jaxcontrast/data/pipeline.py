@@ -443,8 +443,10 @@ def make_eval_dataset(data_config, *, batch_size: int, split: str | None = None,
 
 def dataset_info(data_config) -> dict:
   """{"num_train": examples in the train split (None if unknown), "num_classes",
-  "image_shape": (image_size, image_size, channels) fed to the model}."""
+  "image_shape": (image_size, image_size, channels) fed to the model, "source": the tfds dataset
+  read (`datasets.source_name`: "fashion_mnist_debian" when `fashion_mnist` falls back)}."""
   r = _resolve(data_config)
   return {"num_train": datasets.split_size(r.builder, r.train_split),
           "num_classes": datasets.num_classes(r.builder, r.spec),
-          "image_shape": (r.image_size, r.image_size, r.num_channels)}
+          "image_shape": (r.image_size, r.image_size, r.num_channels),
+          "source": datasets.source_name(r.builder)}

@@ -52,12 +52,15 @@ DAMAGED_DIR = "checkpoints_damaged"
 # Config keys a checkpoint must agree on (dotted prefixes): the first ones decide which arrays
 # the state holds and what they mean; the last ones decide the order of the input stream, which
 # resumes at the saved position (a different order there would skip or repeat examples).
-# Everything else (learning rate, augmentations, logging, ...) may change on resume.
+# Everything else (learning rate, augmentations, logging, ...) may change on resume. The data
+# set is compared as the tfds dataset `data.dataset` resolves to (the data item's
+# dataset_source, `pretrain.resume_examples`), not as the name: `fashion_mnist` reads tfds' files
+# or the Debian ones depending on data_dir, and `fashion_mnist_debian` / `tfds:fashion_mnist`
+# name one of them whatever data_dir holds.
 STRUCTURAL_KEYS = ("method", "model", "queue.size", "queue.mode", "queue.store_ids",
                    "objective.loss", "objective.symmetric", "optim.name", "ema.init", "bn.mode",
                    "bn.groups", "bn.target_only",
-                   "seed", "data.dataset", "data.train_split", "data.shuffle_buffer",
-                   "data.semantic_pairs")
+                   "seed", "data.train_split", "data.shuffle_buffer", "data.semantic_pairs")
 
 
 def workdir_path(workdir) -> epath.Path:

@@ -67,18 +67,20 @@ def total_steps(config, num_train) -> int:
 
 
 def data_position(*, step: int, examples: int, local_batch: int, local_size: Optional[int],
-                  streams: int, **extra) -> dict:
+                  streams: int, source: str, **extra) -> dict:
   """The checkpoint's "data" item: where this run's input stream stood after `step` steps.
 
   examples: examples consumed per process (every process consumes `local_batch` a step);
   examples_per_stream: per input stream (`data.streams`), what a resume on another process
   count with the same streams continues from; epoch / index_in_epoch: of process 0's streams
-  (informational).
+  (informational); dataset_source: the tfds dataset read (`pipeline.dataset_info`'s "source"),
+  which gives the position its meaning.
   """
   per_process = streams // jax.process_count()
   pos = {"step": int(step), "examples_per_process": int(examples),
          "examples_per_stream": int(examples) // per_process, "streams": int(streams),
-         "local_batch": int(local_batch), "process_count": jax.process_count()}
+         "local_batch": int(local_batch), "process_count": jax.process_count(),
+         "dataset_source": str(source)}
   if local_size:
     pos.update(epoch=examples // local_size, index_in_epoch=examples % local_size,
                local_examples=int(local_size))
@@ -86,18 +88,32 @@ def data_position(*, step: int, examples: int, local_batch: int, local_size: Opt
   return pos
 
 
-def resume_examples(saved: dict, *, step: int, local_batch: int, streams: int) -> int:
+def resume_examples(saved: dict, *, step: int, local_batch: int, streams: int,
+                    source: str) -> int:
   """Examples per process already consumed at a checkpoint, checked against this run.
 
   The split is cut into `streams` parts (`data.streams`), so a position carries over to any
   process count that reads the same streams; a different local batch is fine (each stream
-  continues at the same example).
+  continues at the same example). The position counts examples of one tfds dataset (`source`,
+  `pipeline.dataset_info`'s): `fashion_mnist` resolves to tfds' own files or to the Debian ones
+  depending on what `data_dir` holds, and the two order the same images differently, so a
+  resume on the other source is refused.
   """
-  if "examples_per_stream" not in saved or "streams" not in saved:
+  fields = ("examples_per_stream", "streams", "dataset_source")
+  if any(key not in saved for key in fields):
     raise checkpoint_lib.CheckpointError(
         f"The checkpoint at step {step} has no input position (its data item lacks "
-        "examples_per_stream / streams): it was not written by this version. Use a fresh "
-        "--workdir.")
+        f"{' / '.join(k for k in fields if k not in saved)}): it was not written by this "
+        "version. Use a fresh --workdir.")
+  if saved["dataset_source"] != source:
+    from jaxcontrast.data import datasets  # pylint: disable=g-import-not-at-top
+    was = saved["dataset_source"]
+    raise checkpoint_lib.CheckpointError(
+        f"The checkpoint at step {step} was written reading the tfds dataset {was!r}; this run "
+        f"resolves data.dataset to {source!r}, which orders its examples differently, so the "
+        "saved input position would continue at other examples. Resume on the saved source "
+        f"with --config.data.dataset={datasets.pinned_name(was)} (a source named so does not "
+        "depend on what data.data_dir holds), or start a fresh --workdir.")
   count = saved.get("process_count")
   saved_streams = saved["streams"]
   if saved_streams != streams:
@@ -193,7 +209,7 @@ def train_and_evaluate(config, workdir) -> dict:
   if restored is not None:
     state, start = restored.state, restored.step
     examples = resume_examples(restored.data, step=start, local_batch=local_batch,
-                               streams=streams)
+                               streams=streams, source=info["source"])
     log.info("resumed from %s at step %d (input: example %d of each process)",
              ckpt.directory / str(start), start, examples)
   else:
@@ -228,7 +244,7 @@ def train_and_evaluate(config, workdir) -> dict:
   bar = progress_lib.Progress(total=steps, start=start, global_batch=config.global_batch_size,
                               enabled=is_main)
   watcher = preemption.PreemptionWatcher(ckpt)
-  position_extra = dict(streams=streams, seed=int(config.seed),
+  position_extra = dict(streams=streams, source=info["source"], seed=int(config.seed),
                         data_devices=int(mesh.shape[DATA_AXIS]), steps_per_epoch=per_epoch,
                         image_shape=list(info["image_shape"]), total_steps=steps)
   # Replicated like the step's outputs (a plain jnp.array would live on one local device).
