@@ -94,6 +94,39 @@ def test_grayscale_as_three_channels_and_info(fashion_dir):
   assert pipeline.dataset_info(fashion_config(fashion_dir))["image_shape"] == (28, 28, 1)
 
 
+def test_normalization_statistics(fashion_dir):
+  """`data.config.normalization`, which the pipeline and loaded encoders share: the config's
+  statistics, else the dataset's; one value repeated per channel; RGB statistics luma-weighted
+  (BT.601, by hand below) for 1 channel; mismatched lengths refused."""
+  from jaxcontrast.data import config as data_config
+  from jaxcontrast.data.config import default_data_config
+  norm = data_config.normalization
+  cfg = default_data_config()
+  assert norm(cfg, 1) == (MEAN, STD)                       # fashion_mnist's statistics
+  assert norm(cfg, 3) == (MEAN * 3, STD * 3)
+  cfg.dataset = "cifar10"
+  c_mean, c_std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+  assert norm(cfg, 3) == (c_mean, c_std)
+  gray = lambda v: 0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2]
+  mean, std = norm(cfg, 1)
+  assert mean == pytest.approx((gray(c_mean),), abs=1e-15)
+  assert std == pytest.approx((gray(c_std),), abs=1e-15)
+  cfg.mean, cfg.std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)  # the config's win
+  assert norm(cfg, 3) == ((0.5, 0.25, 0.125), (0.2, 0.3, 0.4))
+  cfg.std = (0.2, 0.3)
+  with pytest.raises(ValueError, match="differ in length"):
+    norm(cfg, 3)
+  cfg.mean, cfg.std = (0.5, 0.25), (0.2, 0.3)
+  with pytest.raises(ValueError, match="2 normalisation statistics for 3 channels"):
+    norm(cfg, 3)
+  # What the pipeline normalises with: the same function, on the dataset it resolved.
+  resolve = pipeline._resolve  # pylint: disable=protected-access
+  resolved = resolve(fashion_config(fashion_dir, num_channels=3))
+  assert (resolved.mean, resolved.std) == (MEAN * 3, STD * 3)
+  resolved = resolve(fashion_config(fashion_dir, mean=(0.5,), std=(0.25,)))
+  assert (resolved.mean, resolved.std) == ((0.5,), (0.25,))
+
+
 def test_support_views_and_multicrop(fashion_dir):
   cfg = fashion_config(fashion_dir, train_split="test", num_support_views=3,
                        local_crop_sizes=(12, 16), image_size=32,

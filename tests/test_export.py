@@ -31,6 +31,7 @@ from jaxcontrast.run import checkpoint
 STEP = 3
 IMAGE_SHAPE = (16, 16, 1)
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _leaves(tree):
@@ -124,6 +125,40 @@ def test_load_encoder_reads_only_its_network(run, tmp_path):
   np.testing.assert_allclose(enc_proj.encode(images), full, rtol=1e-6, atol=1e-6)
 
 
+# As if not installed: `import` fails, importlib.util.find_spec says None (etils asks it).
+_WITHOUT_TENSORFLOW = """
+import json, sys
+sys.modules.update(tensorflow=None, tensorflow_datasets=None)
+import jaxcontrast
+enc = jaxcontrast.load_encoder(sys.argv[1])
+try:
+  jaxcontrast.load_encoder(sys.argv[2])
+  blocked = None
+except ImportError as e:
+  blocked = str(e)
+print(json.dumps(dict(mean=enc.mean, std=enc.std, blocked=blocked)))
+"""
+
+
+def test_load_encoder_without_tensorflow(run, tmp_path):
+  """With TensorFlow and tfds unimportable, load_encoder restores a run whose config gives
+  data.mean / data.std, with those statistics; the run without them needs the dataset's (the
+  blocker works)."""
+  workdir, _ = run
+  shutil.copytree(workdir, tmp_path / "run")
+  config_item = tmp_path / "run" / checkpoint.CHECKPOINT_DIR / str(STEP) / "config" / "metadata"
+  saved = json.loads(config_item.read_text())
+  saved["data"].update(mean=[0.5], std=[0.25])
+  config_item.write_text(json.dumps(saved))
+  proc = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, str(tmp_path / "run"),
+                         str(workdir)], capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["mean"] == [0.5] and result["std"] == [0.25]
+  assert "tensorflow" in result["blocked"]
+
+
 def test_load_encoder_online_projection(run):
   workdir, state = run
   enc = jaxcontrast.load_encoder(workdir, step=STEP, which="online", features="projection")
@@ -214,7 +249,7 @@ def test_export_command(run, tmp_path):
       "no_format": [f"--workdir={workdir}", f"--out={out / 'a.pt'}"],
       "no_out": [f"--workdir={workdir}"],
   }
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=REPO)
   started = {name: subprocess.Popen([sys.executable, "-m", "jaxcontrast.export", *args], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, args in commands.items()}

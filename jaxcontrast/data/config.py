@@ -5,6 +5,7 @@ Keys left as placeholders (None) take a per-dataset or per-recipe default, resol
 (`--config.data.image_size=64`) can still set them.
 """
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 
@@ -23,6 +24,45 @@ def augment_on(data_config) -> str:
     import jax  # pylint: disable=g-import-not-at-top
     return "host" if jax.default_backend() == "cpu" else "device"
   return value
+
+
+# ITU-R BT.601 luma weights: tf.image.rgb_to_grayscale's, which grayscale conversion applies.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def normalization(data_config, channels: int, *, spec=None
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel, in [0, 1] pixel units, that the pipeline applies for
+  `data_config` with `channels` input channels: `data.mean` / `data.std`, else the dataset's
+  statistics (`spec`, a `datasets.DatasetSpec`; None looks up `data.dataset`, which imports
+  TensorFlow: with both keys set nothing is imported), adapted to the channel count:
+
+    k statistics for k channels: as they are;
+    1 for C channels: repeated C times (grayscale fed as RGB);
+    3 for 1 channel: luma-weighted, mean_gray = sum_c w_c mean_c (likewise std) with
+      w = LUMA, the weights of the RGB -> gray conversion the images went through.
+
+  The pipeline (`pipeline.py`) and encoders loaded from checkpoints (`eval/encoders.py`) both
+  call this, so an encoder sees its inputs normalised as in training.
+  """
+  mean, std = data_config.get("mean"), data_config.get("std")
+  if not mean or not std:
+    if spec is None:
+      from jaxcontrast.data import datasets  # pylint: disable=g-import-not-at-top
+      spec = datasets.get_spec(data_config.get("dataset"))
+    mean, std = mean or spec.mean, std or spec.std
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if len(mean) != len(std):
+    raise ValueError(f"mean {mean} and std {std} differ in length")
+  if len(mean) == channels:
+    return mean, std
+  if len(mean) == 1:
+    return mean * channels, std * channels
+  if len(mean) == 3 and channels == 1:
+    luma = np.asarray(LUMA)
+    return (float(luma @ mean),), (float(luma @ std),)
+  raise ValueError(f"{data_config.get('dataset')}: {len(mean)} normalisation statistics for "
+                   f"{channels} channels")
 
 
 def view_overrides() -> ml_collections.ConfigDict:

@@ -22,7 +22,6 @@ order). Element dict: see `make_train_dataset`.
 """
 import dataclasses
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -75,28 +74,12 @@ def _resolve(cfg) -> _Resolved:
       shape[0] if shape[0] is not None and shape[0] == shape[1] else None)
   if not image_size:
     raise ValueError(f"{builder.name}: images vary in size; set image_size")
-  mean = tuple(cfg.get("mean") or spec.mean)
-  std = tuple(cfg.get("std") or spec.std)
-  mean, std = _stats_for_channels(mean, std, channels, builder.name)
+  mean, std = data_config_lib.normalization(cfg, channels, spec=spec)
   return _Resolved(
       spec=spec, builder=builder, train_split=cfg.get("train_split") or spec.train_split,
       eval_split=cfg.get("eval_split") or spec.eval_split, image_size=int(image_size),
       num_channels=int(channels), convert_to=convert_to, mean=mean, std=std,
       eval_crop_ratio=float(cfg.get("eval_crop_ratio") or spec.eval_crop_ratio))
-
-
-def _stats_for_channels(mean, std, channels, name):
-  """Adapts per-channel statistics to the channel count fed to the model."""
-  if len(mean) != len(std):
-    raise ValueError(f"mean {mean} and std {std} differ in length")
-  if len(mean) == channels:
-    return mean, std
-  if len(mean) == 1:
-    return mean * channels, std * channels
-  if len(mean) == 3 and channels == 1:
-    luma = np.asarray((0.299, 0.587, 0.114))
-    return (float(luma @ mean),), (float(luma @ std),)
-  raise ValueError(f"{name}: {len(mean)} normalisation statistics for {channels} channels")
 
 
 def _process(process_index, process_count) -> tuple[int, int]:

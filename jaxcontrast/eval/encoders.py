@@ -108,26 +108,6 @@ def saved_run(workdir, step=None) -> tuple[ml_collections.ConfigDict, int, dict]
   return checkpoint.config_from_dict(saved), step, data
 
 
-def normalization(data_config, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(mean, std) per channel that the data pipeline applies for `data_config` with `channels`
-  input channels: the config's values, else the dataset's statistics (grayscale statistics
-  repeated for 3 channels, luma-weighted for 1)."""
-  mean, std = data_config.get("mean"), data_config.get("std")
-  if mean is None or std is None:
-    from jaxcontrast.data import datasets  # pylint: disable=g-import-not-at-top
-    spec = datasets.get_spec(data_config.dataset)
-    mean, std = mean or spec.mean, std or spec.std
-  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-  if len(mean) == channels:
-    return mean, std
-  if len(mean) == 1:
-    return mean * channels, std * channels
-  if len(mean) == 3 and channels == 1:
-    luma = np.asarray((0.299, 0.587, 0.114))
-    return (float(luma @ mean),), (float(luma @ std),)
-  raise ValueError(f"{len(mean)} normalisation statistics for {channels} channels")
-
-
 def encoder_module(model_config, features: str = "backbone") -> nn.Module:
   """The module `load_encoder` returns for a run's model config: its ResNet (backbone) or
   `BackboneProjector`."""
@@ -180,7 +160,8 @@ def load_encoder(workdir, *, step=None, which: str = "target", features: str = "
   for collection in ("params", "batch_stats"):
     tree = restored.get(prefix + collection, {})
     variables[collection] = tree.get("backbone", {}) if features == "backbone" else tree
-  mean, std = normalization(config.data, image_shape[-1])
+  from jaxcontrast.data import config as data_config  # pylint: disable=g-import-not-at-top
+  mean, std = data_config.normalization(config.data, image_shape[-1])
   return LoadedEncoder(module=module, variables=variables, mean=mean, std=std,
                        image_shape=image_shape, config=config, step=step, which=which,
                        features=features)
