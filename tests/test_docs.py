@@ -116,6 +116,37 @@ def test_files_named_in_the_pages_exist():
   assert missing == []
 
 
+# Source lines of at most 100 characters. GitHub scrolls a fenced code block sideways instead of
+# wrapping it, and the raw pages are read in terminals and editors (README.md is also the package's
+# long description), where longer lines wrap mid-word or run off the screen. Prose wraps anywhere;
+# a long command breaks with `\` continuation lines. In docs/ pages a table row or a heading is
+# exempt, since Markdown cannot continue either on a second line; README.md has none that long.
+MAX_LINE = 100
+_UNBREAKABLE = re.compile(r"^\s*(\||#{1,6}\s)")
+
+
+def long_lines(page: pathlib.Path, text: str) -> list[str]:
+  """"page:line (length)" of every line of `text` over MAX_LINE characters, fenced code included;
+  outside README.md table rows and headings are exempt."""
+  strict = page.name == "README.md"
+  return [f"{page.name}:{n} ({len(line)})" for n, line in enumerate(text.splitlines(), 1)
+          if len(line) > MAX_LINE and (strict or not _UNBREAKABLE.match(line))]
+
+
+def test_lines_fit_in_100_characters():
+  assert [where for page in PAGES for where in long_lines(page, _text(page))] == []
+
+
+def test_line_check_catches_long_lines():
+  """The checker itself: a long line of prose and one in a fenced block are reported; in a docs
+  page a long table row or heading is not, in README.md it is."""
+  long = "x" * (MAX_LINE + 1)
+  text = f"ok\n{long}\n```bash\n{long}\n```\n| {long} |\n## {long}\n{'y' * MAX_LINE}\n"
+  assert long_lines(REPO / "docs" / "data.md", text) == ["data.md:2 (101)", "data.md:4 (101)"]
+  assert long_lines(REPO / "README.md", text) == [
+      "README.md:2 (101)", "README.md:4 (101)", "README.md:6 (105)", "README.md:7 (104)"]
+
+
 def _commands(pattern):
   found = set()
   for page in PAGES:
