@@ -1,5 +1,5 @@
 """The command-line convention of every entry point (`main`, `eval.linear_probe`, `semantic_pairs`,
-`bench`): absl `app.run`, settings as one locked ml_collections config overridden with
+`export`, `bench`): absl `app.run`, settings as one locked ml_collections config overridden with
 `--config.KEY=VALUE`, user errors as one line, quiet output.
 
     if __name__ == "__main__":

@@ -202,6 +202,22 @@ def test_named_sources_ignore_what_else_is_prepared(tmp_path):
     assert builder_name("fashion_mnist") == "fashion_mnist"
 
 
+def test_source_names_and_the_names_that_pin_them(tmp_path):
+  """What a checkpoint records as its source (the tfds dataset, with its builder config) and the
+  `data.dataset` that reads that source whatever data_dir holds."""
+  source = lambda name: datasets.source_name(tfds.builder(name, data_dir=str(tmp_path)))
+  assert source("fashion_mnist") == "fashion_mnist"
+  assert source("imagenet2012_subset/10pct") == "imagenet2012_subset/10pct"
+  assert source("imagenet2012_subset") == "imagenet2012_subset/1pct"   # its default config
+  assert datasets.pinned_name("fashion_mnist_debian") == "fashion_mnist_debian"
+  assert datasets.pinned_name("fashion_mnist") == "tfds:fashion_mnist"
+  assert datasets.pinned_name("imagenet2012_subset/10pct") == "tfds:imagenet2012_subset/10pct"
+  # Each pinned name resolves to that source alone (no fallback).
+  for pinned in ("tfds:fashion_mnist", "fashion_mnist_debian"):
+    spec = datasets.get_spec(pinned)
+    assert spec.fallback is None and spec.tfds_name == pinned.removeprefix("tfds:")
+
+
 def test_numpy_loader_reads_the_full_files():
   images, labels = fashion_mnist.load_fashion_mnist_numpy("train")
   assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
