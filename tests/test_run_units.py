@@ -3,6 +3,7 @@ progress display, workdir paths."""
 import io
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -79,12 +80,12 @@ def test_resume_refuses_another_dataset_source(saved, now, pin):
 
 
 def test_resume_checks_the_source_the_dataset_resolves_to(fashion_dir, tmp_path, monkeypatch):
-  """train_and_evaluate checks the source `data.dataset` resolves to: with only the Debian files
-  in data_dir, `fashion_mnist` reads `fashion_mnist_debian`, so a checkpoint of tfds'
-  `fashion_mnist` is refused before any step, and one of the Debian files resumes under either
-  name (`fashion_mnist_debian` pins it; the name itself need not match). Where `fashion_mnist`
-  resolves to tfds' files (faked: not prepared here), it is the other way round. The
-  checkpoints are at the last step: a resume that passes the checks has nothing to train."""
+  """train_and_evaluate checks the source `data.dataset` resolves to. With only the Debian files
+  in data_dir, `fashion_mnist` reads `fashion_mnist_debian`: a checkpoint of tfds'
+  `fashion_mnist` is refused before any step, and one that read the Debian files resumes under
+  the name that pins them (the name itself need not match). Where `fashion_mnist` resolves to
+  tfds' files (faked: not prepared here), that one is refused. The checkpoints are at the last
+  step: a resume that passes the checks has nothing to train."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxcontrast.sharding import make_mesh  # pylint: disable=g-import-not-at-top
@@ -103,24 +104,26 @@ def test_resume_checks_the_source_the_dataset_resolves_to(fashion_dir, tmp_path,
       image_shape=info["image_shape"])
   state = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
                        abstract)
-  for source in ("fashion_mnist", "fashion_mnist_debian"):
-    ckpt = checkpoint.Checkpointer(tmp_path / source)
-    ckpt.save(2, state, config=config, data=pretrain.data_position(
-        step=2, examples=32, local_batch=16, local_size=None, streams=1, source=source))
-    ckpt.wait()
-    ckpt.close()
+  ckpt = checkpoint.Checkpointer(tmp_path / "fashion_mnist_debian")
+  ckpt.save(2, state, config=config, data=pretrain.data_position(
+      step=2, examples=32, local_batch=16, local_size=None, streams=1,
+      source="fashion_mnist_debian"))
+  ckpt.wait()
+  ckpt.close()
+  # The same checkpoint as tfds' files would have left it (the data item is Orbax's JSON).
+  shutil.copytree(tmp_path / "fashion_mnist_debian", tmp_path / "fashion_mnist")
+  item = tmp_path / "fashion_mnist" / checkpoint.CHECKPOINT_DIR / "2" / "data" / "metadata"
+  item.write_text(json.dumps(dict(json.loads(item.read_text()), dataset_source="fashion_mnist")))
   with pytest.raises(checkpoint.CheckpointError, match=r"tfds dataset 'fashion_mnist'; this run "
                      r"resolves data.dataset to 'fashion_mnist_debian'.*"
                      r"--config.data.dataset=tfds:fashion_mnist "):
     pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist")
-  assert pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist_debian") == {}
   config.data.dataset = "fashion_mnist_debian"
-  assert pipeline.dataset_info(config.data)["source"] == "fashion_mnist_debian"
   assert pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist_debian") == {}
+  config.data.dataset = "fashion_mnist"
   real = pipeline.dataset_info
   monkeypatch.setattr(pipeline, "dataset_info",
                       lambda cfg: dict(real(cfg), source="fashion_mnist"))
-  assert pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist") == {}
   with pytest.raises(checkpoint.CheckpointError, match=r"--config.data.dataset="
                                                        r"fashion_mnist_debian "):
     pretrain.train_and_evaluate(config, tmp_path / "fashion_mnist_debian")
