@@ -12,6 +12,7 @@ from jaxcontrast.data import fashion_mnist
 from jaxcontrast.data import fashion_mnist_tfds
 from jaxcontrast.data import pipeline
 from jaxcontrast.data import recipes
+from jaxcontrast.data import specs
 from jaxcontrast.data.config import default_data_config
 from test_data_helpers import fashion_config, fashion_dir, first_batch  # pylint: disable=unused-import
 
@@ -209,9 +210,9 @@ def test_source_names_and_the_names_that_pin_them(tmp_path):
   assert source("fashion_mnist") == "fashion_mnist"
   assert source("imagenet2012_subset/10pct") == "imagenet2012_subset/10pct"
   assert source("imagenet2012_subset") == "imagenet2012_subset/1pct"   # its default config
-  assert datasets.pinned_name("fashion_mnist_debian") == "fashion_mnist_debian"
-  assert datasets.pinned_name("fashion_mnist") == "tfds:fashion_mnist"
-  assert datasets.pinned_name("imagenet2012_subset/10pct") == "tfds:imagenet2012_subset/10pct"
+  assert specs.pinned_name("fashion_mnist_debian") == "fashion_mnist_debian"
+  assert specs.pinned_name("fashion_mnist") == "tfds:fashion_mnist"
+  assert specs.pinned_name("imagenet2012_subset/10pct") == "tfds:imagenet2012_subset/10pct"
   # Each pinned name resolves to that source alone (no fallback).
   for pinned in ("tfds:fashion_mnist", "fashion_mnist_debian"):
     spec = datasets.get_spec(pinned)

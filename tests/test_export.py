@@ -130,20 +130,21 @@ _WITHOUT_TENSORFLOW = """
 import json, sys
 sys.modules.update(tensorflow=None, tensorflow_datasets=None)
 import jaxcontrast
-enc = jaxcontrast.load_encoder(sys.argv[1])
+given, looked_up = (jaxcontrast.load_encoder(path) for path in sys.argv[1:])
 try:
-  jaxcontrast.load_encoder(sys.argv[2])
+  import jaxcontrast.data.pipeline
   blocked = None
 except ImportError as e:
   blocked = str(e)
-print(json.dumps(dict(mean=enc.mean, std=enc.std, blocked=blocked)))
+print(json.dumps(dict(given=[given.mean, given.std], looked_up=[looked_up.mean, looked_up.std],
+                      blocked=blocked)))
 """
 
 
 def test_load_encoder_without_tensorflow(run, tmp_path):
-  """With TensorFlow and tfds unimportable, load_encoder restores a run whose config gives
-  data.mean / data.std, with those statistics; the run without them needs the dataset's (the
-  blocker works)."""
+  """With TensorFlow and tfds unimportable, load_encoder restores a run with the statistics its
+  config gives (data.mean / data.std), or else its dataset's; the input pipeline does not import
+  there (the blocker works)."""
   workdir, _ = run
   shutil.copytree(workdir, tmp_path / "run")
   config_item = tmp_path / "run" / checkpoint.CHECKPOINT_DIR / str(STEP) / "config" / "metadata"
@@ -155,7 +156,8 @@ def test_load_encoder_without_tensorflow(run, tmp_path):
                         env=dict(os.environ, PYTHONPATH=REPO))
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert result["mean"] == [0.5] and result["std"] == [0.25]
+  assert result["given"] == [[0.5], [0.25]]
+  assert result["looked_up"] == [[0.2860], [0.3530]]     # Fashion-MNIST's
   assert "tensorflow" in result["blocked"]
 
 

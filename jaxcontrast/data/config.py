@@ -34,8 +34,8 @@ def normalization(data_config, channels: int, *, spec=None
                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(mean, std) per channel, in [0, 1] pixel units, that the pipeline applies for
   `data_config` with `channels` input channels: `data.mean` / `data.std`, else the dataset's
-  statistics (`spec`, a `datasets.DatasetSpec`; None looks up `data.dataset`, which imports
-  TensorFlow: with both keys set nothing is imported), adapted to the channel count:
+  statistics (`spec`, a `specs.DatasetSpec`; None looks up `data.dataset`), adapted to the
+  channel count:
 
     k statistics for k channels: as they are;
     1 for C channels: repeated C times (grayscale fed as RGB);
@@ -48,8 +48,8 @@ def normalization(data_config, channels: int, *, spec=None
   mean, std = data_config.get("mean"), data_config.get("std")
   if not mean or not std:
     if spec is None:
-      from jaxcontrast.data import datasets  # pylint: disable=g-import-not-at-top
-      spec = datasets.get_spec(data_config.get("dataset"))
+      from jaxcontrast.data import specs  # pylint: disable=g-import-not-at-top
+      spec = specs.get_spec(data_config.get("dataset"))
     mean, std = mean or spec.mean, std or spec.std
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
   if len(mean) != len(std):
@@ -89,7 +89,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Dataset name: fashion_mnist (tfds' if prepared in data_dir, else the Debian files offline),
   # fashion_mnist_debian (the Debian files only), cifar10, cifar100, stl10, imagenet2012, or
-  # "tfds:<builder>" for any other prepared tfds dataset (see datasets.KNOWN_DATASETS).
+  # "tfds:<builder>" for any other prepared tfds dataset (see specs.KNOWN_DATASETS).
   c.dataset = "fashion_mnist"
   # tfds data_dir (local folder or gs://bucket/path); None = tfds default ($TFDS_DATA_DIR or
   # ~/tensorflow_datasets). Datasets other than Fashion-MNIST must already be prepared there.

@@ -106,13 +106,13 @@ def resume_examples(saved: dict, *, step: int, local_batch: int, streams: int,
         f"{' / '.join(k for k in fields if k not in saved)}): it was not written by this "
         "version. Use a fresh --workdir.")
   if saved["dataset_source"] != source:
-    from jaxcontrast.data import datasets  # pylint: disable=g-import-not-at-top
+    from jaxcontrast.data import specs  # pylint: disable=g-import-not-at-top
     was = saved["dataset_source"]
     raise checkpoint_lib.CheckpointError(
         f"The checkpoint at step {step} was written reading the tfds dataset {was!r}; this run "
         f"resolves data.dataset to {source!r}, which orders its examples differently, so the "
         "saved input position would continue at other examples. Resume on the saved source "
-        f"with --config.data.dataset={datasets.pinned_name(was)} (a source named so does not "
+        f"with --config.data.dataset={specs.pinned_name(was)} (a source named so does not "
         "depend on what data.data_dir holds), or start a fresh --workdir.")
   count = saved.get("process_count")
   saved_streams = saved["streams"]
