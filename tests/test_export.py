@@ -255,8 +255,10 @@ def test_export_command(run, tmp_path):
   started = {name: subprocess.Popen([sys.executable, "-m", "jaxcontrast.export", *args], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, args in commands.items()}
-  results = {name: (proc.wait(timeout=600), proc.stdout.read(), proc.stderr.read())
-             for name, proc in started.items()}
+  results = {}
+  for name, proc in started.items():
+    stdout, stderr = proc.communicate(timeout=600)
+    results[name] = (proc.returncode, stdout, stderr)
   code, stdout, stderr = results["flax"]
   assert code == 0, stderr[-3000:]
   assert f"wrote {out / 'enc.msgpack'} and {out / 'enc.json'}: online encoder" in stdout
