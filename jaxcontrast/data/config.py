@@ -26,7 +26,7 @@ def augment_on(data_config) -> str:
   return value
 
 
-# ITU-R BT.601 luma weights: tf.image.rgb_to_grayscale's, which grayscale conversion applies.
+# ITU-R BT.601 luma weights, those of tf.image.rgb_to_grayscale (the pipeline's RGB -> gray).
 LUMA = (0.299, 0.587, 0.114)
 
 
