@@ -26,7 +26,7 @@ def augment_on(data_config) -> str:
   return value
 
 
-# ITU-R BT.601 luma weights, those of tf.image.rgb_to_grayscale (the pipeline's RGB -> gray).
+# ITU-R 601-2 luma weights, those of the pipeline's RGB -> gray conversion (augment._LUMA).
 LUMA = (0.299, 0.587, 0.114)
 
 
