@@ -1,29 +1,29 @@
 """The cluster launchers, executed: launch/tpu_pod.sh and launch/gpu_slurm.sh run for real
 against fakes of `gcloud` and of SLURM (tests/fakes/) whose workers / tasks are local processes.
 
-Each launcher trains 2 workers x 4 CPU devices on the tiny config, is interrupted the way a pod
-or a cluster interrupts it, and is run again: it must resume. The fakes stand in only for what
-needs Google Cloud or a cluster (creating the VMs, SSH, the scheduler, installing the TPU
-wheels: the workers use this test's Python); shipping the code, setting up the workers,
-starting, detaching, stopping and resuming the trainers run as they do on a pod. Each scenario
-is one sequence of multi-process runs shared by the tests of its module fixture.
+The TPU launcher trains 2 workers x 4 CPU devices on the tiny config, is interrupted the way a
+pod interrupts it (the user's SSH session drops; a maintenance event signals one VM; `--stop`),
+and is run again: it must resume. The fakes stand in only for what needs Google Cloud (creating
+the VMs, SSH, installing the TPU wheels: the workers use this test's Python); shipping the code,
+setting up the workers, starting, detaching, stopping and resuming the trainers run as they do on
+a pod. The scenario is one sequence of multi-process runs shared by the tests of its module
+fixture. The SLURM launcher's executed scenario (a preempted, requeued job that resumes and ends
+where an uninterrupted run ends) is in tests/test_multiprocess.py, next to the run it is
+compared with; its dry runs and argument checks are here.
 """
 import os
-import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
+from pod_helpers import (ROOT, WAIT, alive, checkpoints, fake_env, free_port, kill_sessions, last_step,
+                         read, since_last_start, wait_for)
 from test_data_helpers import prepared_fashion_dir
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FAKES = ROOT / "tests" / "fakes"
 STEPS = 200   # never reached: every run here is stopped by a signal
 # The pod configuration of tests/test_multiprocess.py, one line of progress per step.
 OVERRIDES = ["--config.global_batch_size=64", "--config.queue.size=128",
@@ -32,83 +32,10 @@ OVERRIDES = ["--config.global_batch_size=64", "--config.queue.size=128",
              "--config.knn_every=0", "--config.log_every=1", "--config.bn.mode=shuffle",
              "--config.queue.mode=sharded", "--config.data.threadpool_size=0",
              "--config.data.augment_on=device"]
-WAIT = 300   # seconds for any one phase (a loaded machine: start-up is most of it)
-
-
-def _env(fake_root_var, fake_root):
-  """The caller's environment for a launcher: the fakes first on PATH, CPU JAX with 4 devices
-  per process (each worker inherits it through the fake)."""
-  env = dict(os.environ)
-  env.pop("PYTHONPATH", None)   # the workers import the code the launcher shipped / cd'd to
-  # Without the suite's persistent compilation cache: 2-process runs of this scenario that
-  # loaded their train step from a populated cache failed at the first step in 3 of 4 tries
-  # (gloo: "Gloo context initialization failed: ... GetKeyValue() timed out"); none of those
-  # that compiled it did.
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 env.get("XLA_FLAGS", ""))
-  env.update(PATH=f"{FAKES}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip(),
-             **{fake_root_var: str(fake_root)})
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _wait_for(what, predicate, timeout=WAIT, logs=()):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    value = predicate()
-    if value:
-      return value
-    time.sleep(0.5)
-  tails = "\n".join(f"--- {p}:\n{_read(p)[-4000:]}" for p in logs)
-  pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
-
-
-def _read(path) -> str:
-  try:
-    return pathlib.Path(path).read_text(errors="replace")
-  except FileNotFoundError:
-    return ""
-
-
-def _since_last_start(log: str, pattern: str) -> str:
-  """The part of a log from the last match of `pattern` (a launcher's start line) on."""
-  starts = list(re.finditer(pattern, log))
-  return log[starts[-1].start():] if starts else ""
 
 
 def _last_step(text: str) -> int:
-  steps = re.findall(rf"^step (\d+)/{STEPS} ", text, flags=re.M)
-  return int(steps[-1]) if steps else 0
-
-
-def _checkpoints(workdir) -> list[int]:
-  d = pathlib.Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  return True
-
-
-def _kill_sessions(pid_files):
-  """Ends what a failed scenario left running (each pid file names a process group)."""
-  for f in pid_files:
-    for pid in _read(f).split():
-      try:
-        os.killpg(int(pid), signal.SIGKILL)
-      except (ProcessLookupError, PermissionError):
-        pass
+  return last_step(text, STEPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,15 +46,16 @@ def _kill_sessions(pid_files):
 @pytest.fixture(scope="module")
 def tpu(tmp_path_factory):
   """start --follow -> SSH dropped -> same command again (running: nothing started) -> --status
-  -> --stop -> same command again (resumes) -> --stop. Returns what each phase showed."""
+  -> SIGTERM to worker 1 alone -> same command again (resumes) -> --stop. Returns what each phase
+  showed."""
   data_dir = prepared_fashion_dir(tmp_path_factory)
   base = tmp_path_factory.mktemp("tpu_pod")
   workdir = base / "workdir"
-  env = _env("FAKE_GCLOUD_ROOT", base / "gcloud")
+  env = fake_env("FAKE_GCLOUD_ROOT", base / "gcloud")
   slice_ = ["--name", "pod", "--zone", "us-central2-b"]
   start = ["bash", str(ROOT / "launch" / "tpu_pod.sh"), *slice_, "--accelerator", "v4-16",
            "--expect_devices", "4", "--python", sys.executable,
-           "--coordinator_address", f"127.0.0.1:{_free_port()}", "--shared_fs",
+           "--coordinator_address", f"127.0.0.1:{free_port()}", "--shared_fs",
            "--config", "configs/moco_fashion_mnist.py:tiny", "--workdir", str(workdir),
            "--data_dir", data_dir, *OVERRIDES, "--distributed_timeout=120"]
   homes = [base / "gcloud" / "tpus" / "pod" / f"worker{w}" / "jaxcontrast" for w in (0, 1)]
@@ -143,7 +71,7 @@ def tpu(tmp_path_factory):
     return run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), *slice_, *args])
 
   def current(w):   # worker w's log of its last start
-    return _since_last_start(_read(logs[w]), r"\[tpu_pod\] \S+ \S+ worker \d+ starts ")
+    return since_last_start(read(logs[w]), r"\[tpu_pod\] \S+ \S+ worker \d+ starts ")
 
   def scenario():
     seen = {}
@@ -154,7 +82,7 @@ def tpu(tmp_path_factory):
     threading.Thread(target=lambda: printed.extend(iter(follow.stdout.readline, "")),
                      daemon=True).start()
     try:
-      _wait_for("training progress through --follow",
+      wait_for("training progress through --follow",
                 lambda: _last_step("".join(printed)) >= 2, logs=logs)
     finally:
       # 2. The laptop goes away: the launcher, its gcloud ssh and all, killed at once.
@@ -162,41 +90,45 @@ def tpu(tmp_path_factory):
       follow.wait()
     seen["followed"] = "".join(printed)
     seen["step_at_drop"] = _last_step(current(0))
-    seen["pids"] = [int(_read(h / "train.pid")) for h in homes]
-    seen["after_drop"] = _wait_for(
+    seen["pids"] = [int(read(h / "train.pid")) for h in homes]
+    seen["after_drop"] = wait_for(
         "progress after the SSH session dropped",
         lambda: _last_step(current(0)) >= seen["step_at_drop"] + 2 and _last_step(current(0)),
         logs=logs)
-    seen["alive_after_drop"] = [_alive(p) for p in seen["pids"]]
+    seen["alive_after_drop"] = [alive(p) for p in seen["pids"]]
     seen["code_inode"] = [os.stat(h / "code").st_ino for h in homes]
     seen["venv_mtime"] = [os.stat(h / ".venv" / "bin" / "python").st_mtime_ns for h in homes]
     # 3. The same command while training runs; then --status.
     seen["start_while_running"] = run(start)
     seen["status"] = ctl("--status")
-    # 4. --stop: SIGTERM to every trainer; they save and exit.
-    seen["stop"] = ctl("--stop", "--stop_timeout", str(WAIT))
+    # 4. A maintenance event on worker 1's VM: SIGTERM to its trainer alone (GCE signals one VM
+    # of a slice). Both trainers save and exit.
+    os.killpg(seen["pids"][1], signal.SIGTERM)
+    seen["exits"] = wait_for("both trainers' exit", lambda: all(
+        read(h / "train.exit").strip() for h in homes) and [
+            read(h / "train.exit").strip() for h in homes], logs=logs)
     seen["first_run"] = [current(w) for w in (0, 1)]
-    seen["exits"] = [_read(h / "train.exit").strip() for h in homes]
-    seen["checkpoints_after_stop"] = _checkpoints(workdir)
-    # 5. The same command again: resumes; then stopped once more.
+    seen["checkpoints_after_signal"] = checkpoints(workdir)
+    # 5. The same command again: resumes; then --stop (SIGTERM to every trainer).
     seen["restart"] = run(start)
-    saved = seen["checkpoints_after_stop"][-1] if seen["checkpoints_after_stop"] else 0
-    _wait_for("progress after the resume", lambda: _last_step(current(0)) >= saved + 2, logs=logs)
-    seen["stop_again"] = ctl("--stop", "--stop_timeout", str(WAIT))
+    saved = seen["checkpoints_after_signal"][-1] if seen["checkpoints_after_signal"] else 0
+    wait_for("progress after the resume", lambda: _last_step(current(0)) >= saved + 2, logs=logs)
+    seen["stop"] = ctl("--stop", "--stop_timeout", str(WAIT))
+    seen["exits_after_stop"] = [read(h / "train.exit").strip() for h in homes]
     seen["second_run"] = [current(w) for w in (0, 1)]
-    seen["checkpoints_at_end"] = _checkpoints(workdir)
-    seen["logs"] = [_read(p) for p in logs]
+    seen["checkpoints_at_end"] = checkpoints(workdir)
+    seen["logs"] = [read(p) for p in logs]
     seen["code_inode_at_end"] = [os.stat(h / "code").st_ino for h in homes]
     seen["venv_mtime_at_end"] = [os.stat(h / ".venv" / "bin" / "python").st_mtime_ns
                                  for h in homes]
     seen["calls"] = [line.split("\t")[3] for line in
-                     _read(base / "gcloud" / "calls.log").splitlines()]
+                     read(base / "gcloud" / "calls.log").splitlines()]
     return seen
 
   try:
     yield scenario()
   finally:
-    _kill_sessions([h / "train.pid" for h in homes])
+    kill_sessions([h / "train.pid" for h in homes])
 
 
 def test_tpu_training_survives_a_dropped_ssh_session(tpu):
@@ -210,7 +142,7 @@ def test_tpu_same_command_while_running_starts_nothing(tpu):
   out = tpu["start_while_running"]
   assert "running on all 2 workers: nothing started" in out
   assert out.count("RUNNING worker") == 2
-  # One trainer per worker: the first run's trainers were stopped by the one --stop.
+  # One trainer per worker: the first run's trainers were stopped by the one signal.
   assert all(log.count("] training moco") == 1 for log in tpu["first_run"])
 
 
@@ -224,17 +156,28 @@ def test_tpu_status_shows_each_worker(tpu):
   assert re.search(rf"\| step \d+/{STEPS} loss", w0), w0
 
 
-def test_tpu_stop_saves_a_checkpoint_and_exits(tpu):
+def test_tpu_one_signalled_worker_stops_both_at_one_saved_step(tpu):
+  """A SIGTERM to one worker's trainer: both processes stop at the same step (JAX's preemption
+  sync point), save it once, together, and exit 0."""
   assert tpu["exits"] == ["0", "0"]
-  saved = tpu["checkpoints_after_stop"]
+  saved = tpu["checkpoints_after_signal"]
   assert len(saved) == 1 and 0 < saved[0] < STEPS
-  for log in tpu["first_run"]:   # every worker saved that same step
+  for log in tpu["first_run"]:
     assert f"saved the checkpoint of step {saved[0]}" in log
+    assert re.findall(r"stopped by .*, at step (\d+)", log) == [str(saved[0])]
+
+
+def test_tpu_stop_saves_a_checkpoint_and_exits(tpu):
+  assert tpu["exits_after_stop"] == ["0", "0"]
+  last = tpu["checkpoints_at_end"][-1]
+  assert last > tpu["checkpoints_after_signal"][-1]
+  for log in tpu["second_run"]:   # every worker saved that same step
+    assert f"saved the checkpoint of step {last}" in log
   assert sorted(re.findall(r"^worker (\d): exited 0 ", tpu["stop"], flags=re.M)) == ["0", "1"]
 
 
 def test_tpu_same_command_resumes_and_reuses_the_setup(tpu):
-  first = tpu["checkpoints_after_stop"][-1]
+  first = tpu["checkpoints_after_signal"][-1]
   for log in tpu["second_run"]:
     assert f"at step {first} (input: example {first * 32} of each process)" in log
     assert "resumed from" in log
@@ -253,7 +196,7 @@ def test_tpu_same_command_resumes_and_reuses_the_setup(tpu):
 
 def test_tpu_pod_dry_run_runs_nothing(tmp_path):
   """--dry-run prints the commands of a start, in order, and calls no gcloud."""
-  env = _env("FAKE_GCLOUD_ROOT", tmp_path)
+  env = fake_env("FAKE_GCLOUD_ROOT", tmp_path)
   out = subprocess.run(
       ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--name", "pod1", "--zone", "z",
        "--accelerator", "v4-32", "--spot", "--config", "configs/moco_imagenet2012.py",
@@ -290,7 +233,7 @@ def test_tpu_pod_expected_device_count(accelerator, devices):
     (["--zone"], "--zone needs a value")])
 def test_tpu_pod_rejects_bad_arguments(args, message, tmp_path):
   out = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), *args],
-                       env=_env("FAKE_GCLOUD_ROOT", tmp_path), capture_output=True, text=True,
+                       env=fake_env("FAKE_GCLOUD_ROOT", tmp_path), capture_output=True, text=True,
                        timeout=60, check=False)
   assert out.returncode == 2 and message in out.stderr, out.stderr
   assert not (tmp_path / "calls.log").exists()
@@ -301,90 +244,8 @@ def test_tpu_pod_rejects_bad_arguments(args, message, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-  """sbatch (2 nodes x 1 task) -> preempted and requeued (scontrol requeue) -> resumes ->
-  SIGTERM to the batch shell before the time limit (scancel --batch --signal=TERM)."""
-  data_dir = prepared_fashion_dir(tmp_path_factory)
-  base = tmp_path_factory.mktemp("slurm")
-  workdir = base / "workdir"
-  env = _env("FAKE_SLURM_ROOT", base / "slurm")
-  env["FAKE_SLURM_GRACE"] = str(WAIT)
-  # JAX logs the devices each process drives ("visible devices: ...") at INFO, which the entry
-  # point hides unless asked.
-  env["JAXCONTRAST_VERBOSE"] = "1"
-  venv = base / "venv" / "bin"   # the cluster's shared environment: this test's Python
-  venv.mkdir(parents=True)
-  (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-  (venv / "python").chmod(0o755)
-  out = subprocess.run(
-      ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "2", "--gpus_per_node", "4",
-       "--venv", str(venv.parent), "--config", "configs/moco_fashion_mnist.py:tiny",
-       "--workdir", str(workdir), "--data_dir", data_dir, *OVERRIDES,
-       "--distributed_timeout=120"],
-      env=env, cwd=base, capture_output=True, text=True, timeout=60, check=False)
-  assert out.returncode == 0, out.stdout + out.stderr
-  job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
-  log = base / f"jaxcontrast-{job}.out"
-  jobdir = base / "slurm" / "jobs" / job
-
-  def ctl(*args):
-    done = subprocess.run(list(args), env=env, cwd=base, capture_output=True, text=True,
-                          timeout=WAIT + 60, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-  def current():
-    return _since_last_start(_read(log), r"\[gpu_slurm\] \S+ \S+ job \d+ start")
-
-  def scenario():
-    seen = {}
-    _wait_for("training progress", lambda: _last_step(current()) >= 2, logs=[log])
-    # Preempted: SIGTERM to the batch shell, then the job runs again (same id).
-    ctl("scontrol", "requeue", job)
-    seen["checkpoints_after_requeue"] = _checkpoints(workdir)
-    saved = seen["checkpoints_after_requeue"][-1] if seen["checkpoints_after_requeue"] else 0
-    _wait_for("progress after the requeue",
-              lambda: "(restart 1)" in current() and _last_step(current()) >= saved + 2,
-              logs=[log])
-    # Near the time limit: SIGTERM to the batch shell (--signal=B:TERM@120); the job ends.
-    ctl("scancel", "--batch", "--signal=TERM", job)
-    _wait_for("the job's end", lambda: _read(jobdir / "state") in ("COMPLETED", "FAILED"),
-              logs=[log])
-    seen["state"], seen["exit"] = _read(jobdir / "state"), _read(jobdir / "exit")
-    seen["log"] = _read(log)
-    seen["checkpoints_at_end"] = _checkpoints(workdir)
-    return seen
-
-  try:
-    yield scenario()
-  finally:
-    _kill_sessions([jobdir / "batch.pid", jobdir / "tasks.pids"])
-
-
-def test_slurm_tasks_find_each_other_and_their_gpus(slurm):
-  starts = slurm["log"].split("[gpu_slurm] ")[1:]
-  assert len(starts) == 2 and "(restart 1)" in starts[1]
-  for run in starts:
-    # Both tasks joined one run through JAX's SLURM detection (no coordinator flags passed).
-    assert "(global batch 64, 8 devices, 2 processes)" in run
-    # Each task was given all of its node's 4 GPUs (JAX's SLURM default would be one).
-    assert run.count("visible devices: 0,1,2,3") == 2, run[-3000:]
-
-
-def test_slurm_requeued_job_resumes(slurm):
-  first = slurm["checkpoints_after_requeue"]
-  assert len(first) == 1 and 0 < first[0] < STEPS
-  before, after = slurm["log"].split("(restart 1)")
-  assert before.count(f"saved the checkpoint of step {first[0]}") == 2
-  assert after.count(f"at step {first[0]} (input: example {first[0] * 32} of each process)") == 2
-  last = slurm["checkpoints_at_end"][-1]
-  assert last > first[0]
-  assert after.count(f"saved the checkpoint of step {last}") == 2
-  assert (slurm["state"], slurm["exit"]) == ("COMPLETED", "0")
-
-
 def test_gpu_slurm_dry_run_submits_nothing(tmp_path):
-  env = _env("FAKE_SLURM_ROOT", tmp_path)
+  env = fake_env("FAKE_SLURM_ROOT", tmp_path)
   out = subprocess.run(
       ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "4", "--gpus_per_node", "8",
        "--partition", "gpu", "--config", "configs/sce_imagenet2012.py", "--workdir",

@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices against one process x 8 devices, through the entry points;
-resume on another process and device count; preemption of a multi-process run.
+resume on another process and device count; preemption of a multi-process job, launched by
+launch/gpu_slurm.sh.
 
 The processes talk over localhost (JAX's distributed runtime, gloo collectives on CPU), as TPU
 pod workers or SLURM tasks do over the network. With the same `data.streams` both runs train on
@@ -7,24 +8,25 @@ the same global batches, so they must give the same losses, kNN accuracy, final 
 probe: the pod's Shuffle BN permutation, sharded queue and gradient all-reduce cross the process
 boundary here. Each run is a few subprocesses (~10 s of start-up each), so the module runs the
 pretraining once per layout and checks everything on those runs: the 2 x 4 run's step-4
-checkpoint is resumed as 2 x 2 and as 1 x 8, and a second 2 x 4 run is stopped twice by SIGTERM
-and compared with the uninterrupted one.
+checkpoint is resumed as 2 x 2 and as 1 x 8, and the same 2 x 4 run as a SLURM job is preempted
+(SIGTERM to both tasks), requeued and compared with the uninterrupted one. A SIGTERM to one
+process of two is tested with the TPU launcher (tests/test_launchers.py).
 """
 import json
 import os
+import pathlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from etils import epath
 
+import pod_helpers
 from jaxcontrast.run import checkpoint
 from test_data_helpers import prepared_fashion_dir
 
@@ -93,18 +95,6 @@ def _launch(module: str, args: list[str], *, processes: int, log_dir: epath.Path
   """Runs `python -m module args` as `processes` processes (see `_start`); their outputs."""
   procs, logs = _start(module, args, processes=processes, log_dir=log_dir, **kw)
   return _wait(module, procs, logs, timeout=timeout)
-
-
-def _wait_for_line(log: epath.Path, pattern: str, procs, *, timeout: int = 900) -> None:
-  """Returns once a line of `log` matches `pattern`; fails if the processes end first."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if re.search(pattern, log.read_text(), re.MULTILINE):
-      return
-    if any(p.poll() is not None for p in procs):
-      break
-    time.sleep(0.2)   # polling the file, not a synchronisation
-  pytest.fail(f"no line {pattern!r} in {log}:\n{log.read_text()[-3000:]}")
 
 
 def _main_args(workdir, data_dir, **changes) -> list[str]:
@@ -303,55 +293,88 @@ def test_resume_on_another_process_and_device_count(runs, resumed):
 
 
 @pytest.fixture(scope="module")
-def preempted(runs, tmp_path_factory):
-  """The 2 x 4 run again in a fresh workdir, stopped twice: SIGTERM to process 1 alone once
-  process 0 has logged step 1 (GCE signals one VM of a slice), then, run again, SIGTERM to both
-  once each has resumed (SLURM signals every task); then run a third time to the end.
-  Returns (workdir, [outputs of each stopped launch], [latest checkpoint after each])."""
+def slurm(runs, tmp_path_factory):
+  """The 2 x 4 run of `runs` as a SLURM job through launch/gpu_slurm.sh (2 nodes x 1 task of 4
+  devices; fakes of sbatch/srun/scontrol in tests/fakes/ run the tasks as local processes and
+  set the `SLURM_*` variables JAX's cluster detection reads): preempted once process 0 has logged
+  step 1 (`scontrol requeue`: SIGTERM to the batch shell, which forwards it to both tasks, as
+  SLURM signals every task), then queued again with the same job id: the restart resumes and runs
+  to the end. Returns what the scenario showed."""
   data_dir = runs["data_dir"]
-  workdir = epath.Path(tmp_path_factory.mktemp("preempted_2x4"))
-  args = _main_args(workdir, data_dir)
-  stopped, latest = [], []
+  base = pathlib.Path(tmp_path_factory.mktemp("slurm"))
+  workdir = base / "workdir"
+  env = pod_helpers.fake_env("FAKE_SLURM_ROOT", base / "slurm", compile_cache=True)
+  env["FAKE_SLURM_GRACE"] = str(pod_helpers.WAIT)
+  # JAX logs the devices each process drives ("visible devices: ...") at INFO, which the entry
+  # point hides unless asked.
+  env["JAXCONTRAST_VERBOSE"] = "1"
+  venv = base / "venv" / "bin"   # the cluster's shared environment: this test's Python
+  venv.mkdir(parents=True)
+  (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (venv / "python").chmod(0o755)
+  out = subprocess.run(
+      ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "2", "--gpus_per_node", "4",
+       "--venv", str(venv.parent), "--config", "configs/moco_fashion_mnist.py:tiny",
+       "--workdir", str(workdir), "--data_dir", data_dir,
+       *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), "--distributed_timeout=120"],
+      env=env, cwd=str(base), capture_output=True, text=True, timeout=60, check=False)
+  assert out.returncode == 0, out.stdout + out.stderr
+  job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+  log = base / f"jaxcontrast-{job}.out"
+  jobdir = base / "slurm" / "jobs" / job
 
-  def latest_step():
-    ckpt = checkpoint.Checkpointer(workdir, keep=None, read_only=True)
-    step = ckpt.latest_step()
-    ckpt.close()
-    return step
+  def current():
+    return pod_helpers.since_last_start(pod_helpers.read(log),
+                                        r"\[gpu_slurm\] \S+ \S+ job \d+ start")
 
-  procs, logs = _start("jaxcontrast.main", args, processes=2, log_dir=workdir, name="_one")
-  _wait_for_line(logs[0], rf"^step 1/{STEPS} ", procs)
-  procs[1].send_signal(signal.SIGTERM)
-  stopped.append(_wait("jaxcontrast.main", procs, logs))
-  latest.append(latest_step())
-  procs, logs = _start("jaxcontrast.main", args, processes=2, log_dir=workdir, name="_both")
-  for log in logs:
-    _wait_for_line(log, r"resumed from .* at step", procs)
-  for p in procs:
-    p.send_signal(signal.SIGTERM)
-  stopped.append(_wait("jaxcontrast.main", procs, logs))
-  latest.append(latest_step())
-  _launch("jaxcontrast.main", args, processes=2, log_dir=workdir, name="_end")
-  return workdir, stopped, latest
+  seen = {"workdir": workdir}
+  try:
+    pod_helpers.wait_for("training progress",
+                         lambda: pod_helpers.last_step(current(), STEPS) >= 1, logs=[log])
+    requeue = subprocess.run(["scontrol", "requeue", job], env=env, cwd=str(base),
+                             capture_output=True, text=True, timeout=pod_helpers.WAIT + 60,
+                             check=False)
+    assert requeue.returncode == 0, requeue.stdout + requeue.stderr
+    seen["checkpoints_after_requeue"] = pod_helpers.checkpoints(workdir)
+    pod_helpers.wait_for(
+        "the requeued job's end",
+        lambda: pod_helpers.read(jobdir / "state") in ("COMPLETED", "FAILED"), logs=[log])
+  finally:
+    pod_helpers.kill_sessions([jobdir / "batch.pid", jobdir / "tasks.pids"])
+  seen["state"], seen["exit"] = pod_helpers.read(jobdir / "state"), pod_helpers.read(jobdir / "exit")
+  seen["log"] = pod_helpers.read(log)
+  return seen
 
 
-def test_preempted_processes_save_the_same_step_and_resume(runs, preempted):
-  """Each stop: both processes exit 0 having saved the same step, which is the workdir's latest
-  checkpoint; the run continues to the uninterrupted run's losses and final state."""
-  workdir, stopped, latest = preempted
-  steps = []
-  for outputs, newest in zip(stopped, latest):
-    saved = [re.findall(r"stopped by .*, at step (\d+)", out) for out in outputs]
-    assert len(saved[0]) == 1 and saved[0] == saved[1], saved
-    steps.append(int(saved[0][0]))
-    assert newest == steps[-1]
-  # The second signal may land before the resumed run's first step: it stops where it resumed.
-  assert 1 <= steps[0] <= steps[1] < STEPS, steps
+def test_slurm_tasks_find_each_other_and_their_devices(slurm):
+  starts = slurm["log"].split("[gpu_slurm] ")[1:]
+  assert len(starts) == 2 and "(restart 1)" in starts[1]
+  for run in starts:
+    # Both tasks joined one run through JAX's SLURM detection (no coordinator flags passed).
+    assert "(global batch 64, 8 devices, 2 processes)" in run
+    # Each task was given all of its node's 4 devices (JAX's SLURM default would be one).
+    assert run.count("visible devices: 0,1,2,3") == 2, run[-3000:]
+
+
+def test_preempted_tasks_save_the_same_step_and_the_requeued_job_ends_as_uninterrupted(
+    runs, slurm):
+  """SIGTERM to both tasks: both stop at one step, save it once, and exit 0; the requeued job
+  resumes there with the exact input position, and ends with the uninterrupted 2 x 4 run's
+  losses and final state (the same layout: equal in every run so far)."""
+  first = slurm["checkpoints_after_requeue"]
+  assert len(first) == 1 and 0 < first[0] < STEPS, first
+  before, after = slurm["log"].split("(restart 1)")
+  assert re.findall(r"stopped by .*, at step (\d+)", before) == [str(first[0])] * 2, before[-3000:]
+  assert before.count(f"saved the checkpoint of step {first[0]}") == 2
+  assert after.count(
+      f"at step {first[0]} (input: example {first[0] * 32} of each process)") == 2
+  assert (slurm["state"], slurm["exit"]) == ("COMPLETED", "0")
+  workdir = slurm["workdir"]
   reference, got = _metrics(runs[2][0]), _metrics(workdir)
   assert [r["step"] for r in got] == list(range(1, STEPS + 1))
   for a, b in zip(reference, got):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, err_msg=f"step {a['step']}")
   s_ref, _ = _final_state(runs[2][0])
   state, data = _final_state(workdir)
-  _assert_states_close(s_ref, state)   # The same layout: equal in every run so far.
+  _assert_states_close(s_ref, state)
   assert data["examples_per_stream"] == STEPS * 64 // 2

@@ -1,0 +1,92 @@
+"""What the multi-process tests share: the fakes of `gcloud` and SLURM on PATH, waiting on logs,
+and reading what the launchers leave behind (tests/test_launchers.py, tests/test_multiprocess.py)."""
+import os
+import pathlib
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAKES = ROOT / "tests" / "fakes"
+WAIT = 300   # seconds for any one phase (a loaded machine: start-up is most of it)
+
+
+def fake_env(fake_root_var, fake_root, *, compile_cache=False):
+  """The caller's environment for a launcher: the fakes first on PATH, CPU JAX with 4 devices
+  per process (each worker inherits it through the fake)."""
+  env = dict(os.environ)
+  env.pop("PYTHONPATH", None)   # the workers import the code the launcher shipped / cd'd to
+  if not compile_cache:
+    # The TPU scenario's workers run without the suite's persistent compilation cache: its
+    # 2-process runs that loaded their train step from a populated cache failed at the first
+    # step in 3 of 4 tries (gloo: "Gloo context initialization failed: ... GetKeyValue() timed
+    # out"); none of those that compiled it did.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 env.get("XLA_FLAGS", ""))
+  env.update(PATH=f"{FAKES}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip(),
+             **{fake_root_var: str(fake_root)})
+  return env
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def read(path) -> str:
+  try:
+    return pathlib.Path(path).read_text(errors="replace")
+  except FileNotFoundError:
+    return ""
+
+
+def wait_for(what, predicate, timeout=WAIT, logs=()):
+  """predicate()'s first true value, polled; fails the test with the logs' tails on timeout."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(0.5)
+  tails = "\n".join(f"--- {p}:\n{read(p)[-4000:]}" for p in logs)
+  pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
+
+
+def since_last_start(log: str, pattern: str) -> str:
+  """The part of a log from the last match of `pattern` (a launcher's start line) on."""
+  starts = list(re.finditer(pattern, log))
+  return log[starts[-1].start():] if starts else ""
+
+
+def last_step(text: str, total: int) -> int:
+  steps = re.findall(rf"^step (\d+)/{total} ", text, flags=re.M)
+  return int(steps[-1]) if steps else 0
+
+
+def checkpoints(workdir) -> list[int]:
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def kill_sessions(pid_files):
+  """Ends what a failed scenario left running (each pid file names a process group)."""
+  for f in pid_files:
+    for pid in read(f).split():
+      try:
+        os.killpg(int(pid), signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        pass
