@@ -105,6 +105,9 @@ def queue_rows_as_set(q, num_blocks):
   return keys[np.lexsort(keys.T[::-1])]
 
 
+EMA_MOMENTUM = 0.9
+
+
 def sharded_step_config(method, variant, queue_mode):
   """The config of a 1-vs-8-device case. The target starts independent of the online net and
   follows it at a constant m = 0.9, so the EMA formula is visible in two steps. SCE: symmetric
@@ -119,8 +122,6 @@ def sharded_step_config(method, variant, queue_mode):
     c.queue.size = 128
   return c
 
-
-EMA_MOMENTUM = 0.9
 
 
 def assert_target_follows_the_ema_formula(c, initial, history, final, what):
