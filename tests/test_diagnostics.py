@@ -267,8 +267,16 @@ def test_train_step_reports_diagnostics_only_with_stored_labels():
   """Two real steps of a tiny MoCo run with labels: step 1 reads a noise queue (no labelled
   pairs: ratio 0, count 0), step 2 the labels step 1 enqueued; its queue_same_label is the NumPy
   class-collision rate of batch 2 against batch 1's labels. Without "label" in the batch, or with
-  queue.store_labels off, the metrics have no diag entry (checked by tracing, not compiling)."""
+  queue.store_labels off, the metrics have no diag entry (checked by tracing, not compiling).
+
+  The same compiled step (one program) also runs Ghost BN (4 strided groups on one device) and
+  `queue.mask_unfilled`: the first step sees no negatives (only the positive: loss exactly 0),
+  the second only the 16 keys of the first (the diag counts above see the same rows: the noise
+  rows carry no label). Its unmasked counterpart is in tests/test_train_step.py (MoCo's noise
+  rows are negatives from the first step)."""
   c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  c.bn.update(mode="ghost", groups=4)
+  c.queue.mask_unfilled = True
   mesh = make_mesh(1)
   models = train_step.build_models(c, mesh)
   tx = optax.sgd(0.01)
@@ -295,6 +303,10 @@ def test_train_step_reports_diagnostics_only_with_stored_labels():
   for batch in batches:
     state, m = step(state, global_batch_from_local(mesh, batch))
     metrics.append(jax.device_get(m))
+  assert np.isfinite([m["loss"] for m in metrics]).all()
+  np.testing.assert_allclose(metrics[0]["loss"], 0.0, atol=1e-6)
+  assert metrics[1]["loss"] > 0.1
+  assert int(state.queue.filled) == 2 * batch_size
   assert DIAG <= set(metrics[0]) and not FNC_DIAG & set(metrics[0])
   assert metrics[0]["diag/labeled_pairs"] == 0 and metrics[0]["diag/queue_same_label"] == 0
   queue_labels = numpy_fifo(c.queue.size, [b["label"] for b in batches], -1)

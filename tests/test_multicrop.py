@@ -100,13 +100,14 @@ def test_objective_equals_the_sce_code_loop(case):
   extras = {"support": support} if case == "fnc" else {}
   fn = objectives.make_objective_fn(cfg, mesh=make_mesh(1), queue_mode="replicated")
   negatives = queue_lib.Negatives(keys=queue)
-  loss, metrics = jax.jit(lambda *a: fn(*a[:4], local_queries=a[4]))(
+  # Both values from one jitted program (op by op, every small op would be compiled on its own).
+  (loss, metrics), (no_local, _) = jax.jit(lambda *a: (fn(*a[:4], local_queries=a[4]),
+                                                       fn(*a[:4])))(
       queries, keys, negatives, extras, tuple(locals_))
   want = sce_code_multicrop(cfg, online, targets, queue, support if case == "fnc" else None)
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5)
   # Local crops change the value (they are not silently dropped).
-  no_local, _ = fn(queries, keys, negatives, extras)
   assert abs(float(no_local) - want) > 1e-3
   if case == "fnc":   # detection fires on some rows: the test exercises FNC's positives
     assert ref.fnc_detect(targets[0], support, queue, threshold=0.2, top_k=3).any()

@@ -2,6 +2,8 @@
 
 References here are plain NumPy simulations written from METHODS.md section 0 / DESIGN.md.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,10 +46,23 @@ def test_init_queue_is_normalised_noise():
   assert (np.asarray(q.ids) == -1).all() and int(q.ptr) == 0 and int(q.filled) == 0
 
 
-def _run_sharded(num_devices, size, batches):
+# One jitted function per device count for the whole module: jit's cache then compiles each
+# input shape once across the parametrized cases.
+@functools.cache
+def _enqueue_sharded(num_devices):
   mesh = make_mesh(num_devices)
+  return jax.jit(lambda q, k, i: queue_lib.enqueue_sharded(q, k, i, mesh=mesh, axis_name="data"))
+
+
+@functools.cache
+def _push_sharded(num_devices):
+  mesh = make_mesh(num_devices)
+  return jax.jit(lambda q, k, i, l: queue_lib.push(q, k, i, l, mode="sharded", mesh=mesh))
+
+
+def _run_sharded(num_devices, size, batches):
   q = queue_lib.init_queue(jax.random.key(0), size, batches[0].shape[1], num_devices)
-  fn = jax.jit(lambda q, k, i: queue_lib.enqueue_sharded(q, k, i, mesh=mesh, axis_name="data"))
+  fn = _enqueue_sharded(num_devices)
   for step, b in enumerate(batches):
     q = fn(q, jnp.asarray(b), jnp.arange(len(b), dtype=jnp.int32) + 1000 * step)
   return jax.device_get(q)
@@ -95,10 +110,7 @@ def test_reblock_between_device_counts_keeps_keys_and_age():
   # 48 keys went into 32 rows: step 0's are gone, step 1's (ids 1000..1015) are the oldest, and
   # exactly those are overwritten first after re-blocking to 2 devices.
   q2 = queue_lib.reblock(q8, 8, 2)
-  mesh = make_mesh(2)
-  new = jnp.zeros((16, 3))
-  after = queue_lib.enqueue_sharded(q2, new, jnp.full((16,), -7, jnp.int32), mesh=mesh,
-                                    axis_name="data")
+  after = _enqueue_sharded(2)(q2, jnp.zeros((16, 3)), jnp.full((16,), -7, jnp.int32))
   ids_before, ids_after = np.asarray(q2.ids), np.asarray(after.ids)
   overwritten = ids_before[ids_after == -7]
   np.testing.assert_array_equal(np.sort(overwritten), np.arange(1000, 1016))
@@ -107,9 +119,8 @@ def test_reblock_between_device_counts_keeps_keys_and_age():
 def _pushed(num_devices, size, steps, views, batch=16, dim=3):
   """The sharded queue of a `num_devices` run after `steps` pushes of `views` key views (the
   train step's `push`); keys, ids and labels are functions of (step, view, batch row) only."""
-  mesh = make_mesh(num_devices)
   q = queue_lib.init_queue(jax.random.key(0), size, dim, num_devices)
-  fn = jax.jit(lambda q, k, i, l: queue_lib.push(q, k, i, l, mode="sharded", mesh=mesh))
+  fn = _push_sharded(num_devices)
   for t in range(steps):
     keys = tuple(jnp.asarray(np.random.RandomState(100 * t + v).randn(batch, dim), jnp.float32)
                  for v in range(views))
@@ -211,8 +222,10 @@ def test_ema_update_formula():
 def test_ghost_permutation_moves_every_key_out_of_its_query_group(batch, groups):
   """Strided groups (group s = samples s, s+G, ...): the key of image i never sits in group
   i mod G, the permutation is a bijection, and each key group mixes the other groups."""
+  # Jitted (batch and groups static): one compilation per case, not one per op and seed.
+  permutation = jax.jit(bn_shuffle.ghost_permutation, static_argnums=(1, 2))
   for seed in range(3):
-    perm = np.asarray(bn_shuffle.ghost_permutation(jax.random.key(seed), batch, groups))
+    perm = np.asarray(permutation(jax.random.key(seed), batch, groups))
     assert sorted(perm) == list(range(batch))
     positions = np.arange(batch)
     assert ((perm % groups) != (positions % groups)).all()

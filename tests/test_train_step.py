@@ -1,5 +1,8 @@
-"""The compiled train step: 1 vs 8 devices, no queue all-gather, target without gradient,
-BN-shuffle modes, learning on real images, for every method."""
+"""The compiled train step: 1 vs 8 devices, and on the same compiled runs the EMA formula (the
+target gets no gradient), the unfilled-queue mask, the symmetric step's single gradient
+all-reduce and no all-gather of the sharded queue; Shuffle BN with device augmentation; learning
+on real images, for every method. (Ghost BN and MoCo's unfilled-queue mask run in the train step
+of tests/test_diagnostics.py.)"""
 import re
 
 import flax.linen as nn
@@ -10,6 +13,7 @@ import optax
 import pytest
 
 from jaxcontrast import config_lib
+from jaxcontrast.bench.profile import hlo_collectives
 from jaxcontrast.data.fashion_mnist import load_fashion_mnist_numpy
 from jaxcontrast.sharding import global_batch_from_local, make_mesh
 from jaxcontrast.step import queue as queue_lib
@@ -24,7 +28,6 @@ METHOD_VARIANTS = [("moco", None), ("co2", None), ("xmoco", None), ("sce", None)
 # call; their sharded loss and gradient are checked against one device in
 # tests/test_losses_sharding.py (the step-level runs took 17-22 s each).
 SHARDED_STEP_METHODS = [("moco", None), ("sce", None), ("fnc", None)]
-# SePP on random images is MoCo (same losses to the digit, measured), so it is not trained here.
 LEARNING_METHODS = [m for m in METHOD_VARIANTS if m[0] != "sepp"]
 
 
@@ -49,9 +52,12 @@ def random_batch(c, rng, size=16, hw=16, channels=1):
   return batch
 
 
-def run_steps(c, num_devices, batches, *, tx=None, total_steps=10, params_history=None):
-  """Initial and final host states and each step's metrics; the params after each step are
-  appended to `params_history` when it is a list."""
+def run_steps(c, num_devices, batches, *, tx=None, total_steps=10, params_history=None,
+              queue_history=None):
+  """Initial and final host states, each step's metrics and the compiled step (its HLO text:
+  `.as_text()`); the params and the queue after each step are appended to `params_history` and
+  `queue_history` when they are lists. One trace and one compilation (ahead of time), the same
+  program the HLO checks read."""
   mesh = make_mesh(num_devices)
   models = train_step.build_models(c, mesh)
   tx = tx or optax.sgd(LR)
@@ -62,13 +68,17 @@ def run_steps(c, num_devices, batches, *, tx=None, total_steps=10, params_histor
   step = train_step.jit_train_step(
       train_step.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=total_steps,
                                  base_rng=jax.random.key(1)), mesh=mesh, shardings=shardings)
+  batches = [global_batch_from_local(mesh, batch) for batch in batches]
+  compiled = step.lower(state, batches[0]).compile()
   metrics = []
   for batch in batches:
-    state, m = step(state, global_batch_from_local(mesh, batch))
+    state, m = compiled(state, batch)
     metrics.append(jax.device_get(m))
     if params_history is not None:
       params_history.append(jax.device_get(state.params))
-  return initial, jax.device_get(state), metrics, (step, state, mesh)
+    if queue_history is not None:
+      queue_history.append(jax.device_get(state.queue))
+  return initial, jax.device_get(state), metrics, compiled
 
 
 def assert_trees_close(a, b, atol, what, leaf_rel=0.0):
@@ -95,6 +105,68 @@ def queue_rows_as_set(q, num_blocks):
   return keys[np.lexsort(keys.T[::-1])]
 
 
+EMA_MOMENTUM = 0.9
+
+
+def sharded_step_config(method, variant, queue_mode):
+  """The config of a 1-vs-8-device case. The target starts independent of the online net and
+  follows it at a constant m = 0.9, so the EMA formula is visible in two steps. SCE: symmetric
+  (both views are queries and both are enqueued) and `queue.mask_unfilled` (the first step sees
+  only the positive). FNC: K = 128, apart from every other size in the compiled program."""
+  c = tiny_config(method, variant, queue_mode=queue_mode)
+  c.ema.update(momentum=EMA_MOMENTUM, schedule="constant", init="independent")
+  if method == "sce":
+    c.objective.symmetric = True
+    c.queue.mask_unfilled = True
+  if method == "fnc":
+    c.queue.size = 128
+  return c
+
+
+
+def assert_target_follows_the_ema_formula(c, initial, history, final, what):
+  """Nothing but the EMA writes the target: after each step t = m t + (1 - m) p, with p the
+  online params before the step (`before_keys`) or after it (`after_step`), to 1e-6 (a gradient
+  or optimizer update reaching the target would break it)."""
+  m = EMA_MOMENTUM
+  online = [initial.params] + history
+  if c.ema.update_at == "after_step":
+    online = online[1:]
+  want = initial.ema_params
+  for p in online[:len(history)]:
+    want = jax.tree.map(lambda t, o: m * t + (1 - m) * o, want, p)
+  assert_trees_close(final.ema_params, want, 1e-6, f"{what}: EMA {c.ema.update_at}")
+
+
+def _all_gathers(hlo_text):
+  return [line for line in hlo_text.splitlines() if re.search(r"all-gather(-start)?\(", line)]
+
+
+def assert_queue_never_gathered(hlo, queue, mesh):
+  """The compiled 8-device step with the K-sharded queue has no all-gather producing the K x D
+  queue (only the small (Bg, D) queries/keys and top-k values are gathered)."""
+  queue_shape = "f32[%d,%d]" % queue.shape
+  gathers = _all_gathers(hlo)
+  assert gathers, "expected the queries/keys all-gather in the sharded step"
+  assert not [g for g in gathers if queue_shape in g], gathers
+  # The check can fail: an explicit gather of the queue is caught by the same test.
+  gather_queue = jax.jit(jax.shard_map(
+      lambda q: jax.lax.all_gather(q, "data", axis=0, tiled=True).sum(0), mesh=mesh,
+      in_specs=jax.P("data"), out_specs=jax.P(), check_vma=False))
+  keys = jax.device_put(queue, jax.NamedSharding(mesh, jax.P("data")))
+  bad = gather_queue.lower(keys).compile().as_text()
+  assert [g for g in _all_gathers(bad) if queue_shape in g]
+
+
+def assert_gradients_all_reduced_once(hlo, params):
+  """The symmetric step forwards both views in one online forward, so one backward: its
+  all-reduces carry the gradient bytes (4 P) once, plus BN statistics and loss scalars (two
+  backward passes would all-reduce 2 x 4 P)."""
+  grad_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
+  count, reduced = hlo_collectives(hlo)["all-reduce"]
+  assert grad_bytes <= reduced < 1.25 * grad_bytes, (count, reduced, grad_bytes)
+
+
 @pytest.mark.parametrize("method,variant", SHARDED_STEP_METHODS)
 def test_one_device_equals_eight(method, variant, monkeypatch):
   """Same global batch on 1 device and on 8 devices with the K-sharded queue (each loss's own
@@ -102,6 +174,13 @@ def test_one_device_equals_eight(method, variant, monkeypatch):
   global-array objective by XLA, the same code for every loss): same losses,
   gradients (from the SGD update), new params, EMA params, BN statistics and queue, over two
   steps (the second reads the first's keys from the queue).
+
+  The same runs (one compiled program per device count and queue mode) also show:
+  the EMA formula on 1 device (MoCo `before_keys`, SCE and FNC `after_step`); MoCo: the unmasked
+  queue's noise rows are negatives from the first step; SCE (symmetric, `queue.mask_unfilled`):
+  the first step sees no negatives (loss exactly 0), the second only the 32 keys enqueued by the
+  first (both views), on 1 and 8 devices, and the compiled 8-device step all-reduces the
+  gradient once; FNC: the compiled 8-device step never all-gathers the K-sharded queue.
 
   The nets here use GELU for ReLU. A ReLU net's gradient jumps where a pre-activation crosses 0,
   and the 1- and 8-device runs reach step 2 at params a float rounding apart: with ReLU, CO2's
@@ -111,17 +190,26 @@ def test_one_device_equals_eight(method, variant, monkeypatch):
   it does not depend on the activation; the other tests here keep ReLU."""
   monkeypatch.setattr(nn, "relu", jax.nn.gelu)
   rng = np.random.RandomState(0)
-  c = tiny_config(method, variant)
+  c = sharded_step_config(method, variant, "replicated")
   batches = [random_batch(c, rng) for _ in range(2)]
-  history1 = []
-  init1, final1, m1, _ = run_steps(c, 1, batches, params_history=history1)
+  history1, queues1 = [], []
+  init1, final1, m1, _ = run_steps(c, 1, batches, params_history=history1,
+                                   queue_history=queues1)
+  assert_target_follows_the_ema_formula(c, init1, history1, final1, "1 device")
   grads1 = step_gradients(init1.params, history1)
+  views = 2 if c.objective.symmetric else 1
+  if method == "moco":   # mask_unfilled off (MoCo's default): the noise rows are negatives
+    assert float(m1[0]["loss"]) > 0.1
+  if c.queue.mask_unfilled:
+    np.testing.assert_allclose(m1[0]["loss"], 0.0, atol=1e-6)
+    assert m1[1]["loss"] > 0.1
   # The replicated queue's objective is the same global-array code for every loss, partitioned
   # by XLA: one method checks it (MoCo); each method's own distributed code is the sharded one.
   for queue_mode in ("replicated", "sharded") if method == "moco" else ("sharded",):
-    c = tiny_config(method, variant, queue_mode=queue_mode)
-    history8 = []
-    init8, final8, m8, _ = run_steps(c, 8, batches, params_history=history8)
+    c = sharded_step_config(method, variant, queue_mode)
+    history8, queues8 = [], []
+    init8, final8, m8, compiled = run_steps(c, 8, batches, params_history=history8,
+                                            queue_history=queues8)
     what = f"{queue_mode} 8 devices:"
     assert_trees_close(init1.params, init8.params, 0, f"{what} initial params")
     for step, (a, b) in enumerate(zip(m1, m8)):
@@ -141,73 +229,60 @@ def test_one_device_equals_eight(method, variant, monkeypatch):
     assert_trees_close(final1.ema_batch_stats, final8.ema_batch_stats, 1e-4,
                        f"{what} ema batch stats")
     blocks8 = 8 if queue_mode == "sharded" else 1
+    # After the first step the keys come from the initial target, equal on both: closer.
+    np.testing.assert_allclose(queue_rows_as_set(queues1[0], 1),
+                               queue_rows_as_set(queues8[0], blocks8), atol=2e-5)
     np.testing.assert_allclose(queue_rows_as_set(final1.queue, 1),
                                queue_rows_as_set(final8.queue, blocks8), atol=1e-4)
     if queue_mode == "replicated":
       np.testing.assert_allclose(final1.queue.keys, final8.queue.keys, atol=1e-4)
-    assert int(final1.queue.filled) == int(final8.queue.filled) == 32
+    assert int(queues1[0].filled) == int(queues8[0].filled) == 16 * views
+    assert int(final1.queue.filled) == int(final8.queue.filled) == 32 * views
+    if method == "fnc":
+      assert_queue_never_gathered(compiled.as_text(), final8.queue.keys, make_mesh(8))
+    if method == "sce":
+      assert_gradients_all_reduced_once(compiled.as_text(), final8.params)
 
 
-def test_symmetric_loss_enqueues_both_views_and_matches_across_devices():
-  c = tiny_config("moco", queue_mode="sharded", symmetric=True)
-  batches = [random_batch(c, np.random.RandomState(3))]
-  _, final1, m1, _ = run_steps(c, 1, batches)
-  _, final8, m8, _ = run_steps(c, 8, batches)
-  np.testing.assert_allclose(m1[0]["loss"], m8[0]["loss"], rtol=1e-5)
-  assert int(final1.queue.filled) == 32   # 2 views x 16
-  np.testing.assert_allclose(queue_rows_as_set(final1.queue, 1),
-                             queue_rows_as_set(final8.queue, 8), atol=2e-5)
-
-
-def _all_gathers(hlo_text):
-  return [line for line in hlo_text.splitlines() if re.search(r"all-gather(-start)?\(", line)]
-
-
-def test_sharded_queue_step_never_gathers_the_queue():
-  """The compiled 8-device step with the K-sharded queue has no all-gather producing the K x D
-  queue (only the small (Bg, D) queries/keys and top-k values are gathered)."""
-  c = tiny_config("fnc", queue_mode="sharded")   # FNC: detection + distributed top-k too
-  c.queue.size = 128
-  batch = random_batch(c, np.random.RandomState(0))
-  _, _, _, (step, state, mesh) = run_steps(c, 8, [batch])
-  hlo = step.lower(state, global_batch_from_local(mesh, batch)).compile().as_text()
-  queue_shape = "f32[128,16]"
-  gathers = _all_gathers(hlo)
-  assert gathers, "expected the queries/keys all-gather in the sharded step"
-  assert not [g for g in gathers if queue_shape in g], gathers
-  # The check can fail: an explicit gather of the queue is caught by the same test.
-  gather_queue = jax.jit(jax.shard_map(
-      lambda q: jax.lax.all_gather(q, "data", axis=0, tiled=True).sum(0), mesh=mesh,
-      in_specs=jax.P("data"), out_specs=jax.P(), check_vma=False))
-  bad = gather_queue.lower(state.queue.keys).compile().as_text()
-  assert [g for g in _all_gathers(bad) if queue_shape in g]
-
-
-def test_target_gets_no_gradient_and_ema_follows_the_formula():
-  """With `before_keys` the target after one step is m * target0 + (1 - m) * online0, with
-  `after_step` m * target0 + (1 - m) * online1, to 1e-6: nothing but the EMA writes the target
-  (a gradient or optimizer update reaching it would break both equalities)."""
-  batches = [random_batch(tiny_config("moco"), np.random.RandomState(0))]
-  c = tiny_config("moco")
-  c.ema.update(momentum=0.9, init="independent")
-  init, final, _, _ = run_steps(c, 1, batches)
-  want = jax.tree.map(lambda t, o: 0.9 * t + 0.1 * o, init.ema_params, init.params)
-  assert_trees_close(final.ema_params, want, 1e-6, "EMA before keys")
-  c.ema.update_at = "after_step"
-  init, final, _, _ = run_steps(c, 1, batches)
-  want = jax.tree.map(lambda t, o: 0.9 * t + 0.1 * o, init.ema_params, final.params)
-  assert_trees_close(final.ema_params, want, 1e-6, "EMA after step")
-
-
-@pytest.mark.parametrize("bn_mode", ["ghost", "shuffle"])
-def test_bn_shuffle_modes_train(bn_mode):
-  """Ghost BN (4 strided groups) on one device and Shuffle BN on 8 devices compile, run and
-  give finite losses; the key batch permutation is undone (keys line up with their images)."""
-  c = tiny_config("moco", bn_mode=bn_mode)
-  batches = [random_batch(c, np.random.RandomState(1)) for _ in range(2)]
-  _, final, metrics, _ = run_steps(c, 8 if bn_mode == "shuffle" else 1, batches)
-  assert all(np.isfinite(m["loss"]) for m in metrics)
-  assert int(final.queue.filled) == 32
+def test_shuffle_bn_moves_the_key_view_as_uint8_with_device_augmentation():
+  """With `data.augment_on=device` and Shuffle BN, the key view is permuted across devices as
+  uint8 crops and finished after the permutation (the augmentation is per example, so it
+  commutes with it): the step equals one that finishes every view first, and the compiled
+  8-device program moves fewer bytes (the key batch's images: 1 byte per value, not 4).
+  Shuffle BN on 8 devices trains: two steps give finite losses and enqueue 32 keys."""
+  from jaxcontrast.bench import profile  # pylint: disable=g-import-not-at-top
+  from jaxcontrast.bench import step as bench_step  # pylint: disable=g-import-not-at-top
+  c = tiny_config("moco", bn_mode="shuffle")
+  c.data.augment_on = "device"
+  c.data.num_channels = 3   # the colour ops too
+  mesh = make_mesh(8)
+  models = train_step.build_models(c, mesh)
+  tx = optax.sgd(LR)
+  state, shardings = train_step.create_state(
+      c, models=models, tx=tx, mesh=mesh, sample_images=jnp.zeros((2, 16, 16, 3)),
+      rng=jax.random.key(0))
+  batch = global_batch_from_local(mesh, bench_step.synthetic_batch(c, batch_size=16))
+  assert batch["view2"].dtype == jnp.uint8
+  spec = bench_step.device_augment(c)
+  upfront = lambda b, defer=(): spec(b)   # finishes every view first, as before
+  results, moved, steps = [], [], []
+  for augment in (spec, upfront):
+    step = train_step.jit_train_step(
+        train_step.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=10,
+                                   base_rng=jax.random.key(1), augment=augment),
+        mesh=mesh, shardings=shardings).lower(state, batch).compile()
+    steps.append(step)
+    results.append(jax.device_get(step(jax.tree.map(jnp.copy, state), batch)))   # donated
+    moved.append(sum(nbytes for _, nbytes in profile.hlo_collectives(step.as_text()).values()))
+  (s1, m1), (s2, m2) = results
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+  assert_trees_close(s1.ema_batch_stats, s2.ema_batch_stats, 1e-6, "target BN statistics")
+  np.testing.assert_allclose(s1.queue.keys, s2.queue.keys, atol=1e-6)
+  # 16 key images of 16 x 16 x 3: 12,288 float32 bytes -> 3,072 uint8 bytes (per copy moved).
+  assert moved[0] < moved[1] - 9_000, moved
+  state, m = steps[0](steps[0](state, batch)[0], batch)
+  assert np.isfinite(m1["loss"]) and np.isfinite(float(m["loss"]))
+  assert int(state.queue.filled) == 32
 
 
 def real_batch(c, images, ids):
@@ -226,14 +301,20 @@ def fashion_images():
   return (images[:128].astype(np.float32) / 255.0 - 0.3) / 0.35
 
 
+# Steps of the learning test: 6 cycles of the 4 batches, 10 for FNC, which learns slowest (its
+# accuracy over the cycle 0.09 -> 0.20 after 6 cycles, 0.26 after 10; measured).
+LEARNING_STEPS = {"fnc": 40}
+
+
 @pytest.mark.parametrize("method,variant", LEARNING_METHODS)
 def test_training_on_real_images_lowers_the_loss(method, variant, fashion_images):
-  """40 Adam steps over a fixed pool of 128 Fashion-MNIST images (4 batches of 32, cycled; K = 64
-  holds the two previous batches, i.e. other images, as in a real epoch): the loss averaged over
-  the last cycle is clearly below the first cycle after the queue's initial noise is gone, and
-  instance-discrimination accuracy rises. Measured with the tiny ResNet-10 (loss; acc): MoCo
-  3.14 -> 1.21 (0.16 -> 0.93), CO2 4.42 -> 2.32 (0.18 -> 0.95), XMoCo 3.85 -> 2.14, SCE 3.49 ->
-  2.44, FNC 3.66 -> 2.78 (0.09 -> 0.27), SePP 3.14 -> 1.21 (0.16 -> 0.93)."""
+  """24 Adam steps (FNC: 40) over a fixed pool of 128 Fashion-MNIST images (4 batches of 32,
+  cycled; K = 64 holds the two previous batches, i.e. other images, as in a real epoch): the loss
+  averaged over the last cycle is clearly below the first cycle after the queue's initial noise
+  is gone, and instance-discrimination accuracy rises. Measured with the tiny ResNet-10 (loss;
+  acc): MoCo 3.14 -> 1.82 (0.16 -> 0.67), CO2 4.42 -> 2.74 (0.18 -> 0.77), XMoCo 3.85 -> 2.57
+  (0.14 -> 0.81), SCE 3.49 -> 2.73 (0.15 -> 0.64); 40 steps: FNC 3.66 -> 2.78 (0.09 -> 0.26).
+  SePP on random images is MoCo (same losses to the digit), so it is not trained here."""
   c = tiny_config(method, variant)
   c.global_batch_size = 32
   # Target starts as a copy of the online net (MoCo) for every method: the SCE/FNC recipes'
@@ -242,70 +323,13 @@ def test_training_on_real_images_lowers_the_loss(method, variant, fashion_images
   ids = np.arange(128)
   batches = [real_batch(c, fashion_images[i * 32:(i + 1) * 32], ids[i * 32:(i + 1) * 32])
              for i in range(4)]
+  steps = LEARNING_STEPS.get(method, 24)
   # Adam: plain SGD at this size needs several times more steps to leave chance level.
-  _, _, metrics, _ = run_steps(c, 1, batches * 10, tx=optax.adam(1e-3), total_steps=40)
+  _, _, metrics, _ = run_steps(c, 1, batches * (steps // 4), tx=optax.adam(1e-3),
+                               total_steps=steps)
   losses = np.array([m["loss"] for m in metrics])
   acc = np.array([m[f"{c.objective.loss}/acc"] for m in metrics])
   assert np.isfinite(losses).all()
   first, last = losses[4:8].mean(), losses[-4:].mean()
   assert last < first - 0.1 * abs(first), (method, losses.round(3))
   assert acc[-4:].mean() > acc[4:8].mean() + 0.1, (method, acc.round(2))
-
-
-@pytest.mark.parametrize("method", ["moco", "sce"])
-def test_mask_unfilled_queue(method):
-  """`queue.mask_unfilled`: the first step sees no negatives (only the positive: loss exactly
-  0), later steps only the keys enqueued so far. SCE: 1 device equals 8 with the sharded queue.
-  MoCo: off (its default), the noise rows are negatives from the first step."""
-  c = tiny_config(method, queue_mode="sharded")
-  c.queue.mask_unfilled = True
-  rng = np.random.RandomState(0)
-  batches = [random_batch(c, rng) for _ in range(3)]
-  _, _, m1, _ = run_steps(c, 1, batches)
-  losses1 = np.array([m["loss"] for m in m1])
-  np.testing.assert_allclose(losses1[0], 0.0, atol=1e-6)
-  assert losses1[1] > 0.1
-  if method == "sce":
-    _, _, m8, _ = run_steps(c, 8, batches)
-    np.testing.assert_allclose([m["loss"] for m in m8], losses1, rtol=1e-4, atol=1e-5)
-  else:
-    c.queue.mask_unfilled = False
-    _, _, m_noise, _ = run_steps(c, 1, batches[:1])
-    assert float(m_noise[0]["loss"]) > 0.1
-
-
-def test_shuffle_bn_moves_the_key_view_as_uint8_with_device_augmentation():
-  """With `data.augment_on=device` and Shuffle BN, the key view is permuted across devices as
-  uint8 crops and finished after the permutation (the augmentation is per example, so it
-  commutes with it): the step equals one that finishes every view first, and the compiled
-  8-device program moves fewer bytes (the key batch's images: 1 byte per value, not 4)."""
-  from jaxcontrast.bench import profile  # pylint: disable=g-import-not-at-top
-  from jaxcontrast.bench import step as bench_step  # pylint: disable=g-import-not-at-top
-  c = tiny_config("moco", bn_mode="shuffle")
-  c.data.augment_on = "device"
-  c.data.num_channels = 3   # the colour ops too
-  mesh = make_mesh(8)
-  models = train_step.build_models(c, mesh)
-  tx = optax.sgd(LR)
-  state, shardings = train_step.create_state(
-      c, models=models, tx=tx, mesh=mesh, sample_images=jnp.zeros((2, 16, 16, 3)),
-      rng=jax.random.key(0))
-  batch = global_batch_from_local(mesh, bench_step.synthetic_batch(c, batch_size=16))
-  assert batch["view2"].dtype == jnp.uint8
-  spec = bench_step.device_augment(c)
-  upfront = lambda b, defer=(): spec(b)   # finishes every view first, as before
-  results, moved = [], []
-  for augment in (spec, upfront):
-    step = train_step.jit_train_step(
-        train_step.make_train_step(c, models=models, tx=tx, mesh=mesh, total_steps=10,
-                                   base_rng=jax.random.key(1), augment=augment),
-        mesh=mesh, shardings=shardings)
-    hlo = step.lower(state, batch).compile().as_text()
-    results.append(jax.device_get(step(jax.tree.map(jnp.copy, state), batch)))   # donated
-    moved.append(sum(nbytes for _, nbytes in profile.hlo_collectives(hlo).values()))
-  (s1, m1), (s2, m2) = results
-  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-  assert_trees_close(s1.ema_batch_stats, s2.ema_batch_stats, 1e-6, "target BN statistics")
-  np.testing.assert_allclose(s1.queue.keys, s2.queue.keys, atol=1e-6)
-  # 16 key images of 16 x 16 x 3: 12,288 float32 bytes -> 3,072 uint8 bytes (per copy moved).
-  assert moved[0] < moved[1] - 9_000, moved
