@@ -473,9 +473,9 @@ def _assert_same(a, b, metrics=INFONCE_METRICS, rtol=1e-5):
 def test_sce_coeff_one_is_moco(mask_self):
   """SCE with coeff=1 drops the relational target: it is MoCo's InfoNCE (METHODS section 2)."""
   a = qk_queue(100, 5, 11, 6)
-  got = losses.sce(a["query"], a["key"], a["queue"], temperature=0.15, coeff=1.0,
-                   mask_self=mask_self)
-  want = losses.moco_infonce(a["query"], a["key"], a["queue"], temperature=0.15)
+  got, want = jax.jit(lambda q, k, n: (
+      losses.sce(q, k, n, temperature=0.15, coeff=1.0, mask_self=mask_self),
+      losses.moco_infonce(q, k, n, temperature=0.15)))(a["query"], a["key"], a["queue"])
   _assert_same(got, want)
 
 
@@ -483,9 +483,10 @@ def test_sce_coeff_one_is_moco(mask_self):
 def test_fnc_threshold_above_one_is_moco(mode):
   """No cosine exceeds 1, so nothing is detected and FNC reduces to InfoNCE, metrics included."""
   a = fnc_inputs(101, 4, 12, 6, 2)
-  loss, metrics = losses.fnc(a["query"], a["key"], a["queue"], support_keys=a["support_keys"],
-                             temperature=0.1, threshold=1.5, top_k=5, mode=mode)
-  want = losses.moco_infonce(a["query"], a["key"], a["queue"], temperature=0.1)
+  (loss, metrics), want = jax.jit(lambda q, k, n, s: (
+      losses.fnc(q, k, n, support_keys=s, temperature=0.1, threshold=1.5, top_k=5, mode=mode),
+      losses.moco_infonce(q, k, n, temperature=0.1)))(
+          a["query"], a["key"], a["queue"], a["support_keys"])
   _assert_same((loss, metrics), want)
   assert metrics["num_false_negatives"] == 0
 
@@ -493,9 +494,11 @@ def test_fnc_threshold_above_one_is_moco(mode):
 def test_multi_positive_empty_mask_is_moco():
   """With no extra positive, multi-positive InfoNCE is InfoNCE (metrics included)."""
   a = qk_queue(102, 4, 9, 5)
-  got = losses.multi_positive_infonce(a["query"], a["key"], a["queue"],
-                                      positive_mask=np.zeros((4, 9), bool), temperature=0.2)
-  _assert_same(got, losses.moco_infonce(a["query"], a["key"], a["queue"], temperature=0.2))
+  got, want = jax.jit(lambda q, k, n: (
+      losses.multi_positive_infonce(q, k, n, positive_mask=np.zeros((4, 9), bool),
+                                    temperature=0.2),
+      losses.moco_infonce(q, k, n, temperature=0.2)))(a["query"], a["key"], a["queue"])
+  _assert_same(got, want)
 
 
 def test_fnc_attraction_is_multi_positive_with_detected_mask():
@@ -503,10 +506,10 @@ def test_fnc_attraction_is_multi_positive_with_detected_mask():
   a = fnc_inputs(103, 4, 12, 6, 2)
   fn = ref.fnc_detect(a["key"], a["support_keys"], a["queue"], threshold=0.7, top_k=2)
   assert fn.any()
-  got = losses.fnc(a["query"], a["key"], a["queue"], support_keys=a["support_keys"],
-                   temperature=0.1, threshold=0.7, top_k=2)
-  want = losses.multi_positive_infonce(a["query"], a["key"], a["queue"], positive_mask=fn,
-                                       temperature=0.1)
+  got, want = jax.jit(lambda q, k, n, s: (
+      losses.fnc(q, k, n, support_keys=s, temperature=0.1, threshold=0.7, top_k=2),
+      losses.multi_positive_infonce(q, k, n, positive_mask=fn, temperature=0.1)))(
+          a["query"], a["key"], a["queue"], a["support_keys"])
   _assert_same(got, want, metrics=("pos_logit",))
 
 
@@ -514,8 +517,8 @@ def test_fnc_attraction_is_multi_positive_with_detected_mask():
 def test_co2_query_equals_key_is_zero(include_positive):
   """Identical query and key give identical distributions: zero divergence."""
   a = qk_queue(104, 4, 9, 5)
-  loss, _ = losses.co2_consistency(a["key"] * 3.0, a["key"], a["queue"],
-                                   include_positive=include_positive)
+  loss, _ = jax.jit(lambda q, k, n: losses.co2_consistency(
+      q, k, n, include_positive=include_positive))(a["key"] * 3.0, a["key"], a["queue"])
   np.testing.assert_allclose(loss, 0.0, atol=1e-5)
 
 
@@ -524,8 +527,8 @@ def test_co2_query_equals_key_is_zero(include_positive):
 def test_xmoco_cross_query_equals_key_is_zero(divergence, pairs):
   """Same similarities under both views: the cross-consistency is zero."""
   a = qk_queue(105, 5, None, 4)
-  loss, _ = losses.xmoco_cross_consistency(a["key"], a["key"], divergence=divergence,
-                                           pairs=pairs)
+  loss, _ = jax.jit(lambda q, k: losses.xmoco_cross_consistency(
+      q, k, divergence=divergence, pairs=pairs))(a["key"], a["key"])
   np.testing.assert_allclose(loss, 0.0, atol=1e-5)
 
 
