@@ -123,19 +123,27 @@ def test_bad_input_raises_value_error(thunk, word):
 
 
 def test_good_inputs_do_not_raise():
-  """Control for the test above: the same base arrays are accepted as they are."""
-  losses.moco_infonce(Q, KEY, QUEUE)
-  losses.moco_infonce(Q, KEY, None)
-  losses.sce(Q, KEY, QUEUE)
-  losses.co2_consistency(Q, KEY, QUEUE)
-  losses.xmoco_cross_consistency(Q, KEY)
-  losses.xmoco_negative_uniformity(Q, QUEUE)
-  losses.fnc(Q, KEY, QUEUE, support_keys=SUPPORT)
-  losses.fnc(Q, KEY, QUEUE, support_keys=SUPPORT, mode="elimination")
-  losses.fnc_multiview(VIEWS, VIEWS, QUEUE)
-  losses.multi_positive_infonce(Q, KEY, QUEUE, positive_mask=MASK, temperature=0.1)
-  losses.multi_positive_infonce(Q, KEY, QUEUE, MASK)
-  losses.nt_xent(Q, KEY)
+  """Control for the test above: the same base arrays are accepted as they are.
+
+  The calls are traced by jax.eval_shape with the arrays closed over, so every argument check
+  sees the same concrete NumPy inputs as an eager call, and nothing is compiled or run."""
+  calls = [
+      lambda: losses.moco_infonce(Q, KEY, QUEUE),
+      lambda: losses.moco_infonce(Q, KEY, None),
+      lambda: losses.sce(Q, KEY, QUEUE),
+      lambda: losses.co2_consistency(Q, KEY, QUEUE),
+      lambda: losses.xmoco_cross_consistency(Q, KEY),
+      lambda: losses.xmoco_negative_uniformity(Q, QUEUE),
+      lambda: losses.fnc(Q, KEY, QUEUE, support_keys=SUPPORT),
+      lambda: losses.fnc(Q, KEY, QUEUE, support_keys=SUPPORT, mode="elimination"),
+      lambda: losses.fnc_multiview(VIEWS, VIEWS, QUEUE),
+      lambda: losses.multi_positive_infonce(Q, KEY, QUEUE, positive_mask=MASK, temperature=0.1),
+      lambda: losses.multi_positive_infonce(Q, KEY, QUEUE, MASK),
+      lambda: losses.nt_xent(Q, KEY),
+  ]
+  for call in calls:
+    loss, _ = jax.eval_shape(call)
+    assert loss.shape == ()
 
 
 def test_import_pulls_in_neither_flax_nor_tensorflow():
@@ -205,17 +213,21 @@ def test_static_options_say_so_under_jit():
   with pytest.raises(TypeError, match="static"):
     jax.jit(losses.fnc)(Q, KEY, QUEUE, SUPPORT, mode="elimination")
   # Marked static, all of them work.
-  got = jax.jit(losses.fnc, static_argnames=("mode", "top_k"))(Q, KEY, QUEUE, SUPPORT, top_k=5,
-                                                                mode="elimination")[0]
-  np.testing.assert_allclose(got, losses.fnc(Q, KEY, QUEUE, SUPPORT, top_k=5,
-                                             mode="elimination")[0], rtol=1e-6)
+  static = jax.jit(losses.fnc, static_argnames=("mode", "top_k"))
+  got = static(Q, KEY, QUEUE, SUPPORT, top_k=5, mode="elimination")[0]
+  # The same call with the options closed over (as an eager call passes them).
+  want = jax.jit(lambda *a: losses.fnc(*a, top_k=5, mode="elimination")[0])(Q, KEY, QUEUE,
+                                                                          SUPPORT)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_numpy_integer_top_k_is_accepted():
-  a = losses.fnc_multiview(VIEWS, VIEWS, QUEUE, top_k=np.int64(2), threshold=0.1)
-  b = losses.fnc_multiview(VIEWS, VIEWS, QUEUE, top_k=2, threshold=0.1)
+  # NumPy integers closed over are static, as in an eager call; one compiled program.
+  a, b, (fn, _) = jax.jit(lambda v, q, k, s: (
+      losses.fnc_multiview(v, v, q, top_k=np.int64(2), threshold=0.1),
+      losses.fnc_multiview(v, v, q, top_k=2, threshold=0.1),
+      losses.fnc_detect(k, q, s, top_k=np.int32(1), threshold=-1.0)))(VIEWS, QUEUE, KEY, SUPPORT)
   np.testing.assert_allclose(a[0], b[0], rtol=1e-7)
-  fn, _ = losses.fnc_detect(KEY, QUEUE, SUPPORT, top_k=np.int32(1), threshold=-1.0)
   assert np.asarray(fn).sum(1).tolist() == [1] * B
 
 
