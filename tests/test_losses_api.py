@@ -147,16 +147,40 @@ def test_good_inputs_do_not_raise():
 
 
 def test_import_pulls_in_neither_flax_nor_tensorflow():
-  """`losses/` is pure jax: importing it alone must not load flax or tensorflow."""
-  code = ("import sys, jaxcontrast.losses\n"
-          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flax', 'tensorflow'))\n"
-          "print(bad)\n"
-          "sys.exit(1 if bad else 0)\n")
+  """`losses/` is pure jax: importing it alone must not load flax, tensorflow or ml_collections.
+  Then, in the same subprocess (one Python start-up), with flax and ml_collections made
+  unimportable: the losses and their queue work; models and the train step say which extra to
+  install."""
+  code = """
+import sys
+import jaxcontrast.losses
+bad = sorted(m for m in sys.modules
+             if m.split('.')[0] in ('flax', 'tensorflow', 'ml_collections'))
+print("loaded", bad)
+if bad:
+  sys.exit(1)
+sys.modules["flax"] = None
+sys.modules["ml_collections"] = None
+import jax, numpy as np
+from jaxcontrast import losses
+q = losses.queue.enqueue(losses.queue.init(jax.random.PRNGKey(0), 8, 4), np.ones((2, 4)))
+print("valid", int(losses.queue.valid_rows(q).sum()))
+for part in ("jaxcontrast.models", "jaxcontrast.step.queue"):
+  try:
+    __import__(part)
+  except ImportError as e:
+    print(part, "->", e)
+"""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
   res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=300)
   assert res.returncode == 0, res.stdout + res.stderr
+  lines = res.stdout.splitlines()
+  assert "loaded []" in lines and "valid 2" in lines, res.stdout
+  for part in ("jaxcontrast.models", "jaxcontrast.step"):
+    assert any(line.startswith(part) and "pip install 'jaxcontrast[train]'" in line
+               for line in lines), res.stdout
 
 
 TEMPERATURE_CALLS = {
