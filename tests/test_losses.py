@@ -1,8 +1,9 @@
 """jaxcontrast.losses against the independent NumPy reference (tests/numpy_reference.py).
 
-For every case (function x option x shape) the library is compiled once: loss, metrics and the
-gradients w.r.t. every float input come from one `jax.value_and_grad` call, cached per case,
-and the tests below check them separately:
+For every case (function x option x shape) loss, metrics and the gradients w.r.t. every float
+input come from one `jax.value_and_grad` call, cached per case; cases with the same function,
+static options and shapes share its compiled program (float hyper-parameters are traced
+arguments). The tests below check them separately:
   * loss and the unambiguous metrics equal the float64 reference at float32 tolerance;
   * the gradient w.r.t. the query (views for fnc_multiview) equals central finite differences
     of the float64 reference;

@@ -125,8 +125,9 @@ def test_bad_input_raises_value_error(thunk, word):
 def test_good_inputs_do_not_raise():
   """Control for the test above: the same base arrays are accepted as they are.
 
-  The calls are traced by jax.eval_shape with the arrays closed over, so every argument check
-  sees the same concrete NumPy inputs as an eager call, and nothing is compiled or run."""
+  The calls are traced by jax.eval_shape, nothing compiled or run: the checks of shapes, dtypes
+  and (concrete, closed-over) hyper-parameters run as in an eager call. None of these calls
+  promises unit queue rows, the one check made on concrete array values."""
   calls = [
       lambda: losses.moco_infonce(Q, KEY, QUEUE),
       lambda: losses.moco_infonce(Q, KEY, None),
