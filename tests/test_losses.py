@@ -569,7 +569,8 @@ def test_xmoco_cross_query_equals_key_is_zero(divergence, pairs):
 # ---------------------------------------------------------------------------------------------
 # bfloat16 inputs.
 
-BF16_CASES = ["moco-B4-K7-D5", "moco-inbatch-B5-D4", "ntxent-B4-D5", "sce-B4-K7-D5", "co2-incpos-B4-K7-D5",
+BF16_CASES = ["moco-B4-K7-D5", "moco-inbatch-B5-D4", "ntxent-B4-D5", "sce-B4-K7-D5",
+              "co2-incpos-B4-K7-D5",
               "xcross-kl-query-B5-D4", "xunif-B4-K7-D5", "fnc-attr-B4-K12-D6-S2-k2",
               "fnc-elim-B4-K12-D6-S2-k2", "fncmv-V2-B3-K8-D6-k2", "multipos-B4-K7-D5"]
 
