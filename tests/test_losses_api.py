@@ -216,10 +216,12 @@ def test_concrete_temperature_checked_whatever_its_type(name, value):
 def test_good_scalar_types_are_accepted_and_equal():
   """np.float32 / jnp scalars give the loss of the same Python float; under jit a traced
   temperature (a schedule) is not checked and gives the same value too."""
-  want = losses.moco_infonce(Q, KEY, QUEUE, temperature=0.2)[0]
-  for t in (np.float32(0.2), jnp.array(0.2)):
-    np.testing.assert_allclose(losses.moco_infonce(Q, KEY, QUEUE, temperature=t)[0], want,
-                               rtol=1e-6)
+  # Closed over, the scalars stay concrete (checked as in an eager call); one compiled program.
+  want, *got = jax.jit(lambda q, k, n: [
+      losses.moco_infonce(q, k, n, temperature=t)[0]
+      for t in (0.2, np.float32(0.2), jnp.array(0.2))])(Q, KEY, QUEUE)
+  for g in got:
+    np.testing.assert_allclose(g, want, rtol=1e-6)
   traced = jax.jit(lambda t: losses.moco_infonce(Q, KEY, QUEUE, temperature=t)[0])(0.2)
   np.testing.assert_allclose(traced, want, rtol=1e-6)
 
