@@ -1,8 +1,9 @@
 """jaxcontrast.losses against the independent NumPy reference (tests/numpy_reference.py).
 
-For every case (function x option x shape) the library is compiled once: loss, metrics and the
-gradients w.r.t. every float input come from one `jax.value_and_grad` call, cached per case,
-and the tests below check them separately:
+For every case (function x option x shape) loss, metrics and the gradients w.r.t. every float
+input come from one `jax.value_and_grad` call, cached per case; cases with the same function,
+static options and shapes share its compiled program (float hyper-parameters are traced
+arguments). The tests below check them separately:
   * loss and the unambiguous metrics equal the float64 reference at float32 tolerance;
   * the gradient w.r.t. the query (views for fnc_multiview) equals central finite differences
     of the float64 reference;
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -215,7 +217,7 @@ CASES = [
     _moco("moco-B4-K7-D5", qk_queue(0, 4, 7, 5)),
     _moco("moco-B1-K5-D3", qk_queue(1, 1, 5, 3)),
     _moco("moco-B3-K4-D1", qk_queue(2, 3, 4, 1), metrics=NO_ACC),
-    _moco("moco-B2-K9-D8-t0.07", qk_queue(3, 2, 9, 8), temperature=0.07),
+    _moco("moco-t0.07", qk_queue(3, 4, 7, 5), temperature=0.07),
     _moco("moco-inbatch-B5-D4", qk_queue(4, 5, None, 4)),
     _moco("moco-inbatch-B1-D3", qk_queue(5, 1, None, 3), metrics=("pos_logit", "acc")),
     dataclasses.replace(_moco("moco-inbatch-nosg-B5-D4", qk_queue(4, 5, None, 4),
@@ -227,10 +229,10 @@ CASES = [
     # SimCLR NT-Xent.
     _ntxent("ntxent-B4-D5", qk_queue(80, 4, None, 5)),
     _ntxent("ntxent-B1-D3", qk_queue(81, 1, None, 3)),
-    _ntxent("ntxent-t0.5-B3-D4", qk_queue(82, 3, None, 4), temperature=0.5),
+    _ntxent("ntxent-t0.5-B4-D5", qk_queue(82, 4, None, 5), temperature=0.5),
     _ntxent("ntxent-sg-B4-D5", qk_queue(80, 4, None, 5), stop_gradient=True),
-    _moco("moco-dupqueue-B3-K5-D4", qk_queue(6, 3, 5, 4, duplicate=True)),
-    dataclasses.replace(_moco("moco-t0.01", qk_queue(7, 4, 6, 5), temperature=0.01), tol=LOW_T),
+    _moco("moco-dupqueue-B4-K7-D5", qk_queue(6, 4, 7, 5, duplicate=True)),
+    dataclasses.replace(_moco("moco-t0.01", qk_queue(7, 4, 7, 5), temperature=0.01), tol=LOW_T),
     # SCE.
     _sce("sce-B4-K7-D5", qk_queue(10, 4, 7, 5)),
     _sce("sce-mask_self-B4-K7-D5", qk_queue(10, 4, 7, 5), mask_self=True),
@@ -240,20 +242,20 @@ CASES = [
     _sce("sce-B1-K3-D2", qk_queue(11, 1, 3, 2)),
     _sce("sce-mask_self-B1-K3-D2", qk_queue(11, 1, 3, 2), mask_self=True),
     _sce("sce-B3-K5-D1", qk_queue(12, 3, 5, 1), metrics=NO_ACC),
-    _sce("sce-coeff0.2-B3-K6-D4", qk_queue(13, 3, 6, 4), temperature=0.2,
+    _sce("sce-coeff0.2-B4-K7-D5", qk_queue(13, 4, 7, 5), temperature=0.2,
          target_temperature=0.05, coeff=0.2),
-    _sce("sce-dupqueue-B3-K5-D4", qk_queue(14, 3, 5, 4, duplicate=True)),
-    dataclasses.replace(_sce("sce-t0.01", qk_queue(15, 4, 6, 5), temperature=0.01,
+    _sce("sce-dupqueue-B4-K7-D5", qk_queue(14, 4, 7, 5, duplicate=True)),
+    dataclasses.replace(_sce("sce-t0.01", qk_queue(15, 4, 7, 5), temperature=0.01,
                              target_temperature=0.01), tol=LOW_T),
     # CO2.
     _co2("co2-B4-K7-D5", qk_queue(20, 4, 7, 5)),
     _co2("co2-incpos-B4-K7-D5", qk_queue(20, 4, 7, 5), include_positive=True),
     _co2("co2-B1-K5-D3", qk_queue(21, 1, 5, 3)),
     _co2("co2-incpos-B3-K4-D1", qk_queue(22, 3, 4, 1), include_positive=True),
-    _co2("co2-dupqueue-B3-K5-D4", qk_queue(23, 3, 5, 4, duplicate=True)),
-    _co2("co2-incpos-dupqueue-B3-K5-D4", qk_queue(23, 3, 5, 4, duplicate=True),
+    _co2("co2-dupqueue-B4-K7-D5", qk_queue(23, 4, 7, 5, duplicate=True)),
+    _co2("co2-incpos-dupqueue-B4-K7-D5", qk_queue(23, 4, 7, 5, duplicate=True),
          include_positive=True),
-    dataclasses.replace(_co2("co2-t0.01", qk_queue(24, 4, 6, 5), temperature=0.01), tol=LOW_T),
+    dataclasses.replace(_co2("co2-t0.01", qk_queue(24, 4, 7, 5), temperature=0.01), tol=LOW_T),
     # XMoCo cross-similarity consistency.
     _xcross("xcross-kl-query-B5-D4", qk_queue(30, 5, None, 4)),
     _xcross("xcross-kl-cross-B5-D4", qk_queue(30, 5, None, 4), pairs="cross"),
@@ -263,17 +265,17 @@ CASES = [
     _xcross("xcross-kl-B1-D3", qk_queue(31, 1, None, 3)),
     _xcross("xcross-mse-B1-D3", qk_queue(31, 1, None, 3), divergence="mse"),
     _xcross("xcross-kl-cross-B1-D3", qk_queue(31, 1, None, 3), pairs="cross"),
-    _xcross("xcross-kl-B2-D3", qk_queue(32, 2, None, 3), temperature=0.3),
+    _xcross("xcross-kl-t0.3-B5-D4", qk_queue(32, 5, None, 4), temperature=0.3),
     _xcross("xcross-kl-B4-D1", qk_queue(33, 4, None, 1)),
-    dataclasses.replace(_xcross("xcross-kl-t0.01", qk_queue(34, 4, None, 5), temperature=0.01),
+    dataclasses.replace(_xcross("xcross-kl-t0.01", qk_queue(34, 5, None, 4), temperature=0.01),
                         tol=LOW_T),
     # XMoCo negative uniformity.
     _xunif("xunif-B4-K7-D5", qk_queue(40, 4, 7, 5)),
     _xunif("xunif-per_sample-B4-K7-D5", qk_queue(40, 4, 7, 5), per_sample=True),
     _xunif("xunif-B1-K5-D3", qk_queue(41, 1, 5, 3)),
     _xunif("xunif-B3-K4-D1", qk_queue(42, 3, 4, 1), temperature=0.5),
-    _xunif("xunif-dupqueue-B3-K5-D4", qk_queue(43, 3, 5, 4, duplicate=True)),
-    dataclasses.replace(_xunif("xunif-t0.01", qk_queue(44, 4, 6, 5), temperature=0.01),
+    _xunif("xunif-dupqueue-B4-K7-D5", qk_queue(43, 4, 7, 5, duplicate=True)),
+    dataclasses.replace(_xunif("xunif-t0.01", qk_queue(44, 4, 7, 5), temperature=0.01),
                         tol=LOW_T),
     # FNC, MoCo-queue form.
     _fnc("fnc-attr-B4-K12-D6-S2-k2", fnc_inputs(50, 4, 12, 6, 2), top_k=2),
@@ -287,18 +289,18 @@ CASES = [
     _fnc("fnc-elim-B3-K5-D1-S1", fnc_inputs(53, 3, 5, 1, 1), top_k=2, mode="elimination"),
     _fnc("fnc-attr-ties-k1", fnc_inputs(54, 3, 8, 6, 2, ties=True), top_k=1),
     _fnc("fnc-elim-ties-k1", fnc_inputs(54, 3, 8, 6, 2, ties=True), top_k=1, mode="elimination"),
-    dataclasses.replace(_fnc("fnc-attr-t0.01", fnc_inputs(55, 4, 10, 6, 2), temperature=0.01,
-                             top_k=3), tol=LOW_T),
-    dataclasses.replace(_fnc("fnc-elim-t0.01", fnc_inputs(55, 4, 10, 6, 2), temperature=0.01,
-                             top_k=3, mode="elimination"), tol=LOW_T),
+    dataclasses.replace(_fnc("fnc-attr-t0.01", fnc_inputs(55, 4, 12, 6, 2), temperature=0.01,
+                             top_k=2), tol=LOW_T),
+    dataclasses.replace(_fnc("fnc-elim-t0.01", fnc_inputs(55, 4, 12, 6, 2), temperature=0.01,
+                             top_k=2, mode="elimination"), tol=LOW_T),
     # FNC, official multi-view form.
     _fnc_mv("fncmv-V2-B3-K8-D6-k2", multiview_inputs(60, 2, 3, 8, 6), top_k=2),
     _fnc_mv("fncmv-V3-B2-K5-D4-kall", multiview_inputs(61, 3, 2, 5, 4), top_k=100, threshold=0.6),
     _fnc_mv("fncmv-V2-B1-K6-D3", multiview_inputs(62, 2, 1, 6, 3), top_k=3),
-    _fnc_mv("fncmv-dupqueue-V2-B3-K4-D4", multiview_inputs(63, 2, 3, 4, 4, duplicate=True),
+    _fnc_mv("fncmv-dupqueue-V2-B3-K8-D6", multiview_inputs(63, 2, 3, 8, 6, duplicate=True),
             top_k=2, threshold=0.3),
-    dataclasses.replace(_fnc_mv("fncmv-t0.01", multiview_inputs(64, 2, 3, 6, 5),
-                                temperature=0.01), tol=LOW_T),
+    dataclasses.replace(_fnc_mv("fncmv-t0.01", multiview_inputs(64, 2, 3, 8, 6),
+                                temperature=0.01, top_k=2), tol=LOW_T),
     dataclasses.replace(_fnc_mv("fncmv-inbatch-nosg-V2-B4-D6",
                                 {**multiview_inputs(65, 2, 4, 2, 6), "queue": None}, top_k=2,
                                 stop_gradient=False), grads=("views", "target_views")),
@@ -306,9 +308,9 @@ CASES = [
     _multipos("multipos-B4-K7-D5", multipos_inputs(70, 4, 7, 5), temperature=0.1),
     _multipos("multipos-B1-K5-D3", multipos_inputs(71, 1, 5, 3), temperature=0.2),
     _multipos("multipos-B3-K4-D1", multipos_inputs(72, 3, 4, 1), temperature=0.1),
-    _multipos("multipos-dupqueue-B3-K5-D4", multipos_inputs(73, 3, 5, 4, duplicate=True),
+    _multipos("multipos-dupqueue-B4-K7-D5", multipos_inputs(73, 4, 7, 5, duplicate=True),
               temperature=0.1),
-    dataclasses.replace(_multipos("multipos-t0.01", multipos_inputs(74, 4, 6, 5),
+    dataclasses.replace(_multipos("multipos-t0.01", multipos_inputs(74, 4, 7, 5),
                                   temperature=0.01), tol=LOW_T),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
@@ -330,19 +332,51 @@ def reference(case):
   return out if isinstance(out, tuple) else (out, {})
 
 
+# Float hyper-parameters are arguments of the compiled program (traced), so that cases with the
+# same function, static options and input shapes share one program; the library's defaults
+# fill the ones a case leaves out. Their checks on concrete values are in test_losses_api.py.
+FLOAT_HYPER = ("temperature", "target_temperature", "coeff", "threshold")
+
+
+def _hyper_and_static(case):
+  params = inspect.signature(getattr(losses, case.fn)).parameters
+  hyper = {n: np.float32(case.kwargs.get(n, params[n].default)) for n in FLOAT_HYPER
+           if n in params}
+  static = tuple(sorted((n, v) for n, v in case.kwargs.items() if n not in FLOAT_HYPER))
+  return hyper, static
+
+
+@functools.lru_cache(maxsize=None)
+def _program(fn, positional, keyword, static, diff, others):
+  """jit(value_and_grad) of one library function w.r.t. the `diff` inputs; `others` (names of
+  the other non-None inputs) and the hyper-parameters are its other arguments."""
+
+  def f(diff_vals, other_vals, hyper):
+    a = {**dict.fromkeys(positional + keyword), **dict(zip(others, other_vals)),
+         **dict(zip(diff, diff_vals))}
+    return getattr(losses, fn)(*[a[n] for n in positional], **{n: a[n] for n in keyword},
+                               **dict(static), **hyper)
+
+  return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+
+def run_library(case, arrays):
+  """(loss, metrics, {name: gradient}) of the library on `arrays`, gradients w.r.t. every float
+  input; one compiled program per function, static options, input shapes and dtypes."""
+  diff = tuple(case.float_args())
+  others = tuple(n for n in case.positional + case.keyword
+                 if n not in diff and arrays[n] is not None)
+  hyper, static = _hyper_and_static(case)
+  program = _program(case.fn, case.positional, case.keyword, static, diff, others)
+  (loss, metrics), grads = program(tuple(arrays[n] for n in diff),
+                                   tuple(arrays[n] for n in others), hyper)
+  return loss, metrics, dict(zip(diff, grads))
+
+
 @functools.lru_cache(maxsize=None)
 def library_results(case_id):
   """Loss, metrics and gradients w.r.t. every float input of one compiled library call."""
-  case = CASES_BY_ID[case_id]
-  diff = case.float_args()
-  fixed = {n: a for n, a in case.arrays.items() if n not in diff}
-
-  def f(*vals):
-    return _call(getattr(losses, case.fn), case, {**fixed, **dict(zip(diff, vals))})
-
-  fn = jax.jit(jax.value_and_grad(f, argnums=tuple(range(len(diff))), has_aux=True))
-  (loss, metrics), grads = fn(*[case.arrays[n] for n in diff])
-  return loss, metrics, dict(zip(diff, grads))
+  return run_library(CASES_BY_ID[case_id], CASES_BY_ID[case_id].arrays)
 
 
 def _ids(cases):
@@ -473,9 +507,9 @@ def _assert_same(a, b, metrics=INFONCE_METRICS, rtol=1e-5):
 def test_sce_coeff_one_is_moco(mask_self):
   """SCE with coeff=1 drops the relational target: it is MoCo's InfoNCE (METHODS section 2)."""
   a = qk_queue(100, 5, 11, 6)
-  got = losses.sce(a["query"], a["key"], a["queue"], temperature=0.15, coeff=1.0,
-                   mask_self=mask_self)
-  want = losses.moco_infonce(a["query"], a["key"], a["queue"], temperature=0.15)
+  got, want = jax.jit(lambda q, k, n: (
+      losses.sce(q, k, n, temperature=0.15, coeff=1.0, mask_self=mask_self),
+      losses.moco_infonce(q, k, n, temperature=0.15)))(a["query"], a["key"], a["queue"])
   _assert_same(got, want)
 
 
@@ -483,9 +517,10 @@ def test_sce_coeff_one_is_moco(mask_self):
 def test_fnc_threshold_above_one_is_moco(mode):
   """No cosine exceeds 1, so nothing is detected and FNC reduces to InfoNCE, metrics included."""
   a = fnc_inputs(101, 4, 12, 6, 2)
-  loss, metrics = losses.fnc(a["query"], a["key"], a["queue"], support_keys=a["support_keys"],
-                             temperature=0.1, threshold=1.5, top_k=5, mode=mode)
-  want = losses.moco_infonce(a["query"], a["key"], a["queue"], temperature=0.1)
+  (loss, metrics), want = jax.jit(lambda q, k, n, s: (
+      losses.fnc(q, k, n, support_keys=s, temperature=0.1, threshold=1.5, top_k=5, mode=mode),
+      losses.moco_infonce(q, k, n, temperature=0.1)))(
+          a["query"], a["key"], a["queue"], a["support_keys"])
   _assert_same((loss, metrics), want)
   assert metrics["num_false_negatives"] == 0
 
@@ -493,9 +528,11 @@ def test_fnc_threshold_above_one_is_moco(mode):
 def test_multi_positive_empty_mask_is_moco():
   """With no extra positive, multi-positive InfoNCE is InfoNCE (metrics included)."""
   a = qk_queue(102, 4, 9, 5)
-  got = losses.multi_positive_infonce(a["query"], a["key"], a["queue"],
-                                      positive_mask=np.zeros((4, 9), bool), temperature=0.2)
-  _assert_same(got, losses.moco_infonce(a["query"], a["key"], a["queue"], temperature=0.2))
+  got, want = jax.jit(lambda q, k, n: (
+      losses.multi_positive_infonce(q, k, n, positive_mask=np.zeros((4, 9), bool),
+                                    temperature=0.2),
+      losses.moco_infonce(q, k, n, temperature=0.2)))(a["query"], a["key"], a["queue"])
+  _assert_same(got, want)
 
 
 def test_fnc_attraction_is_multi_positive_with_detected_mask():
@@ -503,10 +540,10 @@ def test_fnc_attraction_is_multi_positive_with_detected_mask():
   a = fnc_inputs(103, 4, 12, 6, 2)
   fn = ref.fnc_detect(a["key"], a["support_keys"], a["queue"], threshold=0.7, top_k=2)
   assert fn.any()
-  got = losses.fnc(a["query"], a["key"], a["queue"], support_keys=a["support_keys"],
-                   temperature=0.1, threshold=0.7, top_k=2)
-  want = losses.multi_positive_infonce(a["query"], a["key"], a["queue"], positive_mask=fn,
-                                       temperature=0.1)
+  got, want = jax.jit(lambda q, k, n, s: (
+      losses.fnc(q, k, n, support_keys=s, temperature=0.1, threshold=0.7, top_k=2),
+      losses.multi_positive_infonce(q, k, n, positive_mask=fn, temperature=0.1)))(
+          a["query"], a["key"], a["queue"], a["support_keys"])
   _assert_same(got, want, metrics=("pos_logit",))
 
 
@@ -514,8 +551,8 @@ def test_fnc_attraction_is_multi_positive_with_detected_mask():
 def test_co2_query_equals_key_is_zero(include_positive):
   """Identical query and key give identical distributions: zero divergence."""
   a = qk_queue(104, 4, 9, 5)
-  loss, _ = losses.co2_consistency(a["key"] * 3.0, a["key"], a["queue"],
-                                   include_positive=include_positive)
+  loss, _ = jax.jit(lambda q, k, n: losses.co2_consistency(
+      q, k, n, include_positive=include_positive))(a["key"] * 3.0, a["key"], a["queue"])
   np.testing.assert_allclose(loss, 0.0, atol=1e-5)
 
 
@@ -524,15 +561,16 @@ def test_co2_query_equals_key_is_zero(include_positive):
 def test_xmoco_cross_query_equals_key_is_zero(divergence, pairs):
   """Same similarities under both views: the cross-consistency is zero."""
   a = qk_queue(105, 5, None, 4)
-  loss, _ = losses.xmoco_cross_consistency(a["key"], a["key"], divergence=divergence,
-                                           pairs=pairs)
+  loss, _ = jax.jit(lambda q, k: losses.xmoco_cross_consistency(
+      q, k, divergence=divergence, pairs=pairs))(a["key"], a["key"])
   np.testing.assert_allclose(loss, 0.0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
 # bfloat16 inputs.
 
-BF16_CASES = ["moco-B4-K7-D5", "moco-inbatch-B5-D4", "ntxent-B4-D5", "sce-B4-K7-D5", "co2-incpos-B4-K7-D5",
+BF16_CASES = ["moco-B4-K7-D5", "moco-inbatch-B5-D4", "ntxent-B4-D5", "sce-B4-K7-D5",
+              "co2-incpos-B4-K7-D5",
               "xcross-kl-query-B5-D4", "xunif-B4-K7-D5", "fnc-attr-B4-K12-D6-S2-k2",
               "fnc-elim-B4-K12-D6-S2-k2", "fncmv-V2-B3-K8-D6-k2", "multipos-B4-K7-D5"]
 
@@ -541,18 +579,14 @@ BF16_CASES = ["moco-B4-K7-D5", "moco-inbatch-B5-D4", "ntxent-B4-D5", "sce-B4-K7-
 def test_bfloat16_inputs_promoted_to_float32(case_id):
   """bf16 inputs give a float32 loss equal to the float32 call on the same (upcast) values."""
   case = CASES_BY_ID[case_id]
-  fn = getattr(losses, case.fn)
   bf16 = {n: (jnp.asarray(a, jnp.bfloat16) if n in case.float_args() else a)
           for n, a in case.arrays.items()}
   up = {n: (np.asarray(jnp.asarray(a, jnp.float32)) if n in case.float_args() else a)
         for n, a in bf16.items()}
 
-  def loss_fn(x, arrays):
-    return _call(fn, case, {**arrays, case.grad_arg: x})
-
-  (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      bf16[case.grad_arg], bf16)
-  want, want_metrics = jax.jit(functools.partial(_call, fn, case))(up)
+  loss, metrics, grads = run_library(case, bf16)
+  grad = grads[case.grad_arg]
+  want, want_metrics, _ = run_library(case, up)   # the float32 case's program
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-5)
   for name, value in want_metrics.items():
@@ -586,14 +620,14 @@ def test_nt_xent_is_half_fnc_multiview_in_batch():
     fnc = losses.fnc_multiview(v, v, threshold=2.0, top_k=1, stop_gradient=False)[0]
     return fnc, losses.nt_xent(v[0], v[1])[0]
 
-  jac = jax.jit(jax.jacrev(both))(views)          # one compile: d fnc / dv, d nt_xent / dv
-  fnc, nt = jax.jit(both)(views)
+  # One compiled program: the values, d fnc / dv and d nt_xent / dv, and (the default
+  # stop-gradient) d fnc / dv without the targets' half.
+  sg = jax.grad(lambda v: losses.fnc_multiview(v, v, threshold=2.0, top_k=1)[0])
+  (fnc, nt), jac, g_sg = jax.jit(lambda v: (both(v), jax.jacrev(both)(v), sg(v)))(views)
   np.testing.assert_allclose(fnc, 2 * nt, rtol=1e-6)
   g_fnc, g_nt = jac
   np.testing.assert_allclose(g_fnc, 2 * g_nt, rtol=1e-5, atol=1e-7)
   # With the default stop-gradient the targets' half of the gradient is missing.
-  g_sg = jax.jit(jax.grad(lambda v: losses.fnc_multiview(v, v, threshold=2.0, top_k=1)[0]))(
-      views)
   assert np.max(np.abs(np.asarray(g_sg) - np.asarray(g_fnc))) > 1e-3
 
 
