@@ -4,7 +4,11 @@ without a checkpoint each end in one line on stderr and exit status 2, never a t
 tiny pretraining run and a probe of it print none of the libraries' known log noise.
 
 Every command starts at once in the module fixture (they are mostly interpreter start-up and
-imports), the pretraining and its probe one after the other.
+imports), except the probe and the data set not prepared, which start once the pretraining has
+ended: the run without data fails only after it has initialised its model, whose program (the
+same shapes and settings as the pretraining's) it then loads from the suite's persistent
+compilation cache. The pretraining has the train step of test_pretrain_loop.py's runs (the same
+settings where they shape the program), compiled once in the suite.
 """
 import os
 import re
@@ -17,6 +21,8 @@ from test_data_helpers import prepared_fashion_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/moco_fashion_mnist.py:tiny"
+# The settings of test_pretrain_loop.py's runs that shape the train step's program.
+SHARED_PROGRAM = ("--config.total_steps=8", "--config.queue.store_ids=True")
 # Lines the libraries print when nothing silences them (TensorFlow's C++ and Python loggers,
 # JAX's backend probing, Orbax's read-only CheckpointManager notices, pip).
 NOISE = re.compile(
@@ -54,9 +60,6 @@ def runs(tmp_path_factory):
                            f"--workdir={tmp / 'bad_key'}"),
       "main_bad_type": _cmd("jaxcontrast.main", TINY, "--config.queue.size=many",
                             f"--workdir={tmp / 'bad_type'}"),
-      "main_no_data": _cmd("jaxcontrast.main", TINY, "--config.data.dataset=tfds:cifar10",
-                           f"--config.data.data_dir={empty}", "--config.total_steps=1",
-                           f"--workdir={tmp / 'no_data'}"),
       "probe_no_checkpoint": _cmd("jaxcontrast.eval.linear_probe", f"--workdir={empty}"),
       "probe_bad_value": _cmd("jaxcontrast.eval.linear_probe", f"--workdir={empty}",
                               "--config.encoder=target,nope"),
@@ -72,9 +75,13 @@ def runs(tmp_path_factory):
       f"  return config_lib.load_config({os.path.join(REPO, 'configs', 'moco_fashion_mnist.py')!r}"
       " + ':tiny')\n")
   pretrain = _cmd("jaxcontrast.main", f"--config={counting}", f"--workdir={run_dir}",
-                  f"--config.data.data_dir={data_dir}", "--config.data.train_split=train[:32]",
-                  "--config.total_steps=2", "--config.log_every=1",
+                  f"--config.data.data_dir={data_dir}", *SHARED_PROGRAM,
+                  "--config.data.train_split=train[:32]", "--config.log_every=1",
                   "--config.data.threadpool_size=0")
+  # CIFAR-10 as 16 x 16 grey images: the pretraining's model, hence its init program.
+  no_data = _cmd("jaxcontrast.main", TINY, "--config.data.dataset=tfds:cifar10",
+                 f"--config.data.data_dir={empty}", "--config.data.num_channels=1",
+                 *SHARED_PROGRAM, f"--workdir={tmp / 'no_data'}")
   probe = _cmd("jaxcontrast.eval.linear_probe", f"--workdir={run_dir}",
                "--config.encoder=target,pixels", "--config.train_split=train[:64]",
                "--config.test_split=test[:64]", "--config.batch_size=64",
@@ -92,9 +99,11 @@ def runs(tmp_path_factory):
     for name, proc in started.items():
       out, err = proc.communicate(timeout=900)
       results[name] = (proc.returncode, out, err)
-    proc = popen(probe)
-    out, err = proc.communicate(timeout=900)
-    results["probe"] = (proc.returncode, out, err)
+    after = {"probe": popen(probe), "main_no_data": popen(no_data)}
+    started.update(after)
+    for name, proc in after.items():
+      out, err = proc.communicate(timeout=900)
+      results[name] = (proc.returncode, out, err)
   finally:
     for proc in started.values():
       if proc.poll() is None:

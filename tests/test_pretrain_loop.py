@@ -2,8 +2,11 @@
 incompatible checkpoints, load_run.
 
 One uninterrupted in-process run (the `reference` fixture) is shared by the tests; the resume
-test runs `python -m jaxcontrast.main` in subprocesses (same XLA flags as this process, from
-conftest) and compares its final state bitwise with the reference.
+test kills a `python -m jaxcontrast.main` subprocess (same XLA flags and persistent compilation
+cache as this process, from conftest), resumes it here and compares its final state bitwise with
+the reference. Every run here has the reference's train step (same config where it shapes the
+program), so the step is compiled once and loaded from the cache afterwards; the results stay
+bitwise the same, the loaded executable being the compiled one.
 
 The split is cut to 32 images (2 steps of 16 per epoch) and the queue stores source ids
 (K = 64 = the keys of the last two epochs), so every checkpoint at an epoch boundary must hold
@@ -86,26 +89,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache while this module runs: the runs here compile the same
-  programs (the resumed runs, in this process and in subprocesses, load the reference's). The
-  loaded executables are the compiled ones, so results stay bitwise the same."""
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  for key, value in zip(keys, (path, 0.0, 0)):
-    jax.config.update(key, value)
-  cc.reset_cache()
-  yield path
-  for key, value in old.items():
-    jax.config.update(key, value)
-  cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir, compile_cache):  # pylint: disable=unused-argument
+def reference(tmp_path_factory, data_dir):
   """An uninterrupted run; workdir given as a file:// URI."""
   workdir = tmp_path_factory.mktemp("reference")
   knn = {"knn_every": STEPS, "knn.num_train": 32, "knn.k": 10, "knn.batch_size": 32,
@@ -187,39 +171,62 @@ def _metric_steps(workdir):
   return [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()]
 
 
-def test_kill_sigterm_and_resume_is_exact(reference, data_dir, compile_cache, tmp_path):
-  """SIGKILL after the first checkpoint, SIGTERM in the resumed run, then finish: the final
-  state equals the uninterrupted run's bit for bit, each epoch's examples are seen once, and
-  metrics.jsonl has each step once."""
+def _signal_after(calls, sig, monkeypatch):
+  """Sends `sig` to this process once the run's jitted step has been called `calls` times. The
+  step itself is the run's own compiled program (the wrapper is outside jit)."""
+  jit = train_step.jit_train_step
+
+  def jit_and_count(*args, **kwargs):
+    step_fn, n = jit(*args, **kwargs), [0]
+
+    def counted(state, batch):
+      out = step_fn(state, batch)
+      n[0] += 1
+      if n[0] == calls:
+        os.kill(os.getpid(), sig)
+      return out
+    return counted
+
+  monkeypatch.setattr(train_step, "jit_train_step", jit_and_count)
+
+
+def test_kill_sigterm_and_resume_is_exact(reference, data_dir, tmp_path, monkeypatch, caplog):
+  """SIGKILL of `python -m jaxcontrast.main` after its first checkpoint, SIGTERM in the resumed
+  run, then finish: the final state equals the uninterrupted run's bit for bit, each epoch's
+  examples are seen once, and metrics.jsonl has each step once.
+
+  The resumed run is in this process, the SIGTERM sent to it from its step loop: the entry
+  point's own SIGTERM (exit status 0, the step it stopped at saved, then resumed) is
+  test_multiprocess.py::test_preempted_processes_save_the_same_step_and_resume."""
   ref_dir, _ = reference
   workdir = epath.Path(tmp_path / "resumed")
   command = _command(workdir, data_dir)
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compile_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  # The suite's environment (conftest): its XLA flags and persistent compilation cache.
+  env = dict(os.environ, PYTHONPATH=REPO)
 
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   _wait_for(lambda: _committed(workdir), proc, "the first checkpoint")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  proc.stderr.close()
   killed_at = _committed(workdir)
   assert killed_at and max(killed_at) < STEPS, killed_at
 
-  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
   resumed_from = max(killed_at)
   # Lines the killed run logged after its checkpoint linger until the resumed run drops them:
-  # wait for a step beyond all of them.
+  # the signal comes at a step beyond all of them.
   logged = max(_metric_steps(workdir))
-  _wait_for(lambda: max(_metric_steps(workdir), default=0) > logged, proc,
-            "a step after the resume")
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=240)
-  assert proc.returncode == 0, err[-3000:]
-  assert "stopped by SIGTERM" in err and f"resumed from" in err
-  stopped = max(_metric_steps(workdir))
-  assert stopped < STEPS, "the run finished before SIGTERM arrived"
-  assert max(_committed(workdir)) == stopped  # Saved the step it stopped at.
+  sigterm_at = max(logged, resumed_from) + 1
+  assert sigterm_at < STEPS, f"the killed run logged step {logged} before SIGKILL arrived"
+  _signal_after(sigterm_at - resumed_from, signal.SIGTERM, monkeypatch)
+  with caplog.at_level("INFO", logger="jaxcontrast"):
+    last = pretrain.train_and_evaluate(_config(data_dir), workdir)
+  assert f"resumed from" in caplog.text and "stopped by SIGTERM" in caplog.text, caplog.text
+  assert last["step"] == sigterm_at
+  assert _metric_steps(workdir) == list(range(1, sigterm_at + 1))
+  assert max(_committed(workdir)) == sigterm_at  # Saved the step it stopped at.
+  monkeypatch.undo()
 
   last = pretrain.train_and_evaluate(_config(data_dir), workdir)  # The same config, finishes.
   assert last["step"] == STEPS
@@ -234,22 +241,23 @@ def test_kill_sigterm_and_resume_is_exact(reference, data_dir, compile_cache, tm
 
 def test_nan_stops_with_the_step_and_saves_nothing_non_finite(data_dir, tmp_path, monkeypatch):
   """From step 3 on the step returns NaN parameters and loss: the run stops naming step 3 and
-  the last good checkpoint (2), and no later checkpoint exists."""
-  make = train_step.make_train_step
+  the last good checkpoint (2), and no later checkpoint exists. The poison is applied after the
+  run's own compiled step (the reference's program, from the compilation cache)."""
+  jit = train_step.jit_train_step
 
-  def poisoned(*args, **kwargs):
-    step_fn = make(*args, **kwargs)
+  @jax.jit
+  def poison(new_state, metrics):
+    bad = new_state.step >= 3
+    nan_from_3 = lambda x: jnp.where(bad, jnp.nan, x)
+    new_state = new_state.replace(params=jax.tree.map(nan_from_3, new_state.params))
+    return new_state, dict(metrics, loss=nan_from_3(metrics["loss"]))
 
-    def wrapped(state, batch):
-      new_state, metrics = step_fn(state, batch)
-      bad = new_state.step >= 3
-      poison = lambda x: jnp.where(bad, jnp.nan, x)
-      new_state = new_state.replace(params=jax.tree.map(poison, new_state.params))
-      return new_state, dict(metrics, loss=poison(metrics["loss"]))
-    return wrapped
+  def jit_and_poison(*args, **kwargs):
+    step_fn = jit(*args, **kwargs)
+    return lambda state, batch: poison(*step_fn(state, batch))
 
-  monkeypatch.setattr(train_step, "make_train_step", poisoned)
-  config = _config(data_dir, total_steps=6, checkpoint_every=2, log_every=100)
+  monkeypatch.setattr(train_step, "jit_train_step", jit_and_poison)
+  config = _config(data_dir, checkpoint_every=2, log_every=100)
   with pytest.raises(pretrain.NonFiniteLossError,
                      match=r"at step 3 .*Last good checkpoint: step 2"):
     pretrain.train_and_evaluate(config, tmp_path)

@@ -137,7 +137,6 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
   """Probes the run in `workdir` per `probe_config` (`default_probe_config()`); writes the JSON
   result (process 0) and returns it."""
   from jaxcontrast.run import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
   config_lib.validate(probe_config)
   if len(config_lib.encoder_list(probe_config)) > 1:
     raise ValueError(f"run_probe probes one encoder, got {probe_config.encoder!r}: call it for "
@@ -150,6 +149,9 @@ def run_probe(workdir, probe_config, *, mesh=None) -> dict:
       workdir, encoder=probe_config.encoder, step=probe_config.step,
       data_overrides=probe_config.data.to_dict())
   data_cfg = probe_data_config(saved_config, probe_config)
+  # TensorFlow (the input pipeline) only once there is a run to probe: a workdir without a
+  # checkpoint is reported without its import.
+  from jaxcontrast.data import pipeline  # pylint: disable=g-import-not-at-top
   info = pipeline.dataset_info(data_cfg)
   num_classes, num_train = info["num_classes"], info["num_train"]
   if not num_classes:
