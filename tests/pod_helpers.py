@@ -14,17 +14,26 @@ FAKES = ROOT / "tests" / "fakes"
 WAIT = 300   # seconds for any one phase (a loaded machine: start-up is most of it)
 
 
-def fake_env(fake_root_var, fake_root, *, compile_cache=False):
+def separate_compile_cache(env: dict) -> dict:
+  """`env` with JAX's persistent compilation cache in a folder of its own inside the suite's,
+  for multi-process runs. JAX's cache key does not tell the process layout apart: the same
+  8-device program compiled in one process (the in-process runs of the suite) and loaded by two
+  processes of 4 devices computed step 5's loss as the 1 x 8 run does (4.758658 against the
+  2 x 4 runs' 4.758603), and 2-process TPU-launcher runs that loaded such entries failed at the
+  first step in 3 of 4 tries (gloo: "GetKeyValue() timed out"). Runs of one layout sharing a
+  folder load what the first of them compiled."""
+  env = dict(env)
+  if env.get("JAX_COMPILATION_CACHE_DIR"):
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"],
+                                                    "multiprocess")
+  return env
+
+
+def fake_env(fake_root_var, fake_root):
   """The caller's environment for a launcher: the fakes first on PATH, CPU JAX with 4 devices
-  per process (each worker inherits it through the fake)."""
-  env = dict(os.environ)
+  per process (each worker inherits it through the fake), the multi-process compilation cache."""
+  env = separate_compile_cache(os.environ)
   env.pop("PYTHONPATH", None)   # the workers import the code the launcher shipped / cd'd to
-  if not compile_cache:
-    # The TPU scenario's workers run without the suite's persistent compilation cache: its
-    # 2-process runs that loaded their train step from a populated cache failed at the first
-    # step in 3 of 4 tries (gloo: "Gloo context initialization failed: ... GetKeyValue() timed
-    # out"); none of those that compiled it did.
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                  env.get("XLA_FLAGS", ""))
   env.update(PATH=f"{FAKES}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu",

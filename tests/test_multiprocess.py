@@ -60,7 +60,8 @@ def _start(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
            devices: int = 8, name: str = ""):
   """Starts `python -m module args` as `processes` processes of `devices / processes` CPU
   devices each; returns (Popen objects, their log files: stdout + stderr)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+  env = dict(pod_helpers.separate_compile_cache(os.environ), JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(ROOT),
              XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices // processes} "
                         "--xla_backend_optimization_level=0"))
   extra = [[]]
@@ -303,7 +304,7 @@ def slurm(runs, tmp_path_factory):
   data_dir = runs["data_dir"]
   base = pathlib.Path(tmp_path_factory.mktemp("slurm"))
   workdir = base / "workdir"
-  env = pod_helpers.fake_env("FAKE_SLURM_ROOT", base / "slurm", compile_cache=True)
+  env = pod_helpers.fake_env("FAKE_SLURM_ROOT", base / "slurm")
   env["FAKE_SLURM_GRACE"] = str(pod_helpers.WAIT)
   # JAX logs the devices each process drives ("visible devices: ...") at INFO, which the entry
   # point hides unless asked.
