@@ -34,12 +34,18 @@ def fake_env(fake_root_var, fake_root):
   per process (each worker inherits it through the fake), the multi-process compilation cache."""
   env = separate_compile_cache(os.environ)
   env.pop("PYTHONPATH", None)   # the workers import the code the launcher shipped / cd'd to
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 env.get("XLA_FLAGS", ""))
   env.update(PATH=f"{FAKES}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip(),
-             **{fake_root_var: str(fake_root)})
+             XLA_FLAGS=process_xla_flags(4), **{fake_root_var: str(fake_root)})
   return env
+
+
+def process_xla_flags(devices: int) -> str:
+  """The suite's XLA_FLAGS (tests/conftest.py) with `devices` CPU devices per process. Runs that
+  are compared must compile alike: the flags choose the CPU convolution kernels, whose rounding
+  differs."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def free_port() -> int:

@@ -62,8 +62,7 @@ def _start(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
   devices each; returns (Popen objects, their log files: stdout + stderr)."""
   env = dict(pod_helpers.separate_compile_cache(os.environ), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT),
-             XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices // processes} "
-                        "--xla_backend_optimization_level=0"))
+             XLA_FLAGS=pod_helpers.process_xla_flags(devices // processes))
   extra = [[]]
   if processes > 1:
     port = _free_port()
