@@ -41,8 +41,10 @@ FLAGS = flags.FLAGS
 VERBOSE_ENV = "JAXCONTRAST_VERBOSE"
 EXIT_USER_ERROR = 2
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
-# Orbax reports every read-only CheckpointManager (each probe opens one) at WARNING.
-_NOISE = re.compile(r"read only|read_only=True")
+# Orbax reports every read-only CheckpointManager (each probe opens one) at WARNING; tfds warns
+# about a dataset version folder without dataset_info.json each time `fashion_mnist` is looked
+# up where only the Debian files are prepared (the folder need not exist).
+_NOISE = re.compile(r"read only|read_only=True|has no dataset_info\.json")
 
 
 def program() -> str:

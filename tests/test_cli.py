@@ -24,13 +24,14 @@ TINY = "--config=configs/moco_fashion_mnist.py:tiny"
 # The settings of test_pretrain_loop.py's runs that shape the train step's program.
 SHARED_PROGRAM = ("--config.total_steps=8", "--config.queue.store_ids=True")
 # Lines the libraries print when nothing silences them (TensorFlow's C++ and Python loggers,
-# JAX's backend probing, Orbax's read-only CheckpointManager notices, pip).
+# JAX's backend probing, Orbax's read-only CheckpointManager notices, tfds' missing-info
+# warning for a dataset not prepared, pip).
 NOISE = re.compile(
     r"Unable to initialize backend|is deprecated and will be removed|Instructions for updating|"
     r"oneDNN custom operations|TF_ENABLE_ONEDNN_OPTS|read only|read_only=True|"
     r"cpu_feature_guard|This TensorFlow binary is optimized|rebuild TensorFlow with|"
     r"absl::InitializeLog|Unable to register cu(DNN|FFT|BLAS) factory|"
-    r"Successfully installed|Obtaining file://|\[notice\]")
+    r"Successfully installed|Obtaining file://|\[notice\]|has no dataset_info\.json")
 
 
 def _environment():
