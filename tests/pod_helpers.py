@@ -16,12 +16,11 @@ WAIT = 300   # seconds for any one phase (a loaded machine: start-up is most of 
 
 def separate_compile_cache(env: dict) -> dict:
   """`env` with JAX's persistent compilation cache in a folder of its own inside the suite's,
-  for multi-process runs. JAX's cache key does not tell the process layout apart: the same
-  8-device program compiled in one process (the in-process runs of the suite) and loaded by two
-  processes of 4 devices computed step 5's loss as the 1 x 8 run does (4.758658 against the
-  2 x 4 runs' 4.758603), and 2-process TPU-launcher runs that loaded such entries failed at the
-  first step in 3 of 4 tries (gloo: "GetKeyValue() timed out"). Runs of one layout sharing a
-  folder load what the first of them compiled."""
+  for multi-process runs: they load only what other multi-process runs compiled. 2-process
+  TPU-launcher runs that loaded their train step from the suite's shared cache failed at the
+  first step in 3 of 4 tries (gloo: "GetKeyValue() timed out"; cause not found); with a folder
+  of their own they have passed every time so far. Runs of one layout sharing the folder load
+  what the first of them compiled."""
   env = dict(env)
   if env.get("JAX_COMPILATION_CACHE_DIR"):
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"],
