@@ -3,15 +3,13 @@ loss on 8 (simulated) devices checked against the single-device value.
 
   python -m jaxcontrast.demo
 """
-import os
 
 
 def main():
-  # 8 simulated CPU devices for the sharded check, set here rather than at import time: importing
-  # this module changes nothing, and the flags only take effect if jax is not yet imported.
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax  # pylint: disable=g-import-not-at-top
+  # On a CPU backend, 8 simulated devices for the sharded check (a JAX option read by the CPU
+  # backend only, set in main: importing this module changes nothing); GPUs and TPUs use theirs.
+  jax.config.update("jax_num_cpu_devices", 8)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from jaxcontrast import losses  # pylint: disable=g-import-not-at-top

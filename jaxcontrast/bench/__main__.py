@@ -57,9 +57,9 @@ def main(argv):
   config_lib.validate_config(config)   # the overrides
   os.environ.update(cli.quiet_environment())
   if _DEVICES.value and "xla_force_host_platform_device_count" not in os.environ.get(
-      "XLA_FLAGS", ""):   # CPU: simulate the devices (ignored by GPU/TPU backends)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_DEVICES.value}")
+      "XLA_FLAGS", ""):   # CPU: simulate the devices (a CPU-backend option; GPU/TPU ignore it)
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   from jaxcontrast.bench import step as step_lib  # pylint: disable=g-import-not-at-top
   print(f"[bench] {config.method} {config.model.arch} {step_lib.image_size(config)}px batch "
         f"{config.global_batch_size} K {config.queue.size} ({config.queue.mode}) "
