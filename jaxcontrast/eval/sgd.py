@@ -135,14 +135,15 @@ def train_linear_sgd(*, apply_fn, variables, data_config, sgd_config, num_classe
                      out_shardings=(shardings, repl), donate_argnums=0)
 
   directory = epath.Path(checkpoint_dir)
+  from jaxcontrast.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      max_to_keep=2, create=True), item_names=("state",))
+      max_to_keep=2, create=True), item_handlers={"state": checkpoint_lib.state_handler()})
   start = 0
   if manager.latest_step() is not None:
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
     state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+        state=checkpoint_lib.restore_arg(abstract)))["state"]
     start = int(state.step)
     log.info("linear probe: resumed from step %d in %s", start, directory)
 
@@ -167,7 +168,7 @@ def train_linear_sgd(*, apply_fn, variables, data_config, sgd_config, num_classe
                  (time.perf_counter() - t0))
         info.update(last_loss=float(m["loss"]), last_train_acc=float(m["acc"]))
       if done % every == 0 or done == total:
-        manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+        manager.save(done, args=ocp.args.Composite(state=checkpoint_lib.save_arg(state)),
                      force=True)
     manager.wait_until_finished()
   manager.close()
