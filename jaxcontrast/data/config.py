@@ -156,4 +156,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.antialias = True
   # tf.data private thread pool size (big_vision: 48); 0 = the default shared pool.
   c.threadpool_size = 48
+  # tf.data's autotuning (a model thread that re-tunes parallel calls and buffers). Off, parallel
+  # maps use every host core. On, TensorFlow (2.21) blocks the destruction of an iterator (the
+  # end of a run) until that thread's next wake-up (42 s seen; docs/data.md).
+  c.autotune = False
   return c

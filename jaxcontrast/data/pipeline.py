@@ -102,12 +102,13 @@ def device_augment(data_config):
 
 
 def _options(cfg) -> tf.data.Options:
-  """big_vision's host-side options."""
+  """big_vision's host-side options; tf.data autotuning only with `autotune` (config.py)."""
   options = tf.data.Options()
   if cfg.get("threadpool_size", 48):
     options.threading.private_threadpool_size = int(cfg.threadpool_size)
   options.threading.max_intra_op_parallelism = 1
   options.deterministic = True
+  options.autotune.enabled = bool(cfg.get("autotune", False))
   return options
 
 
@@ -422,6 +423,17 @@ def make_eval_dataset(data_config, *, batch_size: int, split: str | None = None,
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.prefetch(cfg.prefetch if cfg.prefetch is not None else tf.data.AUTOTUNE)
   return ds.with_options(options)
+
+
+def check_readable(data_config, split: str | None = None) -> None:
+  """Raises `errors.DataNotFoundError` (one line: what to prepare, where) when `split` (default:
+  the train split) cannot be read, and ValueError when it does not exist. Only opens the reader:
+  callers check before the expensive work (building and compiling the model) that would
+  otherwise run before the first read fails."""
+  r = _resolve(data_config)
+  split = split or r.train_split
+  datasets.check_split(r.builder, split)
+  datasets.read_split(r.builder, r.spec, split, base_split=split, decode=False)
 
 
 def dataset_info(data_config) -> dict:
