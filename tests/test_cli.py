@@ -4,11 +4,10 @@ without a checkpoint each end in one line on stderr and exit status 2, never a t
 tiny pretraining run and a probe of it print none of the libraries' known log noise.
 
 Every command starts at once in the module fixture (they are mostly interpreter start-up and
-imports), except the probe and the data set not prepared, which start once the pretraining has
-ended: the run without data fails only after it has initialised its model, whose program (the
-same shapes and settings as the pretraining's) it then loads from the suite's persistent
-compilation cache. The pretraining has the train step of test_pretrain_loop.py's runs (the same
-settings where they shape the program), compiled once in the suite.
+imports), except the probe, which starts once the pretraining has ended. The run without data
+fails before it builds its model or opens its checkpoints. The pretraining has the train step
+of test_pretrain_loop.py's runs (the same settings where they shape the program), compiled once
+in the suite.
 """
 import os
 import re
@@ -65,6 +64,8 @@ def runs(tmp_path_factory):
       "probe_bad_value": _cmd("jaxcontrast.eval.linear_probe", f"--workdir={empty}",
                               "--config.encoder=target,nope"),
       "pairs_help": _cmd("jaxcontrast.semantic_pairs", "--help"),
+      "main_no_data": _cmd("jaxcontrast.main", TINY, "--config.data.dataset=tfds:cifar10",
+                           f"--config.data.data_dir={empty}", f"--workdir={tmp / 'no_data'}"),
   }
   # The tiny config through a file that counts its executions.
   counting = tmp / "counting.py"
@@ -79,10 +80,6 @@ def runs(tmp_path_factory):
                   f"--config.data.data_dir={data_dir}", *SHARED_PROGRAM,
                   "--config.data.train_split=train[:32]", "--config.log_every=1",
                   "--config.data.threadpool_size=0")
-  # CIFAR-10 as 16 x 16 grey images: the pretraining's model, hence its init program.
-  no_data = _cmd("jaxcontrast.main", TINY, "--config.data.dataset=tfds:cifar10",
-                 f"--config.data.data_dir={empty}", "--config.data.num_channels=1",
-                 *SHARED_PROGRAM, f"--workdir={tmp / 'no_data'}")
   probe = _cmd("jaxcontrast.eval.linear_probe", f"--workdir={run_dir}",
                "--config.encoder=target,pixels", "--config.train_split=train[:64]",
                "--config.test_split=test[:64]", "--config.batch_size=64",
@@ -100,7 +97,7 @@ def runs(tmp_path_factory):
     for name, proc in started.items():
       out, err = proc.communicate(timeout=900)
       results[name] = (proc.returncode, out, err)
-    after = {"probe": popen(probe), "main_no_data": popen(no_data)}
+    after = {"probe": popen(probe)}
     started.update(after)
     for name, proc in after.items():
       out, err = proc.communicate(timeout=900)
@@ -155,6 +152,8 @@ def test_bad_key_and_value_are_one_line_naming_them(runs):
 def test_missing_dataset_and_checkpoint_are_one_line(runs):
   line = _one_line_error(runs["main_no_data"])
   assert "cifar10" in line and "not prepared" in line
+  # Checked before the model is built (it compiles for a while) and the checkpoints are opened.
+  assert not (runs["tmp"] / "no_data" / "checkpoints").exists()
   line = _one_line_error(runs["probe_no_checkpoint"])
   assert "No checkpoint" in line and str(runs["tmp"] / "empty") in line
 

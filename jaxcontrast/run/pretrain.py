@@ -190,6 +190,8 @@ def train_and_evaluate(config, workdir) -> dict:
   local_batch = config.global_batch_size // process_count
   streams = pipeline.num_streams(config.data, process_count)
   info = pipeline.dataset_info(config.data)
+  # A data set that is not prepared fails here in one line, not after the model has compiled.
+  pipeline.check_readable(config.data)
   local_size = pipeline.local_train_size(config.data)
   steps = total_steps(config, info["num_train"])
   log_every = max(1, int(config.log_every))
