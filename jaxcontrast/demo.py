@@ -3,9 +3,13 @@ loss on 8 (simulated) devices checked against the single-device value.
 
   python -m jaxcontrast.demo
 """
+import argparse
 
 
-def main():
+def main(argv=None):
+  # Takes no options; --help describes the demo instead of running it.
+  argparse.ArgumentParser(prog="python -m jaxcontrast.demo", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   # On a CPU backend, 8 simulated devices for the sharded check (a JAX option read by the CPU
   # backend only, set in main: importing this module changes nothing); GPUs and TPUs use theirs.
