@@ -21,8 +21,6 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# tfds must never try the network inside tests.
-os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", ".tfds_test_data"))
 
 # One persistent compilation cache for the whole run, shared by both xdist workers and every
 # subprocess a test starts (they inherit the environment): tests compile the same tiny programs
@@ -34,12 +32,26 @@ _CACHE = os.path.join(tempfile.gettempdir(), f"jaxcontrast_test_jit_cache_{_RUN}
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# tfds' data folder for the run, also removed at the end: tfds must never try the network inside
+# tests, and the tests that read Fashion-MNIST read it there (prepared once, 1,000 examples per
+# split: test_data_helpers.prepared_fashion_dir, by the autouse fixture below). Preparing all
+# 70,000 images took ~20 s.
+_TFDS = os.path.join(tempfile.gettempdir(), f"jaxcontrast_test_tfds_{_RUN}")
+os.environ["TFDS_DATA_DIR"] = _TFDS
 
 
 def pytest_sessionfinish(session, exitstatus):
   del exitstatus
   if not hasattr(session.config, "workerinput"):   # the controller (or a run without xdist)
     shutil.rmtree(_CACHE, ignore_errors=True)
+    shutil.rmtree(_TFDS, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fashion_mnist_prepared():
+  """Tests that leave `data.data_dir` unset (the default folder) find Fashion-MNIST prepared."""
+  from test_data_helpers import prepared_fashion_dir  # pylint: disable=g-import-not-at-top
+  prepared_fashion_dir()
 
 
 # Modules whose tests share an expensive module-scoped fixture (a pretraining run, a 2-process

@@ -1,9 +1,14 @@
 """Shared set-up of the data tests (no tests here): a prepared Fashion-MNIST tfds folder.
 
-The tfds dataset is prepared once per test process from the real Debian files into a pytest tmp
-folder, capped at PREPARED_EXAMPLES per split to keep the suite fast (the full files are checked
-by the NumPy-loader tests). Nothing depends on ~/tensorflow_datasets, and nothing downloads.
+The tfds dataset is prepared once per test run from the real Debian files into the run's
+TFDS_DATA_DIR (tests/conftest.py: a temporary folder shared by the xdist workers and the
+subprocesses), capped at PREPARED_EXAMPLES per split to keep the suite fast (the full files are
+checked by the NumPy-loader tests). Tests that leave `data_dir` unset read the same folder.
+Nothing depends on ~/tensorflow_datasets, and nothing downloads.
 """
+import fcntl
+import os
+
 import numpy as np
 import pytest
 
@@ -11,16 +16,22 @@ PREPARED_EXAMPLES = 1000
 _PREPARED = {}
 
 
-def prepared_fashion_dir(tmp_path_factory) -> str:
-  """tfds data_dir holding fashion_mnist_debian (first PREPARED_EXAMPLES of each split)."""
+def prepared_fashion_dir(tmp_path_factory=None) -> str:
+  """tfds data_dir holding fashion_mnist_debian (first PREPARED_EXAMPLES of each split): the
+  run's TFDS_DATA_DIR, prepared by the first worker that asks (the others wait on a lock)."""
+  del tmp_path_factory   # kept for the callers' signature; the folder is the run's
   if "dir" not in _PREPARED:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from jaxcontrast.data import fashion_mnist_tfds  # pylint: disable=g-import-not-at-top
     del fashion_mnist_tfds  # Registers the builder.
-    data_dir = str(tmp_path_factory.mktemp("tfds_fashion"))
-    builder = tfds.builder("fashion_mnist_debian", data_dir=data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        max_examples_per_split=PREPARED_EXAMPLES))
+    data_dir = os.environ["TFDS_DATA_DIR"]
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = tfds.builder("fashion_mnist_debian", data_dir=data_dir)
+      if not builder.is_prepared():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            max_examples_per_split=PREPARED_EXAMPLES))
     _PREPARED["dir"] = data_dir
   return _PREPARED["dir"]
 
