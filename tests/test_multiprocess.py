@@ -131,10 +131,15 @@ def runs(tmp_path_factory):
   2 x 4 (`python -m` subprocesses), each pretrained, then probed; "data_dir": the data."""
   data_dir = prepared_fashion_dir(tmp_path_factory)
   one = epath.Path(tmp_path_factory.mktemp("run_1x8"))
-  _reference(one, data_dir)
-  _probe(one, data_dir)
   two = epath.Path(tmp_path_factory.mktemp("run_2x4"))
-  logs = _launch("jaxcontrast.main", _main_args(two, data_dir), processes=2, log_dir=two)
+  # The 2 x 4 processes run while this process trains: they wait on each other's collectives
+  # much of the time, and the cores are better used by both at once.
+  procs, logs = _start("jaxcontrast.main", _main_args(two, data_dir), processes=2, log_dir=two)
+  try:
+    _reference(one, data_dir)
+  finally:
+    logs = _wait("jaxcontrast.main", procs, logs)
+  _probe(one, data_dir)
   probe = _launch("jaxcontrast.eval.linear_probe",
                   ["--workdir", str(two), f"--config.data_dir={data_dir}",
                    *(f"--config.{o}" for o in PROBE)], processes=2, log_dir=two)
@@ -235,9 +240,12 @@ def resumed(runs, tmp_path_factory):
   for layout in ("2x2", "1x8"):
     workdirs[layout] = epath.Path(tmp_path_factory.mktemp(f"resume_{layout}"))
     shutil.copytree(runs[2][0] / "checkpoints" / "4", workdirs[layout] / "checkpoints" / "4")
-  _launch("jaxcontrast.main", _main_args(workdirs["2x2"], data_dir, total_steps=5), processes=2,
-          devices=4, log_dir=workdirs["2x2"])
-  _reference(workdirs["1x8"], data_dir, total_steps=5)
+  procs, logs = _start("jaxcontrast.main", _main_args(workdirs["2x2"], data_dir, total_steps=5),
+                       processes=2, devices=4, log_dir=workdirs["2x2"])
+  try:
+    _reference(workdirs["1x8"], data_dir, total_steps=5)
+  finally:
+    _wait("jaxcontrast.main", procs, logs)
   return workdirs
 
 
