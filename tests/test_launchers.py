@@ -25,8 +25,11 @@ from pod_helpers import (ROOT, WAIT, alive, checkpoints, fake_env, free_port, ki
 from test_data_helpers import prepared_fashion_dir
 
 STEPS = 200   # never reached: every run here is stopped by a signal
-# The pod configuration of tests/test_multiprocess.py, one line of progress per step.
-OVERRIDES = ["--config.global_batch_size=64", "--config.queue.size=128",
+# The pod configuration of tests/test_multiprocess.py, one line of progress per step, at the tiny
+# config's batch (2 images per device: nothing is compared across layouts here, and every phase
+# waits for steps, which a smaller batch makes quicker).
+BATCH = 16
+OVERRIDES = [f"--config.global_batch_size={BATCH}", "--config.queue.size=128",
              "--config.data.streams=2", "--config.data.train_split=train[:256]",
              f"--config.total_steps={STEPS}", f"--config.checkpoint_every={STEPS}",
              "--config.knn_every=0", "--config.log_every=1", "--config.bn.mode=shuffle",
@@ -179,7 +182,7 @@ def test_tpu_stop_saves_a_checkpoint_and_exits(tpu):
 def test_tpu_same_command_resumes_and_reuses_the_setup(tpu):
   first = tpu["checkpoints_after_signal"][-1]
   for log in tpu["second_run"]:
-    assert f"at step {first} (input: example {first * 32} of each process)" in log
+    assert f"at step {first} (input: example {first * BATCH // 2} of each process)" in log
     assert "resumed from" in log
   assert tpu["checkpoints_at_end"][-1] > first
   assert _last_step(tpu["second_run"][0]) > first
