@@ -49,7 +49,7 @@ def _cmd(module, *args):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """{name: CompletedProcess-like (returncode, stdout, stderr)} of every command."""
-  data_dir = prepared_fashion_dir(tmp_path_factory)
+  data_dir = prepared_fashion_dir()
   tmp = tmp_path_factory.mktemp("cli")
   empty = tmp / "empty"
   empty.mkdir()

@@ -16,10 +16,9 @@ PREPARED_EXAMPLES = 1000
 _PREPARED = {}
 
 
-def prepared_fashion_dir(tmp_path_factory=None) -> str:
+def prepared_fashion_dir() -> str:
   """tfds data_dir holding fashion_mnist_debian (first PREPARED_EXAMPLES of each split): the
   run's TFDS_DATA_DIR, prepared by the first worker that asks (the others wait on a lock)."""
-  del tmp_path_factory   # kept for the callers' signature; the folder is the run's
   if "dir" not in _PREPARED:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from jaxcontrast.data import fashion_mnist_tfds  # pylint: disable=g-import-not-at-top
@@ -37,8 +36,8 @@ def prepared_fashion_dir(tmp_path_factory=None) -> str:
 
 
 @pytest.fixture(scope="session")
-def fashion_dir(tmp_path_factory):
-  return prepared_fashion_dir(tmp_path_factory)
+def fashion_dir():
+  return prepared_fashion_dir()
 
 
 def fashion_config(data_dir, **overrides):

@@ -51,7 +51,7 @@ def tpu(tmp_path_factory):
   """start --follow -> SSH dropped -> same command again (running: nothing started) -> --status
   -> SIGTERM to worker 1 alone -> same command again (resumes) -> --stop. Returns what each phase
   showed."""
-  data_dir = prepared_fashion_dir(tmp_path_factory)
+  data_dir = prepared_fashion_dir()
   base = tmp_path_factory.mktemp("tpu_pod")
   workdir = base / "workdir"
   env = fake_env("FAKE_GCLOUD_ROOT", base / "gcloud")

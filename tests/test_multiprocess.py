@@ -129,7 +129,7 @@ def _probe(workdir, data_dir):
 def runs(tmp_path_factory):
   """{processes: (workdir, main's outputs, probe's outputs)} for 1 x 8 (in this process) and
   2 x 4 (`python -m` subprocesses), each pretrained, then probed; "data_dir": the data."""
-  data_dir = prepared_fashion_dir(tmp_path_factory)
+  data_dir = prepared_fashion_dir()
   one = epath.Path(tmp_path_factory.mktemp("run_1x8"))
   two = epath.Path(tmp_path_factory.mktemp("run_2x4"))
   # The 2 x 4 processes run while this process trains: they wait on each other's collectives

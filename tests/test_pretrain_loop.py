@@ -84,8 +84,8 @@ def _queue_ids_by_step(workdir):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return prepared_fashion_dir(tmp_path_factory)
+def data_dir():
+  return prepared_fashion_dir()
 
 
 @pytest.fixture(scope="module")
