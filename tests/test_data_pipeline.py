@@ -245,3 +245,15 @@ def test_recipe_overrides_and_presets():
   cfg.recipe = "nope"
   with pytest.raises(ValueError, match="Unknown recipe 'nope'.*mocov2"):
     recipes.view_recipes(cfg)
+
+
+def test_autotune_is_off_unless_asked(fashion_dir):
+  """tf.data's autotuning stays off by default in the training and evaluation datasets (with it
+  on, TensorFlow 2.21 held the end of a run in the iterator's destructor: docs/data.md), and
+  `data.autotune=True` turns it on."""
+  cfg = fashion_config(fashion_dir, train_split="test[:40]", eval_split="test[:40]")
+  for autotune in (False, True):
+    cfg.autotune = autotune
+    for ds in (_train(cfg), pipeline.make_eval_dataset(cfg, batch_size=8, process_index=0,
+                                                       process_count=1)):
+      assert ds.options().autotune.enabled is autotune
