@@ -182,7 +182,7 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
       "compiled_temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0) or 0),
       "state_bytes_per_device": state_bytes_per_device(holder["state"]),
       "flops_per_step": total_flops, "flops_per_image": total_flops / b,
-      "achieved_tflops": round(total_flops / median / 1e12, 2),
+      "achieved_tflops": significant(total_flops / median / 1e12),
       "final_loss": float(holder["metrics"]["loss"]),
   }
   result["ema_update_ms"] = ema_update_ms(holder["state"])
@@ -194,8 +194,14 @@ def bench_step(config, *, steps: int = 20, warmup: int = 3, devices: int | None 
     result.update(_time_loop(config, mesh, jitted, holder["state"], steps=steps, warmup=warmup))
   if peak_flops:
     result["peak_flops"] = peak_flops
-    result["mfu"] = round(total_flops / median / peak_flops, 6)
+    result["mfu"] = significant(total_flops / median / peak_flops)
   return result
+
+
+def significant(x: float, digits: int = 4) -> float:
+  """`x` rounded to `digits` significant digits: a CPU's MFU (~5e-4) keeps its precision, which
+  rounding to decimal places would not."""
+  return float(f"{x:.{digits}g}")
 
 
 def state_bytes_per_device(state) -> int:
