@@ -66,6 +66,10 @@ def _assert_trees_close(a, b, rtol, atol):
     # ResNet-18 without the second basic block of each stage: 2 convs 3x3 C->C + 2 BN (2C each)
     # for C = 64, 128, 256, 512.
     ("resnet10", 11_689_512 - 513_000 - sum(2 * 9 * c * c + 4 * c for c in (64, 128, 256, 512))),
+    # Stem (7x7x3x64 conv + BN), layer1 (two 3x3 64->64 convs + 2 BN), layer2 (3x3 64->128,
+    # 3x3 128->128, 1x1 64->128 downsample, 3 BN).
+    ("resnet6", 7 * 7 * 3 * 64 + 2 * 64 + 2 * 9 * 64 * 64 + 4 * 64
+     + 9 * 64 * 128 + 9 * 128 * 128 + 64 * 128 + 6 * 128),
 ])
 def test_full_width_parameter_counts_match_torchvision(arch, expected):
   variables = _shapes(models.build_resnet(arch), jnp.zeros((1, 224, 224, 3)), train=False)
@@ -77,8 +81,9 @@ def test_full_width_parameter_counts_match_torchvision(arch, expected):
 # basic-block depths: the stem is the same module whatever the blocks after it (tracing a
 # ResNet-50/34 is most of this test's cost), and the input channels only reach conv1.
 BACKBONE_SHAPE_CASES = (
-    [(arch, feat, "imagenet", 3) for arch, feat in (("resnet10", 128), ("resnet18", 128),
-                                                    ("resnet34", 128), ("resnet50", 512))] +
+    [(arch, feat, "imagenet", 3) for arch, feat in (("resnet6", 32), ("resnet10", 128),
+                                                    ("resnet18", 128), ("resnet34", 128),
+                                                    ("resnet50", 512))] +
     [("resnet10", 128, stem, 1) for stem in ("imagenet", "cifar", "cifar_s2")] +
     [(arch, 128, stem, 3) for arch in ("resnet10", "resnet18") for stem in ("cifar", "cifar_s2")])
 
@@ -98,7 +103,10 @@ def test_backbone_shapes(arch, feat, stem, channels):
   # cifar_s2 halves it.
   side = {"imagenet": 8, "cifar": 32, "cifar_s2": 16}[stem]
   assert state["intermediates"]["layer1_0"]["__call__"][0].shape[1:3] == (side, side)
-  assert state["intermediates"]["layer4_0"]["__call__"][0].shape[1:3] == (side // 8, side // 8)
+  # Stride 2 at every later stage: /8 after the 4th (/2 after ResNet-6's 2nd).
+  last = len(resnet_lib.ARCHS[arch][0])
+  assert state["intermediates"][f"layer{last}_0"]["__call__"][0].shape[1:3] == (
+      side // 2 ** (last - 1),) * 2
 
 
 def test_stride_padding_is_torchvision_symmetric():
@@ -479,3 +487,19 @@ def test_default_model_config_keys():
 def test_build_encoder_rejects_invalid_config(key, value):
   with pytest.raises(ValueError, match=key):
     models.build_encoder({key: value})
+
+
+def test_resnet6_weights_are_recognised_and_have_no_torchvision_model():
+  """A 2-stage state dict (torchvision's keys, layer1 and layer2 only) reads as ResNet-6, and
+  the export names no torchvision constructor for it (torchvision's ResNet has 4 stages)."""
+  from jaxcontrast.models import torch_weights  # pylint: disable=g-import-not-at-top
+  state_dict = {"conv1.weight": np.zeros((8, 1, 3, 3)), "bn1.running_mean": np.zeros(8),
+                "layer1.0.conv1.weight": np.zeros((8, 8, 3, 3)),
+                "layer2.0.conv1.weight": np.zeros((16, 8, 3, 3))}
+  assert torch_weights.infer_model_config(state_dict) == dict(
+      arch="resnet6", stem="cifar", width=0.125, norm="batch", in_channels=1)
+  state_dict["layer3.0.conv1.weight"] = np.zeros((32, 16, 3, 3))
+  with pytest.raises(ValueError, match=r"has \(1, 1, 1, 0\) basic blocks"):
+    torch_weights.infer_model_config(state_dict)
+  assert torch_weights.torchvision_model("resnet6", "cifar", 1.0)[0] is None
+  assert torch_weights.torchvision_model("resnet10", "cifar", 1.0)[0] is not None

@@ -1,4 +1,5 @@
-"""ResNet-18/34/50 backbones (torchvision v1.5 layout) returning pooled features.
+"""ResNet-18/34/50 backbones (torchvision v1.5 layout) returning pooled features, and the
+smaller ResNet-10 and 2-stage ResNet-6 of the tests.
 
 Layout as torchvision: stem, four stages of basic (R18/34) or bottleneck (R50) blocks with
 64/128/256/512 base channels (bottleneck output x4), stride 2 at the first block of stages
@@ -149,8 +150,13 @@ def _conv_factory(dtype: Any) -> Callable[..., nn.Module]:
 
 
 ARCHS = {
+    # Two stages of one basic block (stem, 2 x 2 convolutions, counted as torchvision counts
+    # ResNet-18's layers with the classifier): every kind of layer (stem, blocks, downsampling)
+    # at about half ResNet-10's compile time; for tests of the train step's plumbing. Features
+    # 128 x width. torchvision has no such model: `export` writes its weights with keys only.
+    "resnet6": ((1, 1), BasicBlock),
     # One basic block per stage: the `:tiny` configs (tests, smoke runs) compile it in about half
-    # the time of ResNet-18 and exercise every kind of layer (stem, blocks, downsampling).
+    # the time of ResNet-18.
     "resnet10": ((1, 1, 1, 1), BasicBlock),
     "resnet18": ((2, 2, 2, 2), BasicBlock),
     "resnet34": ((3, 4, 6, 3), BasicBlock),
@@ -167,6 +173,7 @@ def build_resnet(arch: str, **kwargs) -> ResNet:
 
 
 def feature_dim(arch: str, width: float) -> int:
-  """F, the backbone's output width."""
-  _, block_cls = ARCHS[arch]
-  return scaled(512, width) * block_cls.expansion
+  """F, the backbone's output width: the last stage's channels, 64 * 2**(stages - 1) * width
+  (x4 for bottlenecks)."""
+  stage_sizes, block_cls = ARCHS[arch]
+  return scaled(64 * 2 ** (len(stage_sizes) - 1), width) * block_cls.expansion

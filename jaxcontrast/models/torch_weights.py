@@ -231,7 +231,7 @@ def infer_model_config(state_dict: Mapping[str, Any]) -> dict:
   stages = tuple(len(blocks.get(i, ())) for i in (1, 2, 3, 4))
   bottleneck = "layer1.0.conv3.weight" in state_dict
   for arch, (sizes, block_cls) in ARCHS.items():
-    if tuple(sizes) == stages and (block_cls is Bottleneck) == bottleneck:
+    if tuple(sizes) + (0,) * (4 - len(sizes)) == stages and (block_cls is Bottleneck) == bottleneck:
       break
   else:
     raise ValueError(f"no ResNet in {tuple(ARCHS)} has {stages} "
@@ -253,6 +253,9 @@ def torchvision_model(arch: str, stem: str, width: float, norm: str = "batch",
     return None, (f"# torchvision has no {arch} at width {width:g} (its wide ResNets widen only "
                   "the bottleneck); keys and layouts are torchvision's")
   args = "norm_layer=lambda c: torch.nn.GroupNorm(math.gcd(c, 32), c)" if norm == "group" else ""
+  from jaxcontrast.models.resnet import ARCHS  # pylint: disable=g-import-not-at-top
+  if len(ARCHS[arch][0]) != 4:   # torchvision's ResNet class always has 4 stages
+    return None, f"# torchvision has no {arch}; keys and layouts are torchvision's"
   if ctor is None:   # resnet10: torchvision's ResNet class with one block per stage.
     ctor = "torchvision.models.resnet.ResNet"
     args = "torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]" + (", " + args if args else "")
