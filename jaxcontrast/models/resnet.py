@@ -153,7 +153,8 @@ ARCHS = {
     # Two stages of one basic block (stem, 2 x 2 convolutions, counted as torchvision counts
     # ResNet-18's layers with the classifier): every kind of layer (stem, blocks, downsampling)
     # at about half ResNet-10's compile time; for tests of the train step's plumbing. Features
-    # 128 x width. torchvision has no such model: `export` writes its weights with keys only.
+    # 128 x width. torchvision has no such model: `export` writes its weights with torchvision's
+    # keys and names no constructor.
     "resnet6": ((1, 1), BasicBlock),
     # One basic block per stage: the `:tiny` configs (tests, smoke runs) compile it in about half
     # the time of ResNet-18.

@@ -231,7 +231,8 @@ def infer_model_config(state_dict: Mapping[str, Any]) -> dict:
   stages = tuple(len(blocks.get(i, ())) for i in (1, 2, 3, 4))
   bottleneck = "layer1.0.conv3.weight" in state_dict
   for arch, (sizes, block_cls) in ARCHS.items():
-    if tuple(sizes) + (0,) * (4 - len(sizes)) == stages and (block_cls is Bottleneck) == bottleneck:
+    padded = tuple(sizes) + (0,) * (4 - len(sizes))   # ResNet-6: (1, 1, 0, 0)
+    if padded == stages and (block_cls is Bottleneck) == bottleneck:
       break
   else:
     raise ValueError(f"no ResNet in {tuple(ARCHS)} has {stages} "
