@@ -190,8 +190,8 @@ def test_one_device_equals_eight(method, variant, monkeypatch):
   and the 1- and 8-device runs reach step 2 at params a float rounding apart: with ReLU, CO2's
   second-step gradient differed by 2.7% of a layer's largest entry, only in the layers at and
   below one unit (layer2_0.conv1 and earlier), and by the same amount between two 1-device runs
-  on permuted batch rows; with GELU, by 8e-5 (measured on the ResNet-10). The sharding is what is under test, and
-  it does not depend on the activation; the other tests here keep ReLU."""
+  on permuted batch rows; with GELU, by 8e-5 (measured on the ResNet-10). The sharding is what
+  is under test, and it does not depend on the activation; the other tests here keep ReLU."""
   monkeypatch.setattr(nn, "relu", jax.nn.gelu)
   rng = np.random.RandomState(0)
   c = sharded_step_config(method, variant, "replicated")
