@@ -17,10 +17,12 @@ WAIT = 300   # seconds for any one phase (a loaded machine: start-up is most of 
 def separate_compile_cache(env: dict) -> dict:
   """`env` with JAX's persistent compilation cache in a folder of its own inside the suite's,
   for multi-process runs: they load only what other multi-process runs compiled. 2-process
-  TPU-launcher runs that loaded their train step from the suite's shared cache failed at the
-  first step in 3 of 4 tries (gloo: "GetKeyValue() timed out"; cause not found); with a folder
-  of their own they have passed every time so far. Runs of one layout sharing the folder load
-  what the first of them compiled."""
+  TPU-launcher runs that loaded their programs from the suite's shared cache failed at the
+  first step in 3 of 4 tries (gloo: "GetKeyValue() timed out"): a process that loads a program
+  reaches its first collective long before one that compiles it, and gloo waits 30 s for a
+  peer there. The train step is now waited for (`pretrain.compile_on_every_process`); the other
+  programs' first runs (restore, kNN) are not, so the folders stay apart. Runs of one layout
+  sharing the folder load what the first of them compiled."""
   env = dict(env)
   if env.get("JAX_COMPILATION_CACHE_DIR"):
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"],

@@ -28,7 +28,6 @@ from etils import epath
 
 from jaxcontrast import config_lib
 from jaxcontrast.run import checkpoint, pretrain
-from jaxcontrast.step import train_step
 from test_data_helpers import prepared_fashion_dir
 
 SPEC = "configs/moco_fashion_mnist.py:tiny"
@@ -172,12 +171,12 @@ def _metric_steps(workdir):
 
 
 def _signal_after(calls, sig, monkeypatch):
-  """Sends `sig` to this process once the run's jitted step has been called `calls` times. The
-  step itself is the run's own compiled program (the wrapper is outside jit)."""
-  jit = train_step.jit_train_step
+  """Sends `sig` to this process once the run's compiled step has been called `calls` times.
+  The step itself is the run's own compiled program (the wrapper is outside it)."""
+  compile_ = pretrain.compile_on_every_process
 
-  def jit_and_count(*args, **kwargs):
-    step_fn, n = jit(*args, **kwargs), [0]
+  def compile_and_count(*args, **kwargs):
+    step_fn, n = compile_(*args, **kwargs), [0]
 
     def counted(state, batch):
       out = step_fn(state, batch)
@@ -187,7 +186,7 @@ def _signal_after(calls, sig, monkeypatch):
       return out
     return counted
 
-  monkeypatch.setattr(train_step, "jit_train_step", jit_and_count)
+  monkeypatch.setattr(pretrain, "compile_on_every_process", compile_and_count)
 
 
 def test_kill_sigterm_and_resume_is_exact(reference, data_dir, tmp_path, monkeypatch, caplog):
@@ -243,7 +242,7 @@ def test_nan_stops_with_the_step_and_saves_nothing_non_finite(data_dir, tmp_path
   """From step 3 on the step returns NaN parameters and loss: the run stops naming step 3 and
   the last good checkpoint (2), and no later checkpoint exists. The poison is applied after the
   run's own compiled step (the reference's program, from the compilation cache)."""
-  jit = train_step.jit_train_step
+  compile_ = pretrain.compile_on_every_process
 
   @jax.jit
   def poison(new_state, metrics):
@@ -252,11 +251,11 @@ def test_nan_stops_with_the_step_and_saves_nothing_non_finite(data_dir, tmp_path
     new_state = new_state.replace(params=jax.tree.map(nan_from_3, new_state.params))
     return new_state, dict(metrics, loss=nan_from_3(metrics["loss"]))
 
-  def jit_and_poison(*args, **kwargs):
-    step_fn = jit(*args, **kwargs)
+  def compile_and_poison(*args, **kwargs):
+    step_fn = compile_(*args, **kwargs)
     return lambda state, batch: poison(*step_fn(state, batch))
 
-  monkeypatch.setattr(train_step, "jit_train_step", jit_and_poison)
+  monkeypatch.setattr(pretrain, "compile_on_every_process", compile_and_poison)
   config = _config(data_dir, checkpoint_every=2, log_every=100)
   with pytest.raises(pretrain.NonFiniteLossError,
                      match=r"at step 3 .*Last good checkpoint: step 2"):

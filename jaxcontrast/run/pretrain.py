@@ -15,7 +15,9 @@ SIGINT or SIGHUP (see `preemption.py`), never of a non-finite state.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from typing import Optional
 
 import jax
@@ -47,6 +49,38 @@ def step_inputs(batch: dict) -> dict:
 
 # Why a multi-process run stopped when this process caught no signal itself.
 _NOTICE = "a preemption notice (SIGTERM, here or to another process)"
+
+
+# How long a process waits at start-up for the others to finish compiling the train step.
+COMPILE_WAIT_S = 1800
+_barriers = itertools.count()   # a fresh barrier name per call, the same on every process
+
+
+def compile_on_every_process(step_fn, state, batch, *, timeout_s: int = COMPILE_WAIT_S):
+  """`step_fn` (jitted) compiled for these arguments; with several processes it returns only
+  once every process has compiled it (a barrier of JAX's coordination service, no device
+  collective; it fails after `timeout_s`).
+
+  Why: the devices of the processes connect at the first run of a program with collectives,
+  and processes whose compile times differ reach it apart (one loads the program from a
+  compilation cache while another compiles it, or its host is busier). CPU collectives (gloo)
+  give up after 30 s: a 2-process CPU run resumed on a loaded machine died at its first step in
+  `Gloo context initialization failed: ... Connect timeout`. Compiling first and then waiting
+  takes the compile time out of that skew on every backend.
+  """
+  started = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  log.info("compiled the train step in %.1f s", time.perf_counter() - started)
+  wait_for_every_process("jaxcontrast_step_compiled", timeout_s=timeout_s)
+  return compiled
+
+
+def wait_for_every_process(name: str, *, timeout_s: int) -> None:
+  """Returns once every process has called this with `name` (at once on one process); fails
+  after `timeout_s`. A barrier of JAX's coordination service, no device collective."""
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+    multihost.get_barrier_sync_fn()(key=f"{name}_{next(_barriers)}", timeout_ms=timeout_s * 1000)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -272,14 +306,16 @@ def train_and_evaluate(config, workdir) -> dict:
                   "is the latest. Run the same command again to resume.",
                   watcher.signalled or _NOTICE, start, start, ckpt.directory / str(start))
       return last
-    for step in range(start, steps):
-      batch = next(data)
-      batch = global_batch_from_local(mesh, step_inputs(batch))
-      state, metrics = step_fn(state, batch)
+    batches = (global_batch_from_local(mesh, step_inputs(b)) for b in data)
+    first = next(batches)
+    run_step = compile_on_every_process(step_fn, state, first)
+    # zip stops at the end of the range before it asks for another batch.
+    for step, batch in zip(range(start, steps), itertools.chain([first], batches)):
+      state, metrics = run_step(state, batch)
       examples += local_batch
       first_bad = _track_first_bad(first_bad, state.step, metrics["loss"], metrics["grad_norm"])
       done = step + 1
-      if step == start:  # Leave compilation out of images/s.
+      if step == start:  # Leave the first step (its set-up) out of images/s.
         jax.block_until_ready(metrics)
         bar.started(done)
       stop = watcher.reached(done)
