@@ -95,10 +95,12 @@ def mocov2_imagenet(c) -> None:
 
 
 def tiny(c) -> None:
-  """Shrinks any recipe for tests and smoke runs: ResNet-10 (one block per stage) at width 1/8,
-  16x16 inputs (local crops 12, 10, 8, ...), batch 16, K 64, 4 steps, no kNN; the method's own
-  settings stay (a file's own variants run before it, in any order: `:tiny,multicrop`)."""
-  c.model.update(arch="resnet10", stem="cifar", width=0.125, proj_hidden_dims=(32,), proj_dim=16)
+  """Shrinks any recipe for tests and smoke runs: ResNet-6 (two stages of one basic block) at
+  width 1/8, 16x16 inputs (local crops 12, 10, 8, ...), batch 16, K 64, 4 steps, no kNN; the
+  method's own settings stay (a file's own variants run before it, in any order:
+  `:tiny,multicrop`). `--config.model.arch=resnet10` gives the 4-stage network (torchvision's
+  layout, exportable to `torchvision.models.resnet.ResNet`)."""
+  c.model.update(arch="resnet6", stem="cifar", width=0.125, proj_hidden_dims=(32,), proj_dim=16)
   if c.model.pred_dim:
     c.model.update(pred_hidden_dims=(32,), pred_dim=16)
   c.data.image_size = 16

@@ -117,7 +117,7 @@ def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
   assert len(lines) == 1
   r = json.loads(lines[0])
   assert (r["method"], r["arch"], r["image_size"], r["batch"], r["queue_size"]) == \
-      ("moco", "resnet10", 16, 16, 64)
+      ("moco", "resnet6", 16, 16, 64)
   assert r["augment_on"] == "device"
   # The entry point ran with the flags the test gave it, nothing added.
   assert r["xla_flags"].split() == ["--xla_force_host_platform_device_count=1",

@@ -72,7 +72,7 @@ def test_every_encoder(workdir):
   assert target["l2"] in target["probe_config"]["full_batch"]["l2_grid"]
   assert 0 <= target["held_out_top1"] <= 1 and target["held_out_size"] == 26
   assert target["num_train"] == 256 and target["num_test"] == 128
-  assert target["feature_dim"] == 64   # ResNet-10 at width 1/8: 512 / 8
+  assert target["feature_dim"] == 16   # ResNet-6 at width 1/8: 128 / 8
   results = _probe(workdir, encoder="random,pixels")   # two probes, one process
   assert [r["encoder"] for r in results] == ["random", "pixels"]
   for encoder in ("random", "pixels"):

@@ -55,6 +55,7 @@ def run(tmp_path_factory):
   from jaxcontrast.step import train_step
   from jaxcontrast.step.optim import make_optimizer
   config = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
+  config.model.arch = "resnet10"   # 4 stages: what torchvision's ResNet builds
   mesh = make_mesh()
   models = train_step.build_models(config, mesh)
   tx, _ = make_optimizer(config.optim, global_batch_size=config.global_batch_size,

@@ -29,7 +29,8 @@ def available() -> tuple[bool, str]:
   return True, torch.__version__
 
 
-_LAYERS = {"resnet10": ("basic", (1, 1, 1, 1)), "resnet18": ("basic", (2, 2, 2, 2)),
+_LAYERS = {"resnet6": ("basic", (1, 1)), "resnet10": ("basic", (1, 1, 1, 1)),
+           "resnet18": ("basic", (2, 2, 2, 2)),
            "resnet34": ("basic", (3, 4, 6, 3)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
 
 
