@@ -39,23 +39,22 @@ from jaxcontrast import config_lib  # noqa: E402
 from jaxcontrast.bench import step as step_lib  # noqa: E402
 from jaxcontrast.models import norm  # noqa: E402
 
-_TWO_STAGE = norm._train_forward  # pylint: disable=protected-access
+_TWO_STAGE = norm._by_platform  # pylint: disable=protected-access
 
 
-def _plain(*a, two_stage, **k):
-  del two_stage
-  return _TWO_STAGE(*a, two_stage=False, **k)
+def _plain(impl, *args):
+  return impl(*args, two_stage=False)
 
 
 def compiled_step(config, variant):
   """(compiled step, state, batch) with BatchNorm's train path forced to `variant`."""
-  norm._train_forward = _TWO_STAGE if variant == "two-stage" else _plain  # pylint: disable=protected-access
+  norm._by_platform = _TWO_STAGE if variant == "two-stage" else _plain  # pylint: disable=protected-access
   try:
     _, _, jitted, state, batch = step_lib.build(config, devices=1)
     lowered = jitted.lower(state, batch)
     compiled = lowered.compile()
   finally:
-    norm._train_forward = _TWO_STAGE  # pylint: disable=protected-access
+    norm._by_platform = _TWO_STAGE  # pylint: disable=protected-access
   return compiled, state, batch, lowered.as_text().count("optimization_barrier")
 
 
@@ -71,11 +70,11 @@ def bench_layer(shape):
                                           mutable=["batch_stats"])[0] * r)
   fns = {}
   for variant in ("two-stage", "plain"):
-    norm._train_forward = _TWO_STAGE if variant == "two-stage" else _plain  # pylint: disable=protected-access
+    norm._by_platform = _TWO_STAGE if variant == "two-stage" else _plain  # pylint: disable=protected-access
     try:
       fns[variant] = jax.jit(jax.grad(loss, (0, 1))).lower(v["params"], x, r).compile()
     finally:
-      norm._train_forward = _TWO_STAGE  # pylint: disable=protected-access
+      norm._by_platform = _TWO_STAGE  # pylint: disable=protected-access
   times = {k: [] for k in fns}
   for i in range(args.repeats):
     for variant in (fns if i % 2 == 0 else list(fns)[::-1]):

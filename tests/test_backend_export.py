@@ -104,18 +104,19 @@ def test_sharded_queue_is_not_gathered(exported):
 def plain_batchnorm(monkeypatch):
   """GroupedBatchNorm's GPU/TPU path, forced on this CPU host."""
   from jaxcontrast.models import norm  # pylint: disable=g-import-not-at-top
-  both = norm._train_forward  # pylint: disable=protected-access
-  monkeypatch.setattr(norm, "_train_forward",
-                      lambda *a, two_stage, **k: both(*a, two_stage=False, **k))
+  monkeypatch.setattr(norm, "_by_platform", lambda impl, *args: impl(*args, two_stage=False))
 
 
 @pytest.mark.parametrize("groups,grouping", [(4, "strided"), (4, "contiguous"), (1, "strided")])
 @pytest.mark.parametrize("shape", [(8, 3, 2, 5), (12, 6)])
 def test_plain_batchnorm_matches_numpy(plain_batchnorm, groups, grouping, shape):
   """The path GPU and TPU run (never executed by the CPU tests otherwise): outputs, running
-  statistics and gradients against test_models' NumPy references."""
+  statistics and gradients (also through the running statistics) against test_models' NumPy
+  references."""
   del plain_batchnorm
   import test_models  # pylint: disable=g-import-not-at-top
   if groups == 4:
     test_models.test_grouped_bn_train_matches_numpy_reference(grouping, shape)
   test_models.test_grouped_bn_gradients_match_numpy_reference(groups, grouping, shape)
+  if len(shape) == 4:   # that test's own shape
+    test_models.test_grouped_bn_gradient_through_the_running_statistics(groups, grouping)

@@ -260,8 +260,8 @@ def _np_grouped_bn_grads(x, r, groups, grouping, scale):
 @pytest.mark.parametrize("groups,grouping", [(4, "strided"), (4, "contiguous"), (1, "strided")])
 @pytest.mark.parametrize("shape", [(8, 3, 2, 5), (12, 6)])
 def test_grouped_bn_gradients_match_numpy_reference(groups, grouping, shape):
-  """The statistics and the affine parameters are broadcast with a two-stage gradient
-  (`norm._broadcast`, a custom VJP): the gradients must still be BatchNorm's."""
+  """The train-mode layer's gradient is written out (`norm._train_backward`, a custom VJP; its
+  sums in two stages on CPU): it must be BatchNorm's."""
   rng = np.random.default_rng(7)
   x = (rng.normal(size=shape) * rng.uniform(0.5, 3, size=(shape[0],) + (1,) * (len(shape) - 1))
        ).astype(np.float32)
@@ -282,6 +282,35 @@ def test_grouped_bn_gradients_match_numpy_reference(groups, grouping, shape):
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dp["scale"], dscale_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dp["bias"], dbias_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups,grouping", [(4, "strided"), (2, "contiguous")])
+def test_grouped_bn_gradient_through_the_running_statistics(groups, grouping):
+  """Training never differentiates the updated running statistics, but the layer's custom VJP
+  must not drop their cotangents. mean' = m mean + (1 - m) mean_g(mu_g), so d mean' / dx =
+  (1 - m) / (G n) for the n values of a channel in x's group; var' alike, with
+  d var_g / dx = 2 (x - mu_g) / n."""
+  shape, c = (8, 3, 2, 5), 5
+  rng = np.random.default_rng(11)
+  x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+  a, b = rng.normal(size=c), rng.normal(size=c)
+  bn = models.GroupedBatchNorm(groups=groups, grouping=grouping)
+  v = _np_variables(bn, x, use_running_average=False)
+
+  def loss(x):
+    _, new = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(new["batch_stats"]["mean"] * a) + jnp.sum(new["batch_stats"]["var"] * b)
+
+  dx = jax.jit(jax.grad(loss))(x)
+  ref, x64 = np.empty(shape), x.astype(np.float64)
+  for g in range(groups):
+    idx = (np.arange(g, shape[0], groups) if grouping == "strided"
+           else np.arange(g * shape[0] // groups, (g + 1) * shape[0] // groups))
+    xs = x64[idx]
+    n = xs.size // c
+    mu = xs.reshape(-1, c).mean(0)
+    ref[idx] = (1 - bn.momentum) / groups * (a + 2 * b * (xs - mu)) / n
+  np.testing.assert_allclose(dx, ref, rtol=1e-5, atol=1e-7)
 
 
 def test_grouped_bn_variance_of_a_nearly_constant_channel():

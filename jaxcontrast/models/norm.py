@@ -20,11 +20,12 @@ with m = 0.9 (PyTorch's momentum 0.1). PyTorch updates the running variance with
 estimate (factor n / (n - 1)); flax and this layer use the biased one. Eval mode normalises with
 the running statistics. Running statistics are not updated while initialising, as in flax.
 
-On CPU, every sum over (samples, positions), in the statistics and in their gradients, runs in
-two stages: each sample's positions, then the samples (`_sample_mean`, `_broadcast`), which
-XLA:CPU runs faster than one reduction and which is closer to the float64 sum. GPU and TPU get
-plain BatchNorm (one reduction, implicit broadcasting, no barrier: XLA fuses it). The choice is
-made when the program is lowered for its platform (`lax.platform_dependent`); both give the same
+The train-mode layer has a written-out gradient (`_train_backward`, one custom VJP). On CPU,
+every sum over (samples, positions), in the statistics and in their gradients, runs in two
+stages: each sample's positions, then the samples (`_sample_mean`, `_sum`), which XLA:CPU runs
+faster than one reduction and which is closer to the float64 sum. GPU and TPU get plain sums (one
+reduction, no barrier: XLA fuses them). The choice is made when the program is lowered for its
+platform (`lax.platform_dependent`, in the forward and in the backward); both give the same
 values up to rounding. docs/performance.md ("BatchNorm") has the measurements.
 
 With `views=V` the batch holds V batches interleaved, normalised as V separate calls (the
@@ -72,66 +73,101 @@ def _sample_mean(x: jax.Array, sample_axis: int) -> jax.Array:
   """Mean of `(..., positions, C)` over `sample_axis` and positions, keeping the axes.
 
   Two stages, each sample's positions and then the samples, rather than one reduction over
-  both: XLA:CPU lowers the one-stage form to a slow reduce-window. See `_broadcast`.
+  both: XLA:CPU lowers the one-stage form to a slow reduce-window. See `_sum`.
   """
   return jnp.mean(jnp.mean(x, x.ndim - 2, keepdims=True), sample_axis, keepdims=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _broadcast(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """`jnp.broadcast_to(v, shape)` (same rank) whose gradient sums in two stages.
-
-  The gradient of a broadcast is a sum over the broadcast axes: here first over the positions
-  axis (-2), then over the others. XLA:CPU runs a one-stage sum over (samples, positions) as a
-  slow reduce-window; two stages are also closer to the float64 sum. The barrier keeps XLA
-  from merging the two sums back into one. CPU only (`_train_forward`): a barrier blocks fusion
-  on GPU and TPU.
-  """
-  return jnp.broadcast_to(v, shape)
-
-
-def _broadcast_fwd(v, shape):
-  return jnp.broadcast_to(v, shape), v
-
-
-def _broadcast_bwd(shape, v, g):
-  summed = lambda axes: tuple(i for i in axes if v.shape[i] == 1 and shape[i] != 1)
-  inner = summed((len(shape) - 2,))
-  g = lax.optimization_barrier(jnp.sum(g, inner, keepdims=True))
-  outer = summed(tuple(range(len(shape) - 2)) + (len(shape) - 1,))
-  return (jnp.sum(g, outer, keepdims=True).astype(v.dtype),)
-
-
-_broadcast.defvjp(_broadcast_fwd, _broadcast_bwd)
+def _sum(t: jax.Array, axes: tuple[int, ...], two_stage: bool) -> jax.Array:
+  """Sum over `axes`, kept. two_stage (CPU): the positions axis (-2) first, then the rest; the
+  barrier keeps XLA from merging them back into one reduction, which XLA:CPU runs as a slow
+  reduce-window. A barrier blocks fusion on GPU and TPU, hence CPU only."""
+  if not two_stage:
+    return jnp.sum(t, axes, keepdims=True)
+  positions = t.ndim - 2
+  t = lax.optimization_barrier(jnp.sum(t, positions, keepdims=True))
+  return jnp.sum(t, tuple(a for a in axes if a != positions), keepdims=True)
 
 
 def _train_forward(xg, scale, bias, *, sample_axis: int, epsilon: float, two_stage: bool):
   """Train-mode BatchNorm of `xg` (..., positions, C) with statistics over `sample_axis` and
-  positions (axis -2); returns `(y, mean, var)`, the statistics with the reduced axes kept.
-
-  two_stage: every sum over (samples, positions), forward and backward, as two sums (`_sample_mean`,
-  `_broadcast`), for XLA:CPU; else one reduction and implicit broadcasting, which XLA:GPU/TPU
-  fuse. Same values up to rounding.
-  """
+  positions (axis -2); returns `(y, mean, var, inv)`, the statistics with the reduced axes kept,
+  inv = 1 / sqrt(var + eps). two_stage (CPU): the means in two stages (`_sample_mean`)."""
   if two_stage:
     stat = lambda t: _sample_mean(t, sample_axis)
-    spread = _broadcast
   else:
     stat = lambda t: jnp.mean(t, (sample_axis, t.ndim - 2), keepdims=True)
-    spread = lambda v, shape: v
   mean = stat(xg)
   # Two passes, as PyTorch (not flax's E[x^2] - E[x]^2): when a channel barely varies over the
   # batch (pooled features of a young network, in the projector) the one-pass form cancels
   # catastrophically, its variance jumps in steps of E[x^2]'s ulp, and the gradients of two
   # float orderings of the same sums differed by ~2% (SCE, 1 vs 8 devices).
-  centred = xg - spread(mean, xg.shape)
+  centred = xg - mean
   var = stat(jnp.square(centred))
-  y = centred * spread(lax.rsqrt(var + epsilon), xg.shape)
+  inv = lax.rsqrt(var + epsilon)
+  y = centred * inv
   if scale is not None:
-    y = y * spread(jnp.reshape(scale, (1,) * (y.ndim - 1) + (-1,)), y.shape)
+    y = y * scale
   if bias is not None:
-    y = y + spread(jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)), y.shape)
+    y = y + bias
+  return y, mean, var, inv
+
+
+def _train_backward(xg, mean, inv, scale, bias, gy, gmean, gvar, *, sample_axis: int,
+                    two_stage: bool):
+  """The gradient of `_train_forward`'s (y, mean, var), written out. With x_hat = (x - mean) *
+  inv, N = samples x positions per group, sums over (samples, positions) per group as mean_R
+  and over everything but channels as sum_C:
+    d scale = sum_C(gy * x_hat),   d bias = sum_C(gy),   g = gy * scale
+    d x = inv * (g - mean_R(g) - x_hat * mean_R(g * x_hat)) + (g_mean + 2 g_var (x - mean)) / N
+  """
+  n = xg.shape[sample_axis] * xg.shape[-2]
+  per_group = (sample_axis, xg.ndim - 2)
+  but_channels = tuple(range(xg.ndim - 1))
+  centred = xg - mean
+  x_hat = centred * inv
+  g = gy if scale is None else gy * scale
+  g_mean = _sum(g, per_group, two_stage) / n
+  gx_hat_mean = _sum(g * x_hat, per_group, two_stage) / n
+  gx = inv * (g - g_mean - x_hat * gx_hat_mean) + (gmean + 2 * gvar * centred) / n
+  gscale = (None if scale is None else
+            _sum(gy * x_hat, but_channels, two_stage).reshape(scale.shape).astype(scale.dtype))
+  gbias = (None if bias is None else
+           _sum(gy, but_channels, two_stage).reshape(bias.shape).astype(bias.dtype))
+  return gx, gscale, gbias
+
+
+def _by_platform(impl, *args):
+  """`impl(*args, two_stage=True)` on CPU, `two_stage=False` elsewhere, chosen when the program
+  is lowered for its platform."""
+  return lax.platform_dependent(*args, cpu=functools.partial(impl, two_stage=True),
+                                default=functools.partial(impl, two_stage=False))
+
+
+# One VJP for the whole train-mode layer, with the platform chosen inside the forward and inside
+# the backward: differentiating through `platform_dependent` (a conditional, both branches
+# differentiated and transposed) took ~1.1 s of every train step's tracing on CPU.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(xg, scale, bias, sample_axis: int, epsilon: float):
+  """`(y, mean, var)` of `_train_forward` on this platform's path."""
+  y, mean, var, _ = _by_platform(
+      functools.partial(_train_forward, sample_axis=sample_axis, epsilon=epsilon), xg, scale, bias)
   return y, mean, var
+
+
+def _batch_norm_train_fwd(xg, scale, bias, sample_axis, epsilon):
+  y, mean, var, inv = _by_platform(
+      functools.partial(_train_forward, sample_axis=sample_axis, epsilon=epsilon), xg, scale, bias)
+  return (y, mean, var), (xg, mean, inv, scale, bias)
+
+
+def _batch_norm_train_bwd(sample_axis, epsilon, residuals, cotangents):
+  del epsilon
+  return _by_platform(functools.partial(_train_backward, sample_axis=sample_axis),
+                      *residuals, *cotangents)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class GroupedBatchNorm(nn.Module):
@@ -195,10 +231,7 @@ class GroupedBatchNorm(nn.Module):
     # samples of each sample's mean.
     xv = x32.reshape(x.shape[0] // self.views, self.views, -1, c)
     xg, group_axis, sample_axis = _group_view(xv, self.groups, self.grouping)
-    train = functools.partial(_train_forward, sample_axis=sample_axis, epsilon=self.epsilon)
-    y, mean, var = lax.platform_dependent(
-        xg, scale, bias, cpu=functools.partial(train, two_stage=True),
-        default=functools.partial(train, two_stage=False))
+    y, mean, var = _batch_norm_train(xg, scale, bias, sample_axis, self.epsilon)
     if not self.is_initializing():
       m = self.momentum
       mean_v = jnp.mean(mean, group_axis).reshape(self.views, c)
