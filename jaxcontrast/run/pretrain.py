@@ -64,9 +64,9 @@ def compile_on_every_process(step_fn, state, batch, *, timeout_s: int = COMPILE_
   Why: the devices of the processes connect at the first run of a program with collectives,
   and processes whose compile times differ reach it apart (one loads the program from a
   compilation cache while another compiles it, or its host is busier). CPU collectives (gloo)
-  give up after 30 s: a 2-process CPU run resumed on a loaded machine died at its first step in
-  `Gloo context initialization failed: ... Connect timeout`. Compiling first and then waiting
-  takes the compile time out of that skew on every backend.
+  wait 30 s for a peer there, then fail the step (`Gloo context initialization failed: ...
+  Connect timeout` or `GetKeyValue() timed out`). Compiling first and then waiting takes the
+  compile time out of that skew on every backend.
   """
   started = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
