@@ -9,7 +9,6 @@ import time
 from jaxcontrast.run import pretrain
 
 
-
 def _late(seconds, wait):
   def late(*args, **kwargs):
     time.sleep(seconds)

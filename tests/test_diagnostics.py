@@ -275,7 +275,6 @@ def test_train_step_reports_diagnostics_only_with_stored_labels():
   rows carry no label). Its unmasked counterpart is in tests/test_train_step.py (MoCo's noise
   rows are negatives from the first step)."""
   c = config_lib.load_config("configs/moco_fashion_mnist.py:tiny")
-  c.model.arch = "resnet6"   # 2-stage test net: the same step plumbing, half the compile time
   c.bn.update(mode="ghost", groups=4)
   c.queue.mask_unfilled = True
   mesh = make_mesh(1)

@@ -159,7 +159,6 @@ def test_train_step_with_local_crops():
   objective's 8-device form is checked above: a second compiled step here would cost more than
   the rest of this file.)"""
   c = config_lib.load_config("configs/sce_imagenet2012.py:multicrop,tiny")
-  c.model.arch = "resnet6"   # 2-stage test net: the same step plumbing, half the compile time
   c.unlock()
   c.data.local_crop_sizes = (12, 10)
   rng = np.random.RandomState(0)

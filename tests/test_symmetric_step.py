@@ -13,7 +13,6 @@ from jaxcontrast.step import train_step
 
 def _config(bn_mode):
   c = config_lib.load_config("configs/sce_fashion_mnist.py:tiny")
-  c.model.arch = "resnet6"   # 2-stage test net: the same step plumbing, half the compile time
   c.objective.symmetric = True   # SCE's ImageNet recipe: both views as queries
   c.bn.mode = bn_mode
   return c

@@ -31,13 +31,13 @@ SHARDED_STEP_METHODS = [("moco", None), ("sce", None), ("fnc", None)]
 LEARNING_METHODS = [m for m in METHOD_VARIANTS if m[0] != "sepp"]
 
 
-def tiny_config(method, variant=None, *, queue_mode="replicated", bn_mode="sync",
-                arch="resnet6", **objective):
-  """The method's `:tiny` config on the 2-stage ResNet-6 (stem, blocks, downsampling: the
-  layers the step's plumbing meets, at about half ResNet-10's compile time), unless `arch`."""
+def tiny_config(method, variant=None, *, queue_mode="replicated", bn_mode="sync", arch=None,
+                **objective):
+  """The method's `:tiny` config (the 2-stage ResNet-6 unless `arch`)."""
   variants = "tiny" if variant is None else f"tiny,{variant}"
   c = config_lib.load_config(f"configs/{method}_fashion_mnist.py:{variants}")
-  c.model.arch = arch
+  if arch:
+    c.model.arch = arch
   c.queue.mode = queue_mode
   c.bn.mode = bn_mode
   c.objective.update(objective)

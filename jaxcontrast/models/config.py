@@ -23,7 +23,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def default_model_config() -> ml_collections.ConfigDict:
   """MoCo v2 ImageNet model (ResNet-50, projector 2048-2048-128, no BN, no predictor)."""
   c = ml_collections.ConfigDict()
-  c.arch = "resnet50"   # "resnet6" | "resnet10" (tests) | "resnet18" | "resnet34" | "resnet50"
+  c.arch = "resnet50"   # "resnet6" (:tiny) | "resnet10" | "resnet18" | "resnet34" | "resnet50"
   c.stem = "imagenet"            # "imagenet" (7x7/2 conv + max-pool) | "cifar" (3x3/1, no pool)
   #                                | "cifar_s2" (3x3/2, no pool: 4x fewer activations)
   c.width = 1.0                  # channel multiplier (> 0); 0.25 gives a tiny model

@@ -1,5 +1,5 @@
 """ResNet-18/34/50 backbones (torchvision v1.5 layout) returning pooled features, and the
-smaller ResNet-10 and 2-stage ResNet-6 of the tests.
+smaller ResNet-10 and 2-stage ResNet-6 of tests and smoke runs (`:tiny`).
 
 Layout as torchvision: stem, four stages of basic (R18/34) or bottleneck (R50) blocks with
 64/128/256/512 base channels (bottleneck output x4), stride 2 at the first block of stages
@@ -152,12 +152,12 @@ def _conv_factory(dtype: Any) -> Callable[..., nn.Module]:
 ARCHS = {
     # Two stages of one basic block (stem, 2 x 2 convolutions, counted as torchvision counts
     # ResNet-18's layers with the classifier): every kind of layer (stem, blocks, downsampling)
-    # at about half ResNet-10's compile time; for tests of the train step's plumbing. Features
-    # 128 x width. torchvision has no such model: `export` writes its weights with torchvision's
-    # keys and names no constructor.
+    # at about half ResNet-10's compile time; the `:tiny` configs (tests, smoke runs). Features
+    # 128 x width. torchvision has no such model: `export` writes its weights with
+    # torchvision's keys and names no constructor.
     "resnet6": ((1, 1), BasicBlock),
-    # One basic block per stage: the `:tiny` configs (tests, smoke runs) compile it in about half
-    # the time of ResNet-18.
+    # One basic block per stage, torchvision's 4-stage layout: compiles in about half the time
+    # of ResNet-18 (the learning and export tests).
     "resnet10": ((1, 1, 1, 1), BasicBlock),
     "resnet18": ((2, 2, 2, 2), BasicBlock),
     "resnet34": ((3, 4, 6, 3), BasicBlock),
