@@ -18,8 +18,9 @@
 * Quiet by default: the root log level is WARNING (absl's `--verbosity=-1`) with the
   `jaxcontrast` logger at INFO, the `tensorflow` logger at ERROR (deprecation notices of the
   libraries tf.data calls), Orbax's read-only notices dropped, and `quiet_environment()` (which
-  main sets before importing TensorFlow) hides TensorFlow's C++ INFO and WARNING lines (oneDNN,
-  CUDA factory notices). `--verbosity=N` or JAXCONTRAST_VERBOSE=1 turns all of that off.
+  main sets before importing TensorFlow) hides TensorFlow's C++ INFO and WARNING lines (CUDA
+  factory notices) and its oneDNN notice. `--verbosity=N` or JAXCONTRAST_VERBOSE=1 turns all
+  of that off.
 """
 from __future__ import annotations
 
@@ -73,10 +74,17 @@ def verbose() -> bool:
 
 def quiet_environment() -> dict[str, str]:
   """Environment variables the entry points set in main(), before TensorFlow is imported (its
-  C++ logging reads them once): none when `verbose()`; a value the user exported wins."""
+  C++ logging reads them once): none when `verbose()`; a value the user exported wins.
+
+  TF_ENABLE_ONEDNN_OPTS=0: on CPUs with AVX-512 VNNI or AMX (Sapphire Rapids hosts of H100
+  machines, for one) TensorFlow turns its oneDNN kernels on and says so at import, before its
+  log level applies (TF_CPP_MIN_LOG_LEVEL=3 does not hide it: measured with TensorFlow 2.21).
+  Those kernels are for matrix products and convolutions, which the input pipeline barely uses.
+  """
   if verbose():
     return {}
-  return {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+  return {name: os.environ.get(name, default)
+          for name, default in (("TF_CPP_MIN_LOG_LEVEL", "2"), ("TF_ENABLE_ONEDNN_OPTS", "0"))}
 
 
 class _DropNoise(logging.Filter):
