@@ -98,10 +98,27 @@ def alive(pid: int) -> bool:
   return True
 
 
-def kill_sessions(pid_files):
-  """Ends what a failed scenario left running (each pid file names a process group)."""
+def started_under(pid: int, marker: str) -> bool:
+  """True when process `pid` names `marker` (a scenario's temporary folder) in its command line
+  or environment: a pid file outlives its process, and pids are reused (pid_max is 32,768 on
+  the test VMs), so a recorded pid alone may now be another program's."""
+  for name in ("cmdline", "environ"):
+    try:
+      if marker.encode() in pathlib.Path(f"/proc/{pid}/{name}").read_bytes():
+        return True
+    except OSError:
+      pass
+  return False
+
+
+def kill_sessions(pid_files, *, marker):
+  """Ends what a failed scenario left running: each pid file names process groups, killed only
+  while their leader is still the scenario's (`started_under(pid, marker)`). Killing a stale
+  pid's group ended the test runner's own shell once."""
   for f in pid_files:
     for pid in read(f).split():
+      if not started_under(int(pid), str(marker)):
+        continue
       try:
         os.killpg(int(pid), signal.SIGKILL)
       except (ProcessLookupError, PermissionError):

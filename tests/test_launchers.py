@@ -131,7 +131,7 @@ def tpu(tmp_path_factory):
   try:
     yield scenario()
   finally:
-    kill_sessions([h / "train.pid" for h in homes])
+    kill_sessions([h / "train.pid" for h in homes], marker=base)
 
 
 def test_tpu_training_survives_a_dropped_ssh_session(tpu):
@@ -280,3 +280,20 @@ def test_gpu_slurm_rejects_bad_arguments():
   assert out.returncode == 2 and "positive ints" in out.stderr
   out = run("--nodes", "1", "--dry-run")
   assert out.returncode == 2 and "--config and --workdir are required" in out.stderr
+
+
+def test_cleanup_kills_only_the_scenarios_processes(tmp_path):
+  """The scenarios' clean-up reads pid files after their processes may have ended; a pid the
+  system has since given to another program (another session here) must survive it."""
+  stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+  ours = subprocess.Popen(["sleep", "60"], start_new_session=True,
+                          env=dict(os.environ, SCENARIO=str(tmp_path)))
+  try:
+    (tmp_path / "a.pid").write_text(str(stranger.pid))
+    (tmp_path / "b.pids").write_text(f"{ours.pid}\n")
+    kill_sessions([tmp_path / "a.pid", tmp_path / "b.pids"], marker=tmp_path)
+    assert ours.wait(timeout=10) == -signal.SIGKILL
+    assert stranger.poll() is None
+  finally:
+    stranger.kill()
+    ours.kill()

@@ -358,7 +358,8 @@ def slurm(runs, tmp_path_factory):
         "the requeued job's end",
         lambda: pod_helpers.read(jobdir / "state") in ("COMPLETED", "FAILED"), logs=[log])
   finally:
-    pod_helpers.kill_sessions([jobdir / "batch.pid", jobdir / "tasks.pids"])
+    pod_helpers.kill_sessions([jobdir / "batch.pid", jobdir / "tasks.pids"],
+                              marker=base)
   seen["state"], seen["exit"] = pod_helpers.read(jobdir / "state"), pod_helpers.read(jobdir / "exit")
   seen["log"] = pod_helpers.read(log)
   return seen

@@ -252,6 +252,17 @@ def alive(pid):
   return True
 
 
+def ours(pid, d):
+  for name in ("cmdline", "environ"):
+    try:
+      with open(f"/proc/{pid}/{name}", "rb") as f:
+        if d.encode() in f.read():
+          return True
+    except OSError:
+      pass
+  return False
+
+
 def end_job(d, grace):
   """Waits for the batch shell up to `grace` seconds, then SIGKILLs it and every task."""
   batch = int(read(os.path.join(d, "batch.pid"), "0"))
@@ -260,7 +271,9 @@ def end_job(d, grace):
     time.sleep(0.2)
   pids = [batch] + [int(p) for p in read(os.path.join(d, "tasks.pids")).split()]
   for pid in pids:
-    if pid and alive(pid):
+    # Still this job's (its command line or environment names the job's folder), not a
+    # process that reused the pid.
+    if pid and alive(pid) and ours(pid, d):
       try:
         os.killpg(pid, signal.SIGKILL)
       except ProcessLookupError:
