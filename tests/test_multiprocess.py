@@ -244,19 +244,26 @@ def _queue_at(workdir, step, devices):
 def resumed(runs, tmp_path_factory):
   """The 2 x 4 run's step-4 checkpoint, alone in a fresh workdir, resumed for one step as 2 x 2
   (subprocesses: re-blocks the sharded queue from 8 to 4 devices across processes) and as 1 x 8
-  (this process: both input streams in one process)."""
+  (this process: both input streams in one process). The 2 x 2 workdir also holds the step-8
+  checkpoint with its array data truncated (a partial copy): both processes must find it
+  unreadable, set it aside and resume from step 4. Returns the workdirs and the 2 x 2 logs."""
   data_dir = runs["data_dir"]
   workdirs = {}
   for layout in ("2x2", "1x8"):
     workdirs[layout] = epath.Path(tmp_path_factory.mktemp(f"resume_{layout}"))
     shutil.copytree(runs[2][0] / "checkpoints" / "4", workdirs[layout] / "checkpoints" / "4")
+  damaged = workdirs["2x2"] / "checkpoints" / str(STEPS)
+  shutil.copytree(runs[2][0] / "checkpoints" / str(STEPS), damaged)
+  for f in pathlib.Path(damaged / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":   # OCDBT's data files
+      f.write_bytes(f.read_bytes()[:100])
   procs, logs = _start("jaxcontrast.main", _main_args(workdirs["2x2"], data_dir, total_steps=5),
                        processes=2, devices=4, log_dir=workdirs["2x2"])
   try:
     _reference(workdirs["1x8"], data_dir, total_steps=5)
   finally:
-    _wait("jaxcontrast.main", procs, logs)
-  return workdirs
+    outputs = _wait("jaxcontrast.main", procs, logs)
+  return workdirs, outputs
 
 
 def _global_batch_ids(data_dir, step):
@@ -279,6 +286,7 @@ def test_resume_on_another_process_and_device_count(runs, resumed):
   computes step 5's loss as the uninterrupted run did."""
   from jaxcontrast.step import queue as queue_lib  # pylint: disable=g-import-not-at-top
   two, data_dir = runs[2][0], runs["data_dir"]
+  resumed, logs = resumed
   saved = _queue_at(two, 4, 8)
   # The reference ids are those the uninterrupted run pushed: after 8 steps of 8 rows into
   # blocks of 16, local rows 0-7 hold step 7 and rows 8-15 step 8, in global batch order.
@@ -308,6 +316,20 @@ def test_resume_on_another_process_and_device_count(runs, resumed):
     data, _ = ckpt.saved_json(5)
     ckpt.close()
     assert data["examples_per_stream"] == 5 * 64 // 2, layout
+
+
+def test_damaged_latest_checkpoint_is_set_aside_by_every_process(resumed):
+  """The 2 x 2 resume found step 8 unreadable on both processes: process 0 warned naming it and
+  moved it aside, both resumed from step 4 (with the exact input position) and saved step 5."""
+  workdirs, logs = resumed
+  workdir = workdirs["2x2"]
+  assert f"skipping the damaged checkpoint {workdir / 'checkpoints' / str(STEPS)}" in logs[0]
+  assert "resuming from the older checkpoint of step 4" in logs[0]
+  for log in logs:
+    assert "at step 4 (input: example 128 of each process)" in log, log[-3000:]
+  assert [p.name for p in (workdir / "checkpoints_damaged").iterdir()] == [str(STEPS)]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [4, 5]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxcontrast.config_check import ConfigError
+from jaxcontrast.run import barrier
 from jaxcontrast.sharding import DATA_AXIS, make_mesh
 from jaxcontrast.step import queue as queue_lib
 from jaxcontrast.step import train_step
@@ -358,9 +359,7 @@ class Checkpointer:
         while target.exists():
           target, n = aside / f"{step}.{n}", n + 1
         (self.directory / str(step)).rename(target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("jaxcontrast_damaged_checkpoints_moved")
+    barrier.wait_for_every_process("jaxcontrast_damaged_checkpoints_moved")
     self._manager.reload()
     return aside
 

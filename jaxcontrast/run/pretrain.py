@@ -26,7 +26,8 @@ import numpy as np
 
 from jaxcontrast import config_lib
 from jaxcontrast.data import pipeline
-from jaxcontrast.run import checkpoint as checkpoint_lib
+from jaxcontrast.run import barrier, checkpoint as checkpoint_lib
+from jaxcontrast.run.barrier import wait_for_every_process
 from jaxcontrast.run import metrics as metrics_lib
 from jaxcontrast.run import preemption, progress as progress_lib
 from jaxcontrast.sharding import DATA_AXIS, global_batch_from_local, make_mesh, replicated
@@ -52,8 +53,7 @@ _NOTICE = "a preemption notice (SIGTERM, here or to another process)"
 
 
 # How long a process waits at start-up for the others to finish compiling the train step.
-COMPILE_WAIT_S = 1800
-_barriers = itertools.count()   # a fresh barrier name per call, the same on every process
+COMPILE_WAIT_S = barrier.DEFAULT_TIMEOUT_S
 
 
 def compile_on_every_process(step_fn, state, batch, *, timeout_s: int = COMPILE_WAIT_S):
@@ -73,14 +73,6 @@ def compile_on_every_process(step_fn, state, batch, *, timeout_s: int = COMPILE_
   log.info("compiled the train step in %.1f s", time.perf_counter() - started)
   wait_for_every_process("jaxcontrast_step_compiled", timeout_s=timeout_s)
   return compiled
-
-
-def wait_for_every_process(name: str, *, timeout_s: int) -> None:
-  """Returns once every process has called this with `name` (at once on one process); fails
-  after `timeout_s`. A barrier of JAX's coordination service, no device collective."""
-  if jax.process_count() > 1:
-    from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
-    multihost.get_barrier_sync_fn()(key=f"{name}_{next(_barriers)}", timeout_ms=timeout_s * 1000)
 
 
 class NonFiniteLossError(FloatingPointError):
