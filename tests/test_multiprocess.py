@@ -29,6 +29,7 @@ from etils import epath
 import pod_helpers
 from jaxcontrast.run import checkpoint
 from test_data_helpers import prepared_fashion_dir
+from test_run_units import truncate_array_data
 
 ROOT = epath.Path(__file__).parent.parent
 STEPS = 8
@@ -254,9 +255,7 @@ def resumed(runs, tmp_path_factory):
     shutil.copytree(runs[2][0] / "checkpoints" / "4", workdirs[layout] / "checkpoints" / "4")
   damaged = workdirs["2x2"] / "checkpoints" / str(STEPS)
   shutil.copytree(runs[2][0] / "checkpoints" / str(STEPS), damaged)
-  for f in pathlib.Path(damaged / "state").rglob("*"):
-    if f.is_file() and f.parent.name == "d":   # OCDBT's data files
-      f.write_bytes(f.read_bytes()[:100])
+  truncate_array_data(damaged)
   procs, logs = _start("jaxcontrast.main", _main_args(workdirs["2x2"], data_dir, total_steps=5),
                        processes=2, devices=4, log_dir=workdirs["2x2"])
   try:
@@ -286,7 +285,7 @@ def test_resume_on_another_process_and_device_count(runs, resumed):
   computes step 5's loss as the uninterrupted run did."""
   from jaxcontrast.step import queue as queue_lib  # pylint: disable=g-import-not-at-top
   two, data_dir = runs[2][0], runs["data_dir"]
-  resumed, logs = resumed
+  resumed, _ = resumed   # the workdirs; the 2 x 2 logs are for the damaged-checkpoint test
   saved = _queue_at(two, 4, 8)
   # The reference ids are those the uninterrupted run pushed: after 8 steps of 8 rows into
   # blocks of 16, local rows 0-7 hold step 7 and rows 8-15 step 8, in global batch order.

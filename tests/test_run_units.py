@@ -324,6 +324,14 @@ def test_eval_dataset_is_kept_in_memory_only_when_asked_and_small(fashion_dir):
       features.eval_dataset(tiny_limit, batch_size=16, split=split))
 
 
+def truncate_array_data(step_dir) -> None:
+  """Cuts every OCDBT data file of a saved step's train state to 100 bytes, as a partial copy
+  between buckets leaves them."""
+  for f in pathlib.Path(step_dir / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":   # OCDBT's data files
+      f.write_bytes(f.read_bytes()[:100])
+
+
 def test_damaged_checkpoints_fall_back_to_the_newest_readable(tmp_path, caplog):
   """Steps 1-3 saved; step 3's array data truncated (a partial copy between buckets), step 2's
   data item missing: the restore warns naming both steps and items, moves them aside (so the
@@ -341,12 +349,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_readable(tmp_path, caplog):
   ckpt.close()
   root = epath.Path(tmp_path) / "checkpoints"
 
-  def truncate_data(step):
-    for f in pathlib.Path(root / str(step) / "state").rglob("*"):
-      if f.is_file() and f.parent.name == "d":   # OCDBT's data files
-        f.write_bytes(f.read_bytes()[:100])
-
-  truncate_data(3)
+  truncate_array_data(root / "3")
   (root / "2" / "data").rmtree()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           states[1])
@@ -365,8 +368,8 @@ def test_damaged_checkpoints_fall_back_to_the_newest_readable(tmp_path, caplog):
   ckpt.save(2, states[2], data={"step": 2}, config=config)   # The run saves step 2 again.
   ckpt.close()
 
-  truncate_data(1)
-  truncate_data(2)
+  truncate_array_data(root / "1")
+  truncate_array_data(root / "2")
   ckpt = checkpoint.Checkpointer(tmp_path, keep=None)
   with pytest.raises(checkpoint.CheckpointError) as error:
     ckpt.restore_latest(abstract, mesh=mesh)
