@@ -57,6 +57,7 @@ args+=(${pass[@]+"${pass[@]}"})
 main="$(printf ' %q' "$venv/bin/python" -m jaxcontrast.main "${args[@]}")"
 
 script="$(mktemp "${TMPDIR:-/tmp}/jaxcontrast_sbatch.XXXXXX")"
+trap 'rm -f "$script"' EXIT   # sbatch keeps its own copy of the script
 {
   echo "#!/bin/bash"
   echo "#SBATCH --job-name=$job"
@@ -84,7 +85,7 @@ script="$(mktemp "${TMPDIR:-/tmp}/jaxcontrast_sbatch.XXXXXX")"
   echo 'wait $pid || wait $pid'
 } > "$script"
 
-echo "# sbatch script ($script):"
+echo "# sbatch script:"
 cat "$script"
 echo "+ sbatch $script"
 if [ "$dry" = 0 ]; then

@@ -248,14 +248,16 @@ def test_tpu_pod_rejects_bad_arguments(args, message, tmp_path):
 
 
 def test_gpu_slurm_dry_run_submits_nothing(tmp_path):
-  env = fake_env("FAKE_SLURM_ROOT", tmp_path)
+  env = dict(fake_env("FAKE_SLURM_ROOT", tmp_path / "slurm"), TMPDIR=str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
   out = subprocess.run(
       ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "4", "--gpus_per_node", "8",
        "--partition", "gpu", "--config", "configs/sce_imagenet2012.py", "--workdir",
        "/shared/runs/sce", "--data_dir", "/shared/tfds", "--config.global_batch_size=4096",
        "--dry-run"], env=env, capture_output=True, text=True, timeout=60, check=False)
   assert out.returncode == 0, out.stderr
-  assert not (tmp_path / "jobs").exists() or not list((tmp_path / "jobs").iterdir())
+  assert not (tmp_path / "slurm" / "jobs").exists()
+  assert not list((tmp_path / "tmp").iterdir())   # the script written for sbatch is removed
   srun = next(l for l in out.stdout.splitlines() if l.startswith("srun "))
   for arg in ("--config=configs/sce_imagenet2012.py", "--workdir=/shared/runs/sce",
               "--config.data.data_dir=/shared/tfds", "--config.global_batch_size=4096"):
