@@ -1,7 +1,7 @@
 """`python tests/late_compile.py SECONDS MODULE ARGS...` runs `python -m MODULE ARGS` with this
 process SECONDS late at its first train step, after compiling it, as a slower host is, or one
 that compiles while the others load the program from a compilation cache
-(tests/test_multiprocess.py)."""
+(tests/test_multiprocess.py). It says so on stderr."""
 import runpy
 import sys
 import time
@@ -11,6 +11,7 @@ from jaxcontrast.run import pretrain
 
 def _late(seconds, wait):
   def late(*args, **kwargs):
+    print(f"late_compile: {seconds:g} s late at the first step", file=sys.stderr, flush=True)
     time.sleep(seconds)
     return wait(*args, **kwargs)
   return late

@@ -1,16 +1,18 @@
 """Two processes x 4 CPU devices against one process x 8 devices, through the entry points;
-resume on another process and device count; preemption of a multi-process job, launched by
-launch/gpu_slurm.sh.
+preemption of a multi-process job launched by launch/gpu_slurm.sh; resume on another process and
+device count.
 
 The processes talk over localhost (JAX's distributed runtime, gloo collectives on CPU), as TPU
-pod workers or SLURM tasks do over the network. With the same `data.streams` both runs train on
-the same global batches, so they must give the same losses, kNN accuracy, final state and linear
-probe: the pod's Shuffle BN permutation, sharded queue and gradient all-reduce cross the process
-boundary here. Each run is a few subprocesses (~10 s of start-up each), so the module runs the
-pretraining once per layout and checks everything on those runs: the 2 x 4 run's step-4
-checkpoint is resumed as 2 x 2 and as 1 x 8, and the same 2 x 4 run as a SLURM job is preempted
-(SIGTERM to both tasks), requeued and compared with the uninterrupted one. A SIGTERM to one
-process of two is tested with the TPU launcher (tests/test_launchers.py).
+pod workers or SLURM tasks do over the network. With the same `data.streams` both layouts train
+on the same global batches, so they must give the same losses, kNN accuracy, final state and
+linear probe: the pod's Shuffle BN permutation, sharded queue and gradient all-reduce cross the
+process boundary here. Each multi-process run is a few subprocesses (~20 s of CPU each for
+imports, the input pipeline and compiling), so the module runs the pretraining once per layout
+and checks everything on those runs: the 2 x 4 run is a SLURM job (fakes of sbatch / srun /
+scontrol in tests/fakes/ run its tasks as local processes), preempted (SIGTERM to both tasks)
+and requeued, and must still end where the uninterrupted 1 x 8 run ends; its step-4 checkpoint
+is resumed as 2 x 2 and as 1 x 8. A SIGTERM to one process of two is tested with the TPU launcher
+(tests/test_launchers.py).
 """
 import json
 import os
@@ -20,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -37,7 +40,6 @@ STEPS = 8
 # photometric augmentation in the step (uint8 views from tf.data).
 # 8 images per device: BatchNorm over 2 (tiny's batch 16 on 8 devices) has an analytically
 # zero input gradient, left as rounding noise that differs with the all-reduce order.
-COMPARED = 4    # 1 x 8 and 2 x 4 are compared over the steps whose rounding was measured
 QUEUE = 128
 OVERRIDES = {"global_batch_size": 64, "queue.size": QUEUE, "data.streams": 2,
              "data.train_split": "train[:256]", "data.eval_split": "test[:48]",
@@ -46,7 +48,7 @@ OVERRIDES = {"global_batch_size": 64, "queue.size": QUEUE, "data.streams": 2,
              "queue.mode": "sharded", "queue.store_ids": True, "knn_every": STEPS,
              "knn.num_train": 64, "knn.k": 5, "knn.batch_size": 16, "data.threadpool_size": 0,
              "data.augment_on": "device"}
-LATE_S = 35     # > gloo's 30 s (see `runs`)
+LATE_S = 35     # > gloo's 30 s (see `_task_python`)
 PROBE = ("encoder=target", "protocol=full_batch", "train_split=train[:64]",
          "test_split=test[:48]", "batch_size=16", "full_batch.l2_grid=(0.01,)",
          "full_batch.max_iter=30")
@@ -59,10 +61,9 @@ def _free_port() -> int:
 
 
 def _start(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
-           devices: int = 8, name: str = "", last_late_s: float = 0):
+           devices: int = 8, name: str = ""):
   """Starts `python -m module args` as `processes` processes of `devices / processes` CPU
-  devices each; returns (Popen objects, their log files: stdout + stderr). The last process
-  reaches its first train step `last_late_s` seconds late (tests/late_compile.py)."""
+  devices each; returns (Popen objects, their log files: stdout + stderr)."""
   env = dict(pod_helpers.separate_compile_cache(os.environ), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT),
              XLA_FLAGS=pod_helpers.process_xla_flags(devices // processes))
@@ -73,12 +74,9 @@ def _start(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
               f"--process_id={i}", "--distributed_timeout=60"] for i in range(processes)]
   logs = [log_dir / f"{module.split('.')[-1]}{name}_{processes}x{devices // processes}_{i}.log"
           for i in range(len(extra))]
-  late = [str(ROOT / "tests" / "late_compile.py"), str(last_late_s)]
-  procs = [subprocess.Popen([sys.executable, *(late if last_late_s and i == len(extra) - 1
-                                               else ["-m"]), module, *args, *more],
-                            cwd=str(ROOT), env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
-           for i, (more, log) in enumerate(zip(extra, logs))]
+  procs = [subprocess.Popen([sys.executable, "-m", module, *args, *more], cwd=str(ROOT), env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+           for more, log in zip(extra, logs)]
   return procs, logs
 
 
@@ -131,30 +129,104 @@ def _probe(workdir, data_dir):
   linear_probe.run_probes(workdir, fv.config)
 
 
+def _task_python(venv: pathlib.Path, late_s: float) -> None:
+  """`venv/bin/python`, the cluster's shared environment: this test's Python, except that task 1
+  of the job's first start runs through tests/late_compile.py and reaches its first train step
+  `late_s` seconds late (it prints a line saying so). That is longer than gloo waits for a peer
+  at the first collective (30 s): the run passes only because every process waits for the
+  others after compiling (`pretrain.compile_on_every_process`); without that wait process 0
+  fails at its first step ("GetKeyValue() timed out" in gloo's set-up)."""
+  (venv / "bin").mkdir(parents=True)
+  python = venv / "bin" / "python"
+  late = ROOT / "tests" / "late_compile.py"
+  python.write_text(
+      "#!/bin/sh\n"
+      'if [ "$SLURM_PROCID" = 1 ] && [ -z "$SLURM_RESTART_COUNT" ] && [ "$1" = -m ]; then\n'
+      "  shift\n"
+      f'  PYTHONPATH="{ROOT}" exec "{sys.executable}" "{late}" {late_s} "$@"\n'
+      "fi\n"
+      f'exec "{sys.executable}" "$@"\n')
+  python.chmod(0o755)
+
+
+def _slurm_scenario(base: pathlib.Path, workdir: pathlib.Path, data_dir: str) -> dict:
+  """The 2 x 4 run as a SLURM job through launch/gpu_slurm.sh (2 nodes x 1 task of 4 devices;
+  the fakes set the `SLURM_*` variables JAX's cluster detection reads): preempted once process 0
+  has logged step 1 (`scontrol requeue`: SIGTERM to the batch shell, which forwards it to both
+  tasks, as SLURM signals every task), then queued again with the same job id: the restart
+  resumes and runs to the end. Returns what the scenario showed."""
+  env = pod_helpers.fake_env("FAKE_SLURM_ROOT", base / "slurm")
+  env["FAKE_SLURM_GRACE"] = str(pod_helpers.WAIT)
+  # JAX logs the devices each process drives ("visible devices: ...") at INFO, which the entry
+  # point hides unless asked.
+  env["JAXCONTRAST_VERBOSE"] = "1"
+  _task_python(base / "venv", LATE_S)
+  out = subprocess.run(
+      ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "2", "--gpus_per_node", "4",
+       "--venv", str(base / "venv"), "--config", "configs/moco_fashion_mnist.py:tiny",
+       "--workdir", str(workdir), "--data_dir", data_dir,
+       *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), "--distributed_timeout=120"],
+      env=env, cwd=str(base), capture_output=True, text=True, timeout=60, check=False)
+  assert out.returncode == 0, out.stdout + out.stderr
+  job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+  log = base / f"jaxcontrast-{job}.out"
+  jobdir = base / "slurm" / "jobs" / job
+
+  def current():
+    return pod_helpers.since_last_start(pod_helpers.read(log),
+                                        r"\[gpu_slurm\] \S+ \S+ job \d+ start")
+
+  seen = {}
+  try:
+    pod_helpers.wait_for("training progress",
+                         lambda: pod_helpers.last_step(current(), STEPS) >= 1, logs=[log])
+    requeue = subprocess.run(["scontrol", "requeue", job], env=env, cwd=str(base),
+                             capture_output=True, text=True, timeout=pod_helpers.WAIT + 60,
+                             check=False)
+    assert requeue.returncode == 0, requeue.stdout + requeue.stderr
+    seen["checkpoints_after_requeue"] = pod_helpers.checkpoints(workdir)
+    pod_helpers.wait_for(
+        "the requeued job's end",
+        lambda: pod_helpers.read(jobdir / "state") in ("COMPLETED", "FAILED"), logs=[log])
+  finally:
+    pod_helpers.kill_sessions([jobdir / "batch.pid", jobdir / "tasks.pids"], marker=base)
+  seen["state"], seen["exit"] = pod_helpers.read(jobdir / "state"), pod_helpers.read(jobdir / "exit")
+  seen["log"] = pod_helpers.read(log)
+  return seen
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """{processes: (workdir, main's outputs, probe's outputs)} for 1 x 8 (in this process) and
-  2 x 4 (`python -m` subprocesses), each pretrained, then probed; "data_dir": the data."""
+  """{processes: (workdir, what the run showed, the probe's outputs)} for 1 x 8 (in this
+  process) and 2 x 4 (the SLURM job of `_slurm_scenario`), each pretrained, then probed;
+  "data_dir": the data."""
   data_dir = prepared_fashion_dir()
   one = epath.Path(tmp_path_factory.mktemp("run_1x8"))
-  two = epath.Path(tmp_path_factory.mktemp("run_2x4"))
-  # The 2 x 4 processes run while this process trains: they wait on each other's collectives
-  # much of the time, and the cores are better used by both at once.
-  # Process 1 reaches the first step 35 s late, longer than gloo waits for a peer at the first
-  # collective (30 s): it passes only because every process waits for the others after
-  # compiling (`pretrain.compile_on_every_process`); without that wait process 0 fails at its
-  # first step ("GetKeyValue() timed out" in gloo's set-up).
-  procs, logs = _start("jaxcontrast.main", _main_args(two, data_dir), processes=2, log_dir=two,
-                       last_late_s=LATE_S)
+  base = pathlib.Path(tmp_path_factory.mktemp("slurm"))
+  two = epath.Path(base / "workdir")
+  # The job's tasks run while this process trains: they wait on each other's collectives (and
+  # on the late task) much of the time, and the cores are better used by both at once.
+  outcome = {}
+
+  def job():
+    try:
+      outcome["seen"] = _slurm_scenario(base, pathlib.Path(two), data_dir)
+    except BaseException as e:  # pylint: disable=broad-exception-caught
+      outcome["error"] = e      # pytest.fail's exception too: raised again in this thread
+
+  thread = threading.Thread(target=job)
+  thread.start()
   try:
     _reference(one, data_dir)
   finally:
-    logs = _wait("jaxcontrast.main", procs, logs)
+    thread.join()
+  if "error" in outcome:
+    raise outcome["error"]
   _probe(one, data_dir)
   probe = _launch("jaxcontrast.eval.linear_probe",
                   ["--workdir", str(two), f"--config.data_dir={data_dir}",
                    *(f"--config.{o}" for o in PROBE)], processes=2, log_dir=two)
-  return {1: (one, None, None), 2: (two, logs, probe), "data_dir": data_dir}
+  return {1: (one, None, None), 2: (two, outcome["seen"], probe), "data_dir": data_dir}
 
 
 def _metrics(workdir):
@@ -181,13 +253,15 @@ def _assert_states_close(s1, s2, *, rel=2e-3):
 
 
 def test_two_processes_train_like_one(runs):
+  """The 2 x 4 job, preempted and requeued, ends where the uninterrupted 1 x 8 run ends."""
   one, two = runs[1][0], runs[2][0]
   m1, m2 = _metrics(one), _metrics(two)
   assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, STEPS + 1))
   assert not (two / "metrics.jsonl.process1").exists()
-  for a, b in zip(m1[:COMPARED], m2[:COMPARED]):
+  for a, b in zip(m1, m2):
     # Same batches, same programs on the same 8 devices; the all-reduces run over gloo instead
-    # of in-process, so the sums may round differently: float32-level agreement.
+    # of in-process, so the sums may round differently: float32-level agreement (measured
+    # 2026-12-03: at most 2.1e-7 relative over the 8 steps).
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, err_msg=f"step {a['step']}")
   assert sum("knn/top1" in r for r in m2) == 1
   for a, b in zip(m1, m2):
@@ -195,28 +269,28 @@ def test_two_processes_train_like_one(runs):
       # Features a rounding apart can flip a near-tie: at most one of the 48 test images (equal
       # in every run so far).
       assert abs(a["knn/top1"] - b["knn/top1"]) <= 1 / 48 + 1e-9
-  s1, d1 = _final_state(one, COMPARED)
-  s2, d2 = _final_state(two, COMPARED)
-  # The optimizer's momentum sums the steps' gradients whose all-reduce order differs: its
-  # small entries differ most, and the difference grows step by step. Measured worst at step 4
-  # of 8: 8.4e-3 of a leaf's largest entry (a BN bias' momentum; 5.6e-2 at step 8, hence the
-  # comparison at step 4); tolerance 2e-2 of it.
-  _assert_states_close(s1, s2, rel=2e-2)
+  s1, d1 = _final_state(one)
+  s2, d2 = _final_state(two)
+  # Measured worst at step 8 (2026-12-03): 7e-7 of a leaf's largest entry (the optimizer's
+  # momentum, which sums the steps' gradients whose all-reduce order differs).
+  _assert_states_close(s1, s2, rel=2e-3)
   # The queue holds the same examples in the same rows: each process fed its own ids.
   np.testing.assert_array_equal(s1.queue.ids, s2.queue.ids)
-  assert d1["examples_per_stream"] == d2["examples_per_stream"] == COMPARED * 64 // 2
+  assert d1["examples_per_stream"] == d2["examples_per_stream"] == STEPS * 64 // 2
   assert (d1["process_count"], d2["process_count"]) == (1, 2)
 
 
-def test_only_process_zero_reports(runs):
+def test_only_process_zero_reports(runs, resumed):
   """Process 0 writes config.json, metrics and TensorBoard (the files exist: the other process
   cannot be told apart by its files in a shared workdir, so its output is checked instead) and
-  draws the progress; process 1 says only that it trains."""
-  workdir, logs, _ = runs[2]
+  draws the progress and the kNN line; process 1 says only that it trains (the 2 x 2 resume,
+  which logs each process to its own file and ends with the kNN monitor)."""
+  workdir = runs[2][0]
   assert (workdir / "config.json").exists() and (workdir / "tensorboard").exists()
-  assert all("(global batch 64, 8 devices, 2 processes)" in log for log in logs)
-  assert f"step {STEPS}/{STEPS} loss" in logs[0] and "kNN" in logs[0]
-  assert f"/{STEPS} loss" not in logs[1] and "kNN" not in logs[1]
+  _, logs = resumed
+  assert all("(global batch 64, 4 devices, 2 processes)" in log for log in logs)
+  assert "step 5/5 loss" in logs[0] and "kNN" in logs[0]
+  assert "/5 loss" not in logs[1] and "kNN" not in logs[1]
 
 
 def test_two_processes_probe_like_one(runs):
@@ -331,90 +405,34 @@ def test_damaged_latest_checkpoint_is_set_aside_by_every_process(resumed):
                 if p.name.isdigit()) == [4, 5]
 
 
-@pytest.fixture(scope="module")
-def slurm(runs, tmp_path_factory):
-  """The 2 x 4 run of `runs` as a SLURM job through launch/gpu_slurm.sh (2 nodes x 1 task of 4
-  devices; fakes of sbatch/srun/scontrol in tests/fakes/ run the tasks as local processes and
-  set the `SLURM_*` variables JAX's cluster detection reads): preempted once process 0 has logged
-  step 1 (`scontrol requeue`: SIGTERM to the batch shell, which forwards it to both tasks, as
-  SLURM signals every task), then queued again with the same job id: the restart resumes and runs
-  to the end. Returns what the scenario showed."""
-  data_dir = runs["data_dir"]
-  base = pathlib.Path(tmp_path_factory.mktemp("slurm"))
-  workdir = base / "workdir"
-  env = pod_helpers.fake_env("FAKE_SLURM_ROOT", base / "slurm")
-  env["FAKE_SLURM_GRACE"] = str(pod_helpers.WAIT)
-  # JAX logs the devices each process drives ("visible devices: ...") at INFO, which the entry
-  # point hides unless asked.
-  env["JAXCONTRAST_VERBOSE"] = "1"
-  venv = base / "venv" / "bin"   # the cluster's shared environment: this test's Python
-  venv.mkdir(parents=True)
-  (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-  (venv / "python").chmod(0o755)
-  out = subprocess.run(
-      ["bash", str(ROOT / "launch" / "gpu_slurm.sh"), "--nodes", "2", "--gpus_per_node", "4",
-       "--venv", str(venv.parent), "--config", "configs/moco_fashion_mnist.py:tiny",
-       "--workdir", str(workdir), "--data_dir", data_dir,
-       *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), "--distributed_timeout=120"],
-      env=env, cwd=str(base), capture_output=True, text=True, timeout=60, check=False)
-  assert out.returncode == 0, out.stdout + out.stderr
-  job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
-  log = base / f"jaxcontrast-{job}.out"
-  jobdir = base / "slurm" / "jobs" / job
-
-  def current():
-    return pod_helpers.since_last_start(pod_helpers.read(log),
-                                        r"\[gpu_slurm\] \S+ \S+ job \d+ start")
-
-  seen = {"workdir": workdir}
-  try:
-    pod_helpers.wait_for("training progress",
-                         lambda: pod_helpers.last_step(current(), STEPS) >= 1, logs=[log])
-    requeue = subprocess.run(["scontrol", "requeue", job], env=env, cwd=str(base),
-                             capture_output=True, text=True, timeout=pod_helpers.WAIT + 60,
-                             check=False)
-    assert requeue.returncode == 0, requeue.stdout + requeue.stderr
-    seen["checkpoints_after_requeue"] = pod_helpers.checkpoints(workdir)
-    pod_helpers.wait_for(
-        "the requeued job's end",
-        lambda: pod_helpers.read(jobdir / "state") in ("COMPLETED", "FAILED"), logs=[log])
-  finally:
-    pod_helpers.kill_sessions([jobdir / "batch.pid", jobdir / "tasks.pids"],
-                              marker=base)
-  seen["state"], seen["exit"] = pod_helpers.read(jobdir / "state"), pod_helpers.read(jobdir / "exit")
-  seen["log"] = pod_helpers.read(log)
-  return seen
-
-
-def test_slurm_tasks_find_each_other_and_their_devices(slurm):
-  starts = slurm["log"].split("[gpu_slurm] ")[1:]
+def test_slurm_tasks_find_each_other_and_their_devices(runs):
+  seen = runs[2][1]
+  starts = seen["log"].split("[gpu_slurm] ")[1:]
   assert len(starts) == 2 and "(restart 1)" in starts[1]
   for run in starts:
     # Both tasks joined one run through JAX's SLURM detection (no coordinator flags passed).
     assert "(global batch 64, 8 devices, 2 processes)" in run
     # Each task was given all of its node's 4 devices (JAX's SLURM default would be one).
     assert run.count("visible devices: 0,1,2,3") == 2, run[-3000:]
+  # Task 1 of the first start reached its first step late (`_task_python`), the restart's not.
+  assert starts[0].count("late_compile:") == 1 and "late_compile:" not in starts[1]
 
 
-def test_preempted_tasks_save_the_same_step_and_the_requeued_job_ends_as_uninterrupted(
-    runs, slurm):
+def test_preempted_tasks_save_the_same_step_and_the_requeued_job_resumes_exactly(runs):
   """SIGTERM to both tasks: both stop at one step, save it once, and exit 0; the requeued job
-  resumes there with the exact input position, and ends with the uninterrupted 2 x 4 run's
-  losses and final state (the same layout: equal in every run so far)."""
-  first = slurm["checkpoints_after_requeue"]
-  assert len(first) == 1 and 0 < first[0] < STEPS, first
-  before, after = slurm["log"].split("(restart 1)")
-  assert re.findall(r"stopped by .*, at step (\d+)", before) == [str(first[0])] * 2, before[-3000:]
-  assert before.count(f"saved the checkpoint of step {first[0]}") == 2
-  assert after.count(
-      f"at step {first[0]} (input: example {first[0] * 32} of each process)") == 2
-  assert (slurm["state"], slurm["exit"]) == ("COMPLETED", "0")
-  workdir = slurm["workdir"]
-  reference, got = _metrics(runs[2][0]), _metrics(workdir)
-  assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-  for a, b in zip(reference, got):
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, err_msg=f"step {a['step']}")
-  s_ref, _ = _final_state(runs[2][0])
-  state, data = _final_state(workdir)
-  _assert_states_close(s_ref, state)
-  assert data["examples_per_stream"] == STEPS * 64 // 2
+  resumes there with the exact input position and completes (its end state is compared with
+  the uninterrupted 1 x 8 run in `test_two_processes_train_like_one`)."""
+  seen = runs[2][1]
+  saved = seen["checkpoints_after_requeue"]
+  # The signal comes once step 1 is logged; on a busy machine the tasks may pass the scheduled
+  # checkpoint of step 4 before they stop.
+  stopped = saved[-1]
+  assert 0 < stopped < STEPS and saved == [*range(4, stopped, 4), stopped], saved
+  before, after = seen["log"].split("(restart 1)")
+  assert re.findall(r"stopped by .*, at step (\d+)", before) == [str(stopped)] * 2, before[-3000:]
+  assert before.count(f"saved the checkpoint of step {stopped}") == 2
+  assert after.count(f"at step {stopped} (input: example {stopped * 32} of each process)") == 2
+  assert (seen["state"], seen["exit"]) == ("COMPLETED", "0")
+  # One process draws the progress, one prints the kNN line (which: `test_only_process_zero_
+  # reports`), in the restart as well.
+  assert after.count(f"step {STEPS}/{STEPS} loss") == 1 and after.count(" kNN ") == 1
