@@ -204,8 +204,8 @@ def runs(tmp_path_factory):
   one = epath.Path(tmp_path_factory.mktemp("run_1x8"))
   base = pathlib.Path(tmp_path_factory.mktemp("slurm"))
   two = epath.Path(base / "workdir")
-  # The job's tasks run while this process trains: they wait on each other's collectives (and
-  # on the late task) much of the time, and the cores are better used by both at once.
+  # The job's tasks import and compile on both cores, then task 1 sleeps for LATE_S while task 0
+  # waits for it: this process trains the reference during that sleep.
   outcome = {}
 
   def job():
@@ -217,7 +217,10 @@ def runs(tmp_path_factory):
   thread = threading.Thread(target=job)
   thread.start()
   try:
-    _reference(one, data_dir)
+    pod_helpers.wait_for("the late task's sleep", lambda: not thread.is_alive() or any(
+        "late_compile:" in pod_helpers.read(p) for p in base.glob("jaxcontrast-*.out")))
+    if "error" not in outcome:
+      _reference(one, data_dir)
   finally:
     thread.join()
   if "error" in outcome:
