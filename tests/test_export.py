@@ -228,7 +228,8 @@ def test_export_import_round_trip(run, tmp_path):
                                      "projector": state.params["projector"]},
                           "batch_stats": {"backbone": state.batch_stats["backbone"]}})
   assert meta["image_shape"] == list(IMAGE_SHAPE) and meta["step"] == STEP
-  y = module.apply(restored, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
+  y = jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1,) + IMAGE_SHAPE), train=False),
+                     restored)   # shapes only: traced, not compiled
   assert y.shape == (1, 16)   # the tiny projector's width
   # The flax export is also accepted wherever PyTorch weights are (probe, init_from).
   online = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}

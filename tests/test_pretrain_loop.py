@@ -123,9 +123,9 @@ def test_load_run_and_each_epoch_once(reference):
   assert run.step == STEPS and int(run.state.step) == STEPS
   assert run.config.queue.store_ids is True
   images = jnp.zeros((2, 16, 16, 1))
-  out = run.models.target.apply({"params": run.state.ema_params,
-                                 "batch_stats": run.state.ema_batch_stats}, images,
-                                train=False, predict=False)
+  # Shapes only: traced, not compiled.
+  out = jax.eval_shape(lambda v: run.models.target.apply(v, images, train=False, predict=False),
+                       {"params": run.state.ema_params, "batch_stats": run.state.ema_batch_stats})
   assert out["projection"].shape == (2, 16)
   _check_epochs_once(workdir)
   with pytest.raises(ValueError, match="saved steps"):
