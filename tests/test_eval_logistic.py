@@ -32,22 +32,19 @@ def _numpy_gradient(params, x, y, l2, c):
 
 def _numpy_minimiser(x, y, l2, c):
   """argmin of (1/N) sum_i CE(softmax(x_i W + b), y_i) + (l2 / 2) ||W||^2 in float64: the
-  objective and its gradient in NumPy, SciPy's L-BFGS-B to a tight gradient tolerance. (Not
-  scikit-learn: importing it is what makes TensorFlow's import slow in every process that has it
-  installed, through Keras' optional scikit-learn wrapper.)"""
+  objective in NumPy, `_numpy_gradient`, SciPy's L-BFGS-B to a tight gradient tolerance."""
   from scipy import optimize  # pylint: disable=g-import-not-at-top
   x = x.astype(np.float64)
   d = x.shape[1]
-  onehot = np.eye(c)[y]
 
   def value_and_grad(theta):
-    w, b = theta[:d * c].reshape(d, c), theta[d * c:]
-    logits = x @ w + b
+    params = {"w": theta[:d * c].reshape(d, c), "b": theta[d * c:]}
+    logits = x @ params["w"] + params["b"]
     shifted = logits - logits.max(1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-    value = -(onehot * log_p).sum() / len(y) + 0.5 * l2 * (w ** 2).sum()
-    residual = (np.exp(log_p) - onehot) / len(y)
-    return value, np.concatenate([(x.T @ residual + l2 * w).ravel(), residual.sum(0)])
+    value = -log_p[np.arange(len(y)), y].mean() + 0.5 * l2 * (params["w"] ** 2).sum()
+    gw, gb = _numpy_gradient(params, x, y, l2, c)
+    return value, np.concatenate([gw.ravel(), gb])
 
   res = optimize.minimize(value_and_grad, np.zeros(d * c + c), jac=True, method="L-BFGS-B",
                           options={"gtol": 1e-12, "ftol": 0.0, "maxiter": 10_000})

@@ -19,7 +19,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -54,14 +53,8 @@ PROBE = ("encoder=target", "protocol=full_batch", "train_split=train[:64]",
          "full_batch.max_iter=30")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
-           devices: int = 8, name: str = ""):
+           devices: int = 8):
   """Starts `python -m module args` as `processes` processes of `devices / processes` CPU
   devices each; returns (Popen objects, their log files: stdout + stderr)."""
   env = dict(pod_helpers.separate_compile_cache(os.environ), JAX_PLATFORMS="cpu",
@@ -69,10 +62,10 @@ def _start(module: str, args: list[str], *, processes: int, log_dir: epath.Path,
              XLA_FLAGS=pod_helpers.process_xla_flags(devices // processes))
   extra = [[]]
   if processes > 1:
-    port = _free_port()
+    port = pod_helpers.free_port()
     extra = [[f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
               f"--process_id={i}", "--distributed_timeout=60"] for i in range(processes)]
-  logs = [log_dir / f"{module.split('.')[-1]}{name}_{processes}x{devices // processes}_{i}.log"
+  logs = [log_dir / f"{module.split('.')[-1]}_{processes}x{devices // processes}_{i}.log"
           for i in range(len(extra))]
   procs = [subprocess.Popen([sys.executable, "-m", module, *args, *more], cwd=str(ROOT), env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -203,14 +196,14 @@ def runs(tmp_path_factory):
   data_dir = prepared_fashion_dir()
   one = epath.Path(tmp_path_factory.mktemp("run_1x8"))
   base = pathlib.Path(tmp_path_factory.mktemp("slurm"))
-  two = epath.Path(base / "workdir")
+  two = epath.Path(base / "workdir")   # the job's workdir
   # The job's tasks import and compile on both cores, then task 1 sleeps for LATE_S while task 0
   # waits for it: this process trains the reference during that sleep.
   outcome = {}
 
   def job():
     try:
-      outcome["seen"] = _slurm_scenario(base, pathlib.Path(two), data_dir)
+      outcome["seen"] = _slurm_scenario(base, base / "workdir", data_dir)
     except BaseException as e:  # pylint: disable=broad-exception-caught
       outcome["error"] = e      # pytest.fail's exception too: raised again in this thread
 
