@@ -160,6 +160,7 @@ stamp="$( { git -C "$root" show HEAD:launch/constraints.txt HEAD:setup.cfg HEAD:
 archive="${TMPDIR:-/tmp}/jaxcontrast-$name-$commit.tar.gz"
 run git -C "$root" archive --format=tar.gz -o "$archive" HEAD
 run "${gc[@]}" scp "$archive" "$name:~/jaxcontrast.tar.gz" "${where[@]}" --worker=all
+[ "$dry" = 1 ] || rm -f "$archive"   # the workers have their copy; none is left in TMPDIR
 
 # 3. Set up every worker (idempotent); each reports its versions and whether it is training.
 if [ "$dry" = 1 ]; then

@@ -55,6 +55,8 @@ def tpu(tmp_path_factory):
   base = tmp_path_factory.mktemp("tpu_pod")
   workdir = base / "workdir"
   env = fake_env("FAKE_GCLOUD_ROOT", base / "gcloud")
+  env["TMPDIR"] = str(base / "tmp")   # where the launcher packs the code for `scp`
+  (base / "tmp").mkdir()
   slice_ = ["--name", "pod", "--zone", "us-central2-b"]
   start = ["bash", str(ROOT / "launch" / "tpu_pod.sh"), *slice_, "--accelerator", "v4-16",
            "--expect_devices", "4", "--python", sys.executable,
@@ -124,6 +126,7 @@ def tpu(tmp_path_factory):
     seen["code_inode_at_end"] = [os.stat(h / "code").st_ino for h in homes]
     seen["venv_mtime_at_end"] = [os.stat(h / ".venv" / "bin" / "python").st_mtime_ns
                                  for h in homes]
+    seen["archives_left"] = sorted(p.name for p in (base / "tmp").glob("*.tar.gz"))
     seen["calls"] = [line.split("\t")[3] for line in
                      read(base / "gcloud" / "calls.log").splitlines()]
     return seen
@@ -193,6 +196,7 @@ def test_tpu_same_command_resumes_and_reuses_the_setup(tpu):
   assert tpu["restart"].count("environment: .venv already built") == 2
   # The slice was created once and then reused; the logs of every start were kept.
   assert tpu["calls"].count("create") == 1 and "delete" not in tpu["calls"]
+  assert tpu["archives_left"] == []   # each start removed the code archive it copied
   for log in tpu["logs"]:
     assert log.count("] training moco") == 2 and log.count(" starts ") == 2
 
