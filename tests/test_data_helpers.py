@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 PREPARED_EXAMPLES = 1000
+# The recipe whose views apply every photometric op (jitter, grayscale and blur in view 1,
+# solarize in view 2): the pipeline tests check determinism on it alone.
+ALL_OPS_RECIPE = "sce_imagenet"
 _PREPARED = {}
 
 

@@ -6,7 +6,8 @@ import pytest
 from jaxcontrast.data import pipeline
 from jaxcontrast.data import recipes
 from jaxcontrast.data.fashion_mnist import load_fashion_mnist_numpy
-from test_data_helpers import fashion_config, fashion_dir, first_batch, unnormalize  # pylint: disable=unused-import
+from test_data_helpers import (  # pylint: disable=unused-import
+    ALL_OPS_RECIPE, fashion_config, fashion_dir, first_batch, unnormalize)
 
 MEAN, STD = (0.2860,), (0.3530,)
 
@@ -23,6 +24,8 @@ def _train(cfg, seed=0, batch_size=8, process_index=0, process_count=1):
 
 @pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
 def test_every_recipe_shapes_views_and_determinism(fashion_dir, recipe):
+  """Every recipe's batch; same seed, same batch and another seed, other views on the recipe
+  that applies every op (the recipes differ only in which ops they apply and how often)."""
   cfg = fashion_config(fashion_dir, recipe=recipe, train_split="test")
   a = first_batch(_train(cfg, seed=1))
   assert set(a) == {"view1", "view2", "id", "key_id", "label"}
@@ -32,6 +35,8 @@ def test_every_recipe_shapes_views_and_determinism(fashion_dir, recipe):
     assert a[key].shape == (8,) and a[key].dtype == np.int32
   np.testing.assert_array_equal(a["key_id"], a["id"])
   assert np.abs(a["view1"] - a["view2"]).mean() > 0.05  # Two different views.
+  if recipe != ALL_OPS_RECIPE:
+    return
   b = first_batch(_train(cfg, seed=1))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])  # Same seed, same batch.
