@@ -25,6 +25,10 @@ def _numpy_fifo(size, dim, batches):
   return rows, ptr
 
 
+# Jitted as in the train step: one program per shape instead of one per jnp op in eager mode.
+_enqueue = jax.jit(queue_lib.enqueue)
+
+
 @pytest.mark.parametrize("size,batch,steps", [(10, 4, 3), (12, 4, 5), (5, 8, 2), (7, 7, 1)])
 def test_replicated_enqueue_wraps_modularly(size, batch, steps):
   """K not a multiple of B (and B > K): every key lands once, at (ptr + i) mod K."""
@@ -33,7 +37,7 @@ def test_replicated_enqueue_wraps_modularly(size, batch, steps):
   q = queue_lib.init_queue(jax.random.key(0), size, 3)
   q = q.replace(keys=jnp.zeros_like(q.keys))
   for i, b in enumerate(batches):
-    q = queue_lib.enqueue(q, jnp.asarray(b), jnp.arange(batch) + 100 * i)
+    q = _enqueue(q, jnp.asarray(b), jnp.arange(batch) + 100 * i)
   want, ptr = _numpy_fifo(size, 3, batches)
   np.testing.assert_array_equal(np.asarray(q.keys), want)
   assert int(q.ptr) == ptr
@@ -88,7 +92,7 @@ def test_sharded_queue_reblocks_to_the_replicated_queue():
   sharded = _run_sharded(n, size, batches)
   rep = queue_lib.init_queue(jax.random.key(0), size, 4)
   for step, b in enumerate(batches):
-    rep = queue_lib.enqueue(rep, jnp.asarray(b), jnp.arange(n) + 1000 * step)
+    rep = _enqueue(rep, jnp.asarray(b), jnp.arange(n) + 1000 * step)
   one = queue_lib.reblock(sharded, n, 1)
   aged = np.roll(np.asarray(rep.keys), -int(rep.ptr), axis=0)
   np.testing.assert_allclose(np.asarray(one.keys), aged, rtol=0, atol=0)
@@ -176,7 +180,7 @@ def test_valid_rows_are_the_rows_holding_keys(num_devices, size, batch, steps):
   if num_devices == 1:
     q = queue_lib.init_queue(jax.random.key(0), size, 2)
     for step, b in enumerate(batches):
-      q = queue_lib.enqueue(q, jnp.asarray(b), jnp.arange(batch) + 1000 * step)
+      q = _enqueue(q, jnp.asarray(b), jnp.arange(batch) + 1000 * step)
   else:
     q = _run_sharded(num_devices, size, batches)
   np.testing.assert_array_equal(np.asarray(queue_lib.valid_rows(q, num_devices)),
