@@ -2,6 +2,7 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, hence module level here.
 """
+import gc
 import os
 import shutil
 import tempfile
@@ -21,6 +22,11 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# Python's cyclic collector at rarer intervals (test processes only): the workers hold JAX's and
+# TensorFlow's large object graphs, which every full collection walks, and a test allocates
+# millions of short-lived objects while tracing. Costs a little peak memory (docs/CONTRIBUTING.md).
+gc.set_threshold(100_000, 50, 100)
 
 # One persistent compilation cache for the whole run, shared by both xdist workers and every
 # subprocess a test starts (they inherit the environment): tests compile the same tiny programs
