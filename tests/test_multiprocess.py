@@ -198,7 +198,7 @@ def runs(tmp_path_factory):
   base = pathlib.Path(tmp_path_factory.mktemp("slurm"))
   two = epath.Path(base / "workdir")   # the job's workdir
   # The job's tasks import and compile on both cores, then task 1 sleeps for LATE_S while task 0
-  # waits for it: this process trains the reference during that sleep.
+  # waits for it: this process trains and probes the reference during that sleep.
   outcome = {}
 
   def job():
@@ -214,11 +214,11 @@ def runs(tmp_path_factory):
         "late_compile:" in pod_helpers.read(p) for p in base.glob("jaxcontrast-*.out")))
     if "error" not in outcome:
       _reference(one, data_dir)
+      _probe(one, data_dir)
   finally:
     thread.join()
   if "error" in outcome:
     raise outcome["error"]
-  _probe(one, data_dir)
   probe = _launch("jaxcontrast.eval.linear_probe",
                   ["--workdir", str(two), f"--config.data_dir={data_dir}",
                    *(f"--config.{o}" for o in PROBE)], processes=2, log_dir=two)
