@@ -13,20 +13,23 @@ import pytest
 # optimisation level 0 compiles a tiny ResNet train step in 5.7 s instead of 14 s (measured on
 # 2 cores), and runs it in 0.09 s instead of 0.02 s.
 # XLA's own convolutions instead of YNNPACK's, as launch/local.sh runs on CPU
-# (docs/performance.md, CPU advice); a value already in XLA_FLAGS wins.
+# (docs/performance.md, CPU advice).
 # XLA's older CPU emitters compile the suite's programs in about half the time (the loss tests:
 # ~90 instead of ~210 CPU-s). They are not what users run: at this optimisation level they
 # miscompile the colour jitter's chain of selects, and their float32 sums are coarser. The tests
 # that compare with TensorFlow or depend on that rounding compile with `DEFAULT_CPU_EMITTERS`
-# (tests/compile_options.py); a value already in XLA_FLAGS wins (docs/CONTRIBUTING.md). A jaxlib
-# that no longer knows the flag stops at start-up naming it: then remove it here.
-_NO_YNN = "--xla_cpu_experimental_ynn_fusion_type"
-_EMITTERS = "--xla_cpu_use_fusion_emitters"
+# (tests/compile_options.py; docs/CONTRIBUTING.md). A jaxlib that no longer knows the emitter flag
+# stops at start-up naming it: then remove it here.
+# For each of these three flags a value already in XLA_FLAGS wins, so that a comparison can be run
+# from the shell (`XLA_FLAGS=--xla_cpu_use_fusion_emitters=true bash launch/test.sh`).
+_DEFAULT_FLAGS = {"--xla_backend_optimization_level": "0",
+                  "--xla_cpu_experimental_ynn_fusion_type": "",
+                  "--xla_cpu_use_fusion_emitters": "false"}
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
-    [_flags, "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"] +
-    ([] if _NO_YNN + "=" in _flags else [_NO_YNN + "="]) +
-    ([] if _EMITTERS + "=" in _flags else [_EMITTERS + "=false"])).strip()
+    [_flags, "--xla_force_host_platform_device_count=8"] +
+    [f"{name}={value}" for name, value in _DEFAULT_FLAGS.items() if name + "=" not in _flags]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
