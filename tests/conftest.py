@@ -14,12 +14,9 @@ import pytest
 # 2 cores), and runs it in 0.09 s instead of 0.02 s.
 # XLA's own convolutions instead of YNNPACK's, as launch/local.sh runs on CPU
 # (docs/performance.md, CPU advice).
-# XLA's older CPU emitters compile the suite's programs in about half the time (the loss tests:
-# ~90 instead of ~210 CPU-s). They are not what users run: at this optimisation level they
-# miscompile the colour jitter's chain of selects, and their float32 sums are coarser. The tests
-# that compare with TensorFlow or depend on that rounding compile with `DEFAULT_CPU_EMITTERS`
-# (tests/compile_options.py; docs/CONTRIBUTING.md). A jaxlib that no longer knows the emitter flag
-# stops at start-up naming it: then remove it here.
+# XLA's older CPU emitters compile the suite's programs in about half the time; the tests they
+# get wrong compile with the default ones (tests/compile_options.py says which and why). A jaxlib
+# that no longer knows the emitter flag stops at start-up naming it: then remove it here.
 # For each of these three flags a value already in XLA_FLAGS wins, so that a comparison can be run
 # from the shell (`XLA_FLAGS=--xla_cpu_use_fusion_emitters=true bash launch/test.sh`).
 _DEFAULT_FLAGS = {"--xla_backend_optimization_level": "0",

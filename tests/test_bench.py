@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pod_helpers
 from jaxcontrast import config_lib
 from jaxcontrast.bench import flops as flops_lib
 from jaxcontrast.bench import profile as profile_lib
@@ -94,10 +95,6 @@ def test_torch_reference_mirrors_moco_v2_and_refuses_other_steps():
     torch_reference.reference_settings(config_lib.load_config("configs/sce_imagenet2012.py"))
 
 
-FAST_COMPILE = ["--xla_force_host_platform_device_count=1", "--xla_backend_optimization_level=0",
-                "--xla_cpu_use_fusion_emitters=false"]
-
-
 def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
   """The real entry point on a tiny config, with `torch` made unimportable; the photometric ops
   in the step (synthetic uint8 views and parameters, as the pipeline ships them). TensorFlow
@@ -107,9 +104,9 @@ def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
     (tmp_path / package).mkdir()
     (tmp_path / package / "__init__.py").write_text(
         f"raise ImportError('no {package} in this test')\n")
-  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
-             # One device, and the suite's fast-compile flags (conftest.py) kept.
-             XLA_FLAGS=" ".join(FAST_COMPILE))
+  # One device, and the suite's fast-compile flags (conftest.py) kept.
+  xla_flags = pod_helpers.process_xla_flags(1)
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", XLA_FLAGS=xla_flags)
   out = subprocess.run(
       [sys.executable, "-m", "jaxcontrast.bench", "--config", "configs/moco_imagenet2012.py:tiny",
        "--steps", "2", "--warmup", "1", "--reference", "torch", "--peak_flops", "1e12",
@@ -123,7 +120,7 @@ def test_cli_prints_one_json_object_and_skips_torch_cleanly(tmp_path):
       ("moco", "resnet6", 16, 16, 64)
   assert r["augment_on"] == "device"
   # The entry point ran with the flags the test gave it, nothing added.
-  assert r["xla_flags"].split() == FAST_COMPILE
+  assert r["xla_flags"].split() == xla_flags.split()
   for key in ("compile_s", "step_ms_median", "images_per_s", "flops_per_image", "mfu",
               "compiled_temp_bytes", "state_bytes_per_device", "ema_update_ms"):
     assert r[key] > 0, key
