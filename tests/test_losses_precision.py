@@ -96,7 +96,7 @@ def test_sharded_programs_are_highest_too(case_id):
     return tl._call(getattr(losses, case.fn), case, {**case.arrays, **dict(zip(names, vals))},
                     axis_name="data")
 
-  sharded = jax.shard_map(inner, mesh=tls.make_mesh(tls.N_DEV),
+  sharded = jax.shard_map(inner, mesh=tls.mesh(),
                           in_specs=tuple(tls.SPECS[n] for n in names), out_specs=jax.P(),
                           check_vma=True)
   jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda *v: sharded(*v), has_aux=True))(

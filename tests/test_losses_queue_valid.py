@@ -14,7 +14,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcontrast import losses
-from jaxcontrast.sharding import make_mesh
 
 import test_losses as tl
 import test_losses_sharding as tls
@@ -61,7 +60,7 @@ def _compile(case, arrays, names, axis_name, extra):
               **{n: a[n] for n in case.keyword + tuple(extra)}, **case.kwargs, **kw)
 
   if axis_name is not None:
-    inner = jax.shard_map(inner, mesh=make_mesh(tls.N_DEV), in_specs=tuple(specs[n] for n in names),
+    inner = jax.shard_map(inner, mesh=tls.mesh(), in_specs=tuple(specs[n] for n in names),
                           out_specs=P(), check_vma=True)
   i = names.index("query")
   f = lambda x, *r: inner(*r[:i], x, *r[i:])

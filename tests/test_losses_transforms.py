@@ -23,13 +23,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcontrast import losses
-from jaxcontrast.sharding import make_mesh
 
 import numpy_reference as ref
 import test_losses as tl
 import test_losses_sharding as tls
 
-N_DEV = 8
+N_DEV = tls.N_DEV
 B, K, D, S, V = 8, 16, 4, 2, 2
 
 
@@ -154,7 +153,7 @@ def test_shard_map_bfloat16(entry_id):
   grad_names = entry[2][:1] if entry[3] is None else entry[3]
   grad_specs = tuple(tls.SPECS[n] for n in grad_names)   # a gradient is split like its input
   out_specs = ((P(), P()) if entry[1] != "fnc_detect" else (P(None, "data"), P()), grad_specs)
-  sharded = jax.jit(jax.shard_map(_function(entry, "data"), mesh=make_mesh(N_DEV),
+  sharded = jax.jit(jax.shard_map(_function(entry, "data"), mesh=tls.mesh(),
                                   in_specs=specs, out_specs=out_specs, check_vma=True))
   (value, metrics), grads = sharded(*_args(entry, arrays))
   (want_value, want_metrics), want_grads = _single(entry_id)(*_args(entry, up))
@@ -198,7 +197,7 @@ def test_input_not_split_over_axis_is_an_error(entry_id, replicated):
     args[replicated] = _one_block(args[replicated], tls.SPECS[replicated])
   fn = getattr(losses, entry[1])
   body = lambda *a: fn(*a, **entry[4], axis_name="data")[1]
-  sharded = jax.shard_map(body, mesh=make_mesh(N_DEV), in_specs=specs, out_specs=P(),
+  sharded = jax.shard_map(body, mesh=tls.mesh(), in_specs=specs, out_specs=P(),
                           check_vma=True)
   with pytest.raises(ValueError, match=f"{replicated} does not vary over mesh axis 'data'"):
     jax.jit(sharded).trace(*args.values())
