@@ -1,35 +1,44 @@
-"""Test set-up: CPU only, 8 simulated devices, quiet TensorFlow.
+"""Test set-up: CPU with 8 simulated devices (or a GPU, see below), quiet TensorFlow.
 
 XLA_FLAGS must be set before jax is imported anywhere, hence module level here.
 """
 import gc
+import importlib.util
 import os
 import shutil
 import tempfile
 
 import pytest
 
-# Tests run tiny programs a few steps each, so XLA's compile time is most of their cost: LLVM
-# optimisation level 0 compiles a tiny ResNet train step in 5.7 s instead of 14 s (measured on
-# 2 cores), and runs it in 0.09 s instead of 0.02 s.
-# XLA's own convolutions instead of YNNPACK's, as launch/local.sh runs on CPU
-# (docs/performance.md, CPU advice).
-# XLA's older CPU emitters compile the suite's programs in about half the time; the tests they
-# get wrong compile with the default ones (tests/compile_options.py says which and why). A jaxlib
-# that no longer knows the emitter flag stops at start-up naming it: then remove it here.
-# For each of these three flags a value already in XLA_FLAGS wins, so that a comparison can be run
-# from the shell (`XLA_FLAGS=--xla_cpu_use_fusion_emitters=true bash launch/test.sh`).
-_DEFAULT_FLAGS = {"--xla_backend_optimization_level": "0",
-                  "--xla_cpu_experimental_ynn_fusion_type": "",
-                  "--xla_cpu_use_fusion_emitters": "false"}
+# The suite runs on CPU with 8 simulated devices. `JAX_PLATFORMS=cuda` runs it on a GPU instead
+# (the loss tests, docs/CONTRIBUTING.md); the CPU compile flags below are then left out.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_ON_CPU = os.environ["JAX_PLATFORMS"] == "cpu"
+_DEFAULT_FLAGS = {"--xla_force_host_platform_device_count": "8"}
+if _ON_CPU:
+  # Tests run tiny programs a few steps each, so XLA's compile time is most of their cost: LLVM
+  # optimisation level 0 compiles a tiny ResNet train step in 5.7 s instead of 14 s (measured on
+  # 2 cores), and runs it in 0.09 s instead of 0.02 s.
+  # XLA's own convolutions instead of YNNPACK's, as launch/local.sh runs on CPU
+  # (docs/performance.md, CPU advice).
+  # XLA's older CPU emitters compile the suite's programs in about half the time; the tests they
+  # get wrong compile with the default ones (tests/compile_options.py says which and why). A
+  # jaxlib that no longer knows the emitter flag stops at start-up naming it: then remove it here.
+  _DEFAULT_FLAGS.update({"--xla_backend_optimization_level": "0",
+                         "--xla_cpu_experimental_ynn_fusion_type": "",
+                         "--xla_cpu_use_fusion_emitters": "false"})
+  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # TensorFlow, too, stays off any GPU.
+else:
+  # Several pytest workers share one accelerator: none takes 75 % of its memory at start.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# For each flag a value already in XLA_FLAGS wins, so that a comparison can be run from the shell
+# (`XLA_FLAGS=--xla_cpu_use_fusion_emitters=true bash launch/test.sh`).
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
-    [_flags, "--xla_force_host_platform_device_count=8"] +
+    [_flags] +
     [f"{name}={value}" for name, value in _DEFAULT_FLAGS.items() if name + "=" not in _flags]
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # Python's cyclic collector at rarer intervals (test processes only): the workers hold JAX's and
 # TensorFlow's large object graphs, which every full collection walks, and a test allocates
@@ -63,7 +72,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session", autouse=True)
 def _fashion_mnist_prepared():
-  """Tests that leave `data.data_dir` unset (the default folder) find Fashion-MNIST prepared."""
+  """Tests that leave `data.data_dir` unset (the default folder) find Fashion-MNIST prepared.
+
+  Without tensorflow-datasets (the GPU machine of docs/CONTRIBUTING.md, which runs the loss
+  tests) nothing is prepared; a test that reads data then fails on its own import.
+  """
+  if importlib.util.find_spec("tensorflow_datasets") is None:
+    return
   from test_data_helpers import prepared_fashion_dir  # pylint: disable=g-import-not-at-top
   prepared_fashion_dir()
 
